@@ -1,0 +1,348 @@
+"""`convert_to_qsparse`: walk a causal LM and swap its linears (and gated-FFN activations) for Q-Sparse ones."""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from torch import nn
+
+from .config import QSparseConfig
+from .layers import InputSparsifier, QSparseActivation, QSparseLinear
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchLayout",
+    "convert_to_qsparse",
+    "revert_qsparse",
+    "is_qsparse_model",
+    "qsparse_modules",
+    "layout_for",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchLayout:
+    """How one family of decoder layers names its projections and its gated-FFN activation.
+
+    ``roles`` maps a linear's own (last) name to the projection kind reported in sparsity tables; ``activation``
+    names the attribute of the FFN module that holds the activation applied to ``gate(x)``; ``gate`` names the
+    linear whose presence marks a module as a gated FFN; ``shared_inputs`` lists sibling linears that read the
+    same tensor and so share one top-K mask.
+    """
+
+    roles: dict[str, str] = field(default_factory=dict)
+    shared_inputs: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    activation: tuple[str, ...] = ("act_fn",)
+    gate: tuple[str, ...] = ("gate_proj",)
+
+
+_LLAMA = ArchLayout(
+    roles={
+        "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+        "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    },
+)
+_PHI3 = ArchLayout(
+    roles={"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
+    activation=("activation_fn",),
+    gate=("gate_up_proj",),
+)
+
+#: The only place that knows architectures: ``config.model_type`` -> layout. Families whose decoder layers use
+#: Llama's names share one row. A model_type missing here goes through `GENERIC_LAYOUT`.
+ARCHITECTURES: dict[str, ArchLayout] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "mixtral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "granite": _LLAMA,
+    "phi3": _PHI3,
+}
+
+#: Fallback for unknown architectures: every common projection name seen across HF decoders, and the usual
+#: activation attribute names. Unknown linears are still converted and reported under their own name.
+GENERIC_LAYOUT = ArchLayout(
+    roles={
+        **_LLAMA.roles,
+        **_PHI3.roles,
+        "out_proj": "o", "dense": "o", "c_proj": "o", "query_key_value": "qkv", "Wqkv": "qkv",
+        "fc1": "up", "fc2": "down", "dense_h_to_4h": "up", "dense_4h_to_h": "down", "w1": "gate", "w3": "up",
+        "w2": "down",
+    },
+    shared_inputs=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3")),
+    activation=("act_fn", "activation_fn", "act"),
+    gate=("gate_proj", "gate_up_proj", "w1"),
+)
+
+
+def layout_for(model: nn.Module) -> ArchLayout:
+    """The `ArchLayout` for a model, from its ``config.model_type`` (generic fallback when unknown).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> layout_for(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+        ...     num_attention_heads=2, vocab_size=100))).roles["gate_proj"]
+        'gate'
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return ARCHITECTURES.get(model_type, GENERIC_LAYOUT)
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def _layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search("." + name + ".")
+    return int(match.group(1)) if match else None
+
+
+def qsparse_modules(model: nn.Module) -> Iterator[tuple[str, QSparseLinear | QSparseActivation]]:
+    """Yield ``(name, module)`` for every Q-Sparse module of a model (linears and FFN activations)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QSparseLinear, QSparseActivation)):
+            yield name, module
+
+
+def is_qsparse_model(model: nn.Module) -> bool:
+    """True when the model holds at least one Q-Sparse module.
+
+    Example:
+        >>> is_qsparse_model(nn.Sequential(nn.Linear(4, 4)))
+        False
+    """
+    return next(qsparse_modules(model), None) is not None
+
+
+def _config_of(model: nn.Module) -> QSparseConfig | None:
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(cfg, QSparseConfig):
+        return cfg
+    return getattr(model, "_qsparse_config", None)
+
+
+def convert_to_qsparse(
+    model: nn.Module,
+    topk: float | int | None = None,
+    *,
+    config: QSparseConfig | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Make a model fully sparsely-activated with Q-Sparse, in place, and return it.
+
+    Every ``nn.Linear`` (except ``lm_head`` by default) becomes a `QSparseLinear` that keeps only the top-K entries
+    of ``|x|`` per token of its input; in gated FFNs the activation output ``act(gate(x))`` is also top-K
+    sparsified. Linears that read the same tensor (q/k/v, gate/up) compute one mask between them. The config is
+    recorded in ``model.config.quantization_config`` so ``save_pretrained``/``from_pretrained`` round-trip it.
+
+    Args:
+        model: any ``transformers`` causal LM (or any ``nn.Module`` with linears).
+        topk: fraction of each linear's input features kept per token (float in (0, 1]), or a count (int >= 2).
+            Defaults to 0.7. See `QSparseConfig` for the exact rounding.
+        config: a full `QSparseConfig` instead of ``topk``/``options``.
+        **options: any other `QSparseConfig` field (``ffn_topk``, ``exclude_modules``, ``activation``, ...).
+
+    Converting an already converted model with the same config does nothing; with a different config it raises.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained("../shared/fixtures/mistral-micro")  # doctest: +SKIP
+        >>> model = convert_to_qsparse(model, topk=0.7)                                       # doctest: +SKIP
+    """
+    if config is not None and (topk is not None or options):
+        raise TypeError("pass either config=QSparseConfig(...) or topk/options, not both")
+    if config is None:
+        unknown = set(options) - QSparseConfig.option_names()
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {sorted(unknown)} for convert_to_qsparse; valid options are "
+                f"{sorted(QSparseConfig.option_names() - {'topk'})}"
+            )
+        config = QSparseConfig(topk=0.7 if topk is None else topk, **options)
+    elif not isinstance(config, QSparseConfig):
+        raise TypeError(f"config must be a QSparseConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_to_qsparse expects a torch nn.Module (a transformers model), got {type(model)}")
+
+    if is_qsparse_model(model):
+        existing = _config_of(model)
+        if existing is not None and existing == config:
+            return model
+        raise ValueError(
+            "this model is already converted to Q-Sparse with a different config "
+            f"({existing.to_dict() if existing else 'unknown'}). Call qsparse_hf.revert_qsparse(model) first, or "
+            "reload the dense model, to convert again with new settings."
+        )
+
+    replaced = _swap_modules(model, config)
+    if replaced == 0:
+        raise ValueError(
+            f"convert_to_qsparse found no nn.Linear to convert in {type(model).__name__}"
+            + (f" matching target_modules={config.target_modules}" if config.target_modules else "")
+            + ". Q-Sparse sparsifies the inputs of linear projections; models built on other layer types "
+            "(e.g. GPT-2's Conv1D) are not supported."
+        )
+    model._qsparse_config = config
+    _attach_to_transformers(model, config)
+    return model
+
+
+def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
+    layout = layout_for(model)
+    used_excludes: set[str] = set()
+    used_targets: set[str] = set()
+    groups: dict[tuple, InputSparsifier] = {}
+    replacements: list[tuple[str, nn.Module]] = []
+    # "lm_head" in exclude_modules means the output head, whatever this architecture calls it.
+    get_head = getattr(model, "get_output_embeddings", None)
+    output_head = get_head() if callable(get_head) else None
+
+    def sparsifier_for(parent: str, leaf: str, topk: float | int) -> InputSparsifier:
+        # Siblings that read one tensor (q/k/v, gate/up) share a sparsifier when their settings agree; the
+        # identity check inside it keeps that correct even if a model feeds them different tensors.
+        group = next((g for g in layout.shared_inputs if leaf in g), leaf)
+        candidate = InputSparsifier(
+            topk,
+            block_size=config.block_size,
+            ste=config.ste,
+            rescale=config.rescale,
+            activation_bits=config.activation_bits,
+        )
+        return groups.setdefault((parent, group, candidate.settings()), candidate)
+
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        excluded = config.matches(name, config.exclude_modules)
+        if excluded is None and module is output_head and "lm_head" in config.exclude_modules:
+            excluded = "lm_head"
+        if excluded:
+            used_excludes.add(excluded)
+            continue
+        if config.target_modules is not None:
+            target = config.matches(name, config.target_modules)
+            if target is None:
+                continue
+            used_targets.add(target)
+        topk = config.topk_for(name)
+        width = config.block_size or module.in_features
+        if isinstance(topk, int) and topk > width:
+            raise ValueError(
+                f"topk={topk} (a count) exceeds the {width} input features of {name}; use a fraction, or a "
+                f"topk_overrides entry for this module"
+            )
+        if config.block_size and module.in_features % config.block_size:
+            raise ValueError(
+                f"{name} has {module.in_features} input features, not a multiple of block_size={config.block_size}"
+            )
+        parent, _, leaf = name.rpartition(".")
+        new = QSparseLinear.from_linear(
+            module,
+            sparsifier_for(parent, leaf, topk),
+            weight_bits=config.weight_bits,
+            role=layout.roles.get(leaf, leaf),
+            layer_index=_layer_index(name),
+        )
+        new.counter.enabled = config.track_sparsity
+        replacements.append((name, new))
+
+    for name, new in replacements:
+        model.set_submodule(name, new)
+
+    ffn_topk = config.effective_ffn_topk
+    if config.activation == "relu2" or ffn_topk != 1.0:
+        replacements.extend(_swap_ffn_activations(model, config, layout, ffn_topk))
+
+    for kind, patterns, used in (("exclude_modules", config.exclude_modules, used_excludes),
+                                 ("target_modules", config.target_modules or [], used_targets)):
+        for pattern in patterns:
+            if pattern not in used and not (kind == "exclude_modules" and pattern == "lm_head"):
+                warnings.warn(f"{kind} pattern {pattern!r} matched no nn.Linear in {type(model).__name__}", stacklevel=3)
+    return sum(isinstance(module, QSparseLinear) for _, module in replacements)
+
+
+def _swap_ffn_activations(model, config, layout, ffn_topk) -> list[tuple[str, nn.Module]]:
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not any(isinstance(getattr(module, gate, None), nn.Linear) for gate in layout.gate):
+            continue
+        attr = next((a for a in layout.activation if hasattr(module, a)), None)
+        if attr is None or isinstance(getattr(module, attr), QSparseActivation):
+            continue
+        sparsifier = InputSparsifier(ffn_topk, block_size=config.block_size, ste=config.ste, rescale=config.rescale)
+        act = QSparseActivation(
+            getattr(module, attr),
+            sparsifier,
+            relu2=config.activation == "relu2",
+            layer_index=_layer_index(name + ".x"),
+        )
+        act.counter.enabled = config.track_sparsity
+        setattr(module, attr, act)
+        swapped.append((f"{name}.{attr}" if name else attr, act))
+    if config.activation == "relu2" and not swapped:
+        raise ValueError(
+            f"activation='relu2' needs a gated FFN, but no module of {type(model).__name__} has a "
+            f"{'/'.join(layout.gate)} linear with an {'/'.join(layout.activation)} attribute"
+        )
+    return swapped
+
+
+def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:
+    """Record the config where transformers looks for it, as its own quantizer would after loading."""
+    model_config = getattr(model, "config", None)
+    if model_config is None:
+        return
+    from .integration import QSparseHfQuantizer
+
+    model_config.quantization_config = config
+    model.hf_quantizer = QSparseHfQuantizer(config, pre_quantized=False)
+    QSparseHfQuantizer.mark_model(model)
+
+
+def revert_qsparse(model: nn.Module) -> nn.Module:
+    """Undo `convert_to_qsparse` in place: plain ``nn.Linear`` and original activations, config entry removed.
+
+    The Parameters are the same objects, so a model trained sparse can be evaluated dense (or re-converted with
+    another ``topk``). ``model.dequantize()`` does the same for transformers models.
+
+    Example:
+        >>> model = convert_to_qsparse(nn.Sequential(nn.Linear(4, 4)), topk=0.5)
+        >>> type(revert_qsparse(model)[0]).__name__
+        'Linear'
+    """
+    for name, module in list(qsparse_modules(model)):
+        if isinstance(module, QSparseLinear):
+            model.set_submodule(name, module.to_linear())
+        else:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.act if not module.relu2 else _Relu2())
+    model_config = getattr(model, "config", None)
+    if model_config is not None and isinstance(getattr(model_config, "quantization_config", None), QSparseConfig):
+        del model_config.quantization_config
+        model_config._is_quantized = False
+    for attr in ("hf_quantizer", "quantization_method", "_qsparse_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
+class _Relu2(nn.Module):
+    """Squared ReLU as a module, so a relu2 model stays relu2 after `revert_qsparse`."""
+
+    def forward(self, x):
+        from .functional import relu2
+
+        return relu2(x)

@@ -1,0 +1,275 @@
+"""Thin modules over `qsparse_hf.functional`: `QSparseLinear` and `QSparseActivation`.
+
+Both record how sparse the tensor they produce is (zeros / elements), accumulated on the device so that no forward
+pass waits for the host; `qsparse_hf.stats.sparsity_report` reads the counters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import functional as QF
+
+__all__ = ["InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
+
+
+def _inside_backward() -> bool:
+    # Gradient checkpointing re-runs forwards inside the autograd engine; those must not be counted twice.
+    return torch._C._current_graph_task_id() != -1
+
+
+class SparsityCounter:
+    """Zeros and elements seen by one module, accumulated without host synchronisation.
+
+    Example:
+        >>> counter = SparsityCounter()
+        >>> counter.add(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+        >>> counter.sparsity()
+        0.75
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything counted so far."""
+        self.zeros: torch.Tensor | None = None
+        self.elements = 0
+
+    def add(self, tensor: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        """Count the zeros of ``tensor`` (or take a precomputed count of them)."""
+        if not self.enabled or _inside_backward():
+            return
+        with torch.no_grad():
+            count = (tensor == 0).sum() if zeros is None else zeros
+            if self.zeros is None:
+                self.zeros = count.clone()
+            else:
+                if self.zeros.device != count.device:
+                    self.zeros = self.zeros.to(count.device)
+                self.zeros += count
+        self.elements += tensor.numel()
+
+    def counts(self) -> tuple[int, int]:
+        """(zeros, elements) as Python ints; synchronises with the device once."""
+        return (0 if self.zeros is None else int(self.zeros.item())), self.elements
+
+    def sparsity(self) -> float:
+        """Fraction of zeros seen, NaN when nothing was seen yet."""
+        zeros, elements = self.counts()
+        return zeros / elements if elements else float("nan")
+
+
+class InputSparsifier:
+    """Top-K (optionally quantize-then-top-K) of a linear's input, shared by the linears that read the same tensor.
+
+    q/k/v read one tensor and so do gate/up: the first member to see an input computes the sparse tensor, the
+    others get the cached result as long as the input is the very same tensor object, unmodified. The cache is
+    dropped once every member has used it, so no activation outlives its layer.
+
+    Example:
+        >>> sparsifier = InputSparsifier(topk=0.5)
+        >>> x = torch.tensor([[1.0, -4.0, 2.0, 0.5]])
+        >>> sparsifier(x) is sparsifier(x)
+        True
+    """
+
+    def __init__(
+        self,
+        topk: float | int,
+        *,
+        block_size: int | None = None,
+        ste: bool = True,
+        rescale: bool = False,
+        activation_bits: int | None = None,
+    ) -> None:
+        self.topk = topk
+        self.block_size = block_size
+        self.ste = ste
+        self.rescale = rescale
+        self.activation_bits = activation_bits
+        self.members = 0
+        self._clear()
+
+    def settings(self) -> tuple:
+        """Everything that determines the output; linears may share a sparsifier only if these are equal."""
+        return (self.topk, self.block_size, self.ste, self.rescale, self.activation_bits)
+
+    def keep(self, dim: int) -> int:
+        """Entries kept per token (per block with ``block_size``) for an input of ``dim`` features."""
+        return QF.keep_count(self.topk, self.block_size or dim)
+
+    def _clear(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._output: torch.Tensor | None = None
+        self._zeros: torch.Tensor | None = None
+        self._uses = 0
+
+    def __call__(self, x: torch.Tensor, want_zeros: bool = False) -> torch.Tensor:
+        out, _ = self.forward_with_zeros(x, want_zeros)
+        return out
+
+    def forward_with_zeros(self, x: torch.Tensor, want_zeros: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sparse input and (if asked) its zero count, from the cache when another member already computed them."""
+        if self._input is x and self._version == x._version:
+            out, zeros = self._output, self._zeros
+        else:
+            out = x
+            if self.activation_bits is not None:
+                out = QF.absmax_quantize(out, bits=self.activation_bits, ste=self.ste)
+            out = QF.sparsify(
+                out, self.keep(x.shape[-1]), block_size=self.block_size, ste=self.ste, rescale=self.rescale
+            )
+            zeros = None
+            self._clear()
+            if self.members > 1:
+                self._input, self._version, self._output = x, x._version, out
+        if want_zeros and zeros is None:
+            with torch.no_grad():
+                zeros = (out == 0).sum()
+            if self._output is out:
+                self._zeros = zeros
+        if self._output is out:
+            self._uses += 1
+            if self._uses >= self.members:
+                self._clear()
+        return out, zeros
+
+
+class QSparseLinear(nn.Linear):
+    """An ``nn.Linear`` that multiplies only the top-K entries of ``|x|`` of each token.
+
+    Same parameters and state-dict keys as the ``nn.Linear`` it replaces, so checkpoints, peft, ``device_map``
+    and sharded loading see an ordinary linear. Training passes the gradient straight through the top-K
+    (``functional.sparsify``). With ``weight_bits=1.58`` the weight is fake-quantized to ``{−α, 0, α}``.
+
+    Attributes:
+        sparsifier: the `InputSparsifier`, possibly shared with siblings that read the same input.
+        role: projection kind used in reports (``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``,
+            ``"down"``, or the module's own name outside known architectures).
+        layer_index: decoder layer number, or None.
+
+    Example:
+        >>> linear = QSparseLinear.from_linear(nn.Linear(8, 4), InputSparsifier(topk=0.5))
+        >>> linear(torch.randn(2, 3, 8)).shape
+        torch.Size([2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        sparsifier: InputSparsifier | None = None,
+        weight_bits: float | None = None,
+        role: str | None = None,
+        layer_index: int | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup(sparsifier or InputSparsifier(topk=1.0), weight_bits, role, layer_index)
+
+    def _setup(self, sparsifier, weight_bits, role, layer_index) -> None:
+        self.sparsifier = sparsifier
+        sparsifier.members += 1
+        self.weight_bits = weight_bits
+        self.role = role
+        self.layer_index = layer_index
+        self.counter = SparsityCounter()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        sparsifier: InputSparsifier,
+        *,
+        weight_bits: float | None = None,
+        role: str | None = None,
+        layer_index: int | None = None,
+    ) -> "QSparseLinear":
+        """Wrap an existing linear, sharing (not copying) its weight and bias Parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._setup(sparsifier, weight_bits, role, layer_index)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """The plain ``nn.Linear`` with the same Parameters (used to undo a conversion)."""
+        linear = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight actually multiplied: ternary fake-quantized with ``weight_bits=1.58``, else ``weight``."""
+        if self.weight_bits is None:
+            return self.weight
+        return QF.ternary_quantize(self.weight, ste=self.sparsifier.ste)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        track = self.counter.enabled
+        x_sparse, zeros = self.sparsifier.forward_with_zeros(x, want_zeros=track and not _inside_backward())
+        if zeros is not None:
+            self.counter.add(x_sparse, zeros)
+        return F.linear(x_sparse, self.effective_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.sparsifier
+        keep = f"keep={s.topk} (K={s.keep(self.in_features)}" + (f" per {s.block_size})" if s.block_size else ")")
+        quant = ""
+        if self.weight_bits is not None or s.activation_bits is not None:
+            quant = f", weight_bits={self.weight_bits}, activation_bits={s.activation_bits}"
+        return f"{super().extra_repr()}, {keep}{quant}, ste={s.ste}"
+
+
+class QSparseActivation(nn.Module):
+    """The FFN activation followed by top-K: ``sparsify(act(gate(x)))``, the Q-Sparse recipe for gated FFNs.
+
+    Wraps the model's own activation module (no parameters, so no state-dict change); with ``relu2=True`` the
+    activation becomes squared ReLU instead (training from scratch).
+
+    Example:
+        >>> act = QSparseActivation(nn.SiLU(), InputSparsifier(topk=0.5))
+        >>> int((act(torch.randn(3, 8)) == 0).sum())
+        12
+    """
+
+    def __init__(
+        self,
+        act: nn.Module | Callable | None,
+        sparsifier: InputSparsifier,
+        *,
+        relu2: bool = False,
+        layer_index: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.act = act
+        self.relu2 = relu2
+        self.sparsifier = sparsifier
+        sparsifier.members += 1
+        self.role = "act"
+        self.layer_index = layer_index
+        self.counter = SparsityCounter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = QF.relu2(x) if self.relu2 else self.act(x)
+        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=self.counter.enabled)
+        if zeros is not None:
+            self.counter.add(y_sparse, zeros)
+        return y_sparse
+
+    def extra_repr(self) -> str:
+        act = "relu2" if self.relu2 else type(self.act).__name__
+        return f"activation={act}, keep={self.sparsifier.topk}"

@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny random configs, fixture paths, seeding and skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    GPTNeoXConfig,
+    Qwen3Config,
+    StableLmConfig,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("QSPARSE_FIXTURES", REPO.parent / "shared" / "fixtures"))
+EMBEDDED_MODEL = REPO / "examples" / "models" / "mistral-micro"
+
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+
+#: One tiny random config per architecture family we claim to support; stablelm exercises the generic path.
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_TINY),
+    "mistral": lambda: MistralConfig(**_TINY),
+    "qwen2": lambda: Qwen2Config(**_TINY),  # biased q/k/v
+    "qwen3": lambda: Qwen3Config(**_TINY, head_dim=16),  # q/k norms
+    "phi3": lambda: Phi3Config(**_TINY),  # fused qkv / gate_up
+    # Not in ARCHITECTURES, so they go through the generic path: stablelm with Llama's names, GPT-NeoX with its own
+    # (query_key_value, dense, dense_h_to_4h / dense_4h_to_h) and a non-gated GELU FFN.
+    "stablelm": lambda: StableLmConfig(**_TINY),
+    "gpt_neox": lambda: GPTNeoXConfig(**{k: v for k, v in _TINY.items() if k != "num_key_value_heads"}),
+}
+
+
+def tiny_model(arch: str = "mistral", seed: int = 0) -> torch.nn.Module:
+    """A small random causal LM of the given family, in float32, eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
+
+
+def fixture_path(name: str) -> Path:
+    """Path of a model or file in ../shared/fixtures, skipping the test cleanly when it is absent."""
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"fixture {path} not found (set QSPARSE_FIXTURES to the shared fixtures folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def heldout_text() -> str:
+    return fixture_path("heldout_text.txt").read_text()[:20000]
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,196 @@
+"""convert_to_qsparse on every supported family (tiny random configs): wiring, exactness and errors."""
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, tiny_model
+from torch import nn
+
+import qsparse_hf
+from qsparse_hf import QSparseActivation, QSparseConfig, QSparseLinear, convert_to_qsparse, revert_qsparse
+from qsparse_hf import functional as QF
+from qsparse_hf.convert import GENERIC_LAYOUT, layout_for
+
+ARCHS = list(TINY_CONFIGS)
+EXPECTED_ROLES = {
+    "phi3": {"qkv", "o", "gate_up", "down"},
+    "gpt_neox": {"qkv", "o", "up", "down"},
+}
+
+
+def _ids(batch=2, seq=12, vocab=128):
+    return torch.randint(3, vocab, (batch, seq))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_linear_but_lm_head_is_converted(arch):
+    model = tiny_model(arch)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    convert_to_qsparse(model, topk=0.5)
+    converted = {n: m for n, m in model.named_modules() if isinstance(m, QSparseLinear)}
+    assert set(converted) == {n for n in linears if not n.endswith("lm_head")}
+    assert type(model.lm_head) is nn.Linear
+    roles = {m.role for m in converted.values()}
+    assert roles == EXPECTED_ROLES.get(arch, {"q", "k", "v", "o", "gate", "up", "down"})
+    assert all(m.layer_index in (0, 1) for m in converted.values())
+    gated = arch != "gpt_neox"
+    assert any(isinstance(m, QSparseActivation) for m in model.modules()) == gated
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_keys_and_parameters_are_unchanged(arch):
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convert_to_qsparse(model, topk=0.5)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_topk_one_is_bit_identical_and_lower_topk_is_not(arch):
+    ids = _ids()
+    model = tiny_model(arch)
+    with torch.no_grad():
+        dense = model(ids).logits
+        convert_to_qsparse(model, topk=1.0)
+        assert torch.equal(model(ids).logits, dense)
+        sparse = convert_to_qsparse(revert_qsparse(model), topk=0.5)(ids).logits
+    assert not torch.allclose(sparse, dense)
+
+
+def test_unknown_architecture_uses_generic_layout():
+    assert layout_for(tiny_model("gpt_neox")) is GENERIC_LAYOUT
+    assert layout_for(tiny_model("stablelm")) is GENERIC_LAYOUT
+    assert layout_for(tiny_model("qwen3")) is not GENERIC_LAYOUT
+
+
+def test_linears_reading_one_input_compute_one_mask(monkeypatch):
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    calls = []
+    original = QF.topk_mask
+    monkeypatch.setattr(QF, "topk_mask", lambda x, k: calls.append(x.shape[-1]) or original(x, k))
+    with torch.no_grad():
+        model(_ids())
+    # Per layer: q/k/v share one, o one, gate/up share one, the FFN activation one, down one.
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    # The shared cache holds nothing once the forward pass is over.
+    assert all(m.sparsifier._input is None for m in model.modules() if isinstance(m, QSparseLinear))
+
+
+def test_padding_never_changes_other_tokens():
+    model = convert_to_qsparse(tiny_model("llama"), topk=0.5)
+    a = _ids(1, 10)
+    b = torch.cat([_ids(1, 6), torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4])
+    with torch.no_grad():
+        batched = model(torch.cat([a, b]), attention_mask=mask).logits
+        alone_a = model(a).logits
+        alone_b = model(b[:, :6]).logits
+    torch.testing.assert_close(batched[0], alone_a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched[1, :6], alone_b[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_input_has_exactly_k_nonzeros_per_token():
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.3)
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda mod, args, out: seen.append(mod.sparsifier(args[0]))
+    )
+    with torch.no_grad():
+        model(_ids())
+    hook.remove()
+    assert ((seen[0] != 0).sum(-1) == QF.keep_count(0.3, 64)).all()
+
+
+def test_bf16_model_keeps_exact_k():
+    model = convert_to_qsparse(tiny_model("qwen3").to(torch.bfloat16), topk=0.7)
+    report = qsparse_hf.sparsity_report(model, _ids())
+    expected = 1 - QF.keep_count(0.7, 64) / 64
+    assert report.per_projection["q"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_same_config_twice_is_a_no_op_and_a_different_one_raises():
+    model = convert_to_qsparse(tiny_model(), topk=0.5)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert convert_to_qsparse(model, topk=0.5) is model
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    with pytest.raises(ValueError, match="already converted"):
+        convert_to_qsparse(model, topk=0.7)
+
+
+def test_model_without_linears_is_rejected():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        convert_to_qsparse(nn.Sequential(nn.Conv1d(4, 4, 3)), topk=0.5)
+
+
+def test_unknown_option_and_mixed_arguments_are_rejected():
+    with pytest.raises(TypeError, match="unknown option"):
+        convert_to_qsparse(tiny_model(), topk=0.5, topk_ratio=0.3)
+    with pytest.raises(TypeError, match="either config"):
+        convert_to_qsparse(tiny_model(), topk=0.5, config=QSparseConfig())
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert_to_qsparse("mistral", topk=0.5)
+
+
+def test_exclude_pattern_that_matches_nothing_warns():
+    with pytest.warns(UserWarning, match="matched no"):
+        convert_to_qsparse(tiny_model(), topk=0.5, exclude_modules=["lm_head", "not_a_module"])
+
+
+def test_targets_overrides_and_excludes():
+    model = convert_to_qsparse(
+        tiny_model(),
+        topk=0.5,
+        target_modules=[r".*\.mlp\..*"],
+        exclude_modules=["lm_head", "layers.1.mlp.up_proj"],
+        topk_overrides={"down_proj": 0.25},
+    )
+    layer0, layer1 = model.model.layers
+    assert type(layer0.self_attn.q_proj) is nn.Linear
+    assert isinstance(layer0.mlp.up_proj, QSparseLinear) and type(layer1.mlp.up_proj) is nn.Linear
+    assert layer0.mlp.down_proj.sparsifier.keep(128) == 32
+    assert layer0.mlp.gate_proj.sparsifier.keep(64) == 32
+
+
+def test_int_topk_larger_than_a_layer_is_rejected():
+    with pytest.raises(ValueError, match="exceeds the 64 input features"):
+        convert_to_qsparse(tiny_model(), topk=100)
+
+
+def test_relu2_replaces_the_ffn_activation():
+    model = convert_to_qsparse(tiny_model(), topk=0.5, activation="relu2")
+    act = model.model.layers[0].mlp.act_fn
+    assert isinstance(act, QSparseActivation) and act.relu2
+    out = act(torch.randn(4, 128))
+    assert (out >= 0).all() and ((out != 0).sum(-1) <= 64).all()
+    with pytest.raises(ValueError, match="gated FFN"):
+        convert_to_qsparse(tiny_model("gpt_neox"), topk=0.5, activation="relu2")
+
+
+def test_ffn_topk_one_leaves_the_activation_alone():
+    model = convert_to_qsparse(tiny_model(), topk=0.5, ffn_topk=1.0)
+    assert not any(isinstance(m, QSparseActivation) for m in model.modules())
+
+
+def test_revert_and_dequantize_restore_dense_outputs():
+    ids = _ids()
+    model = tiny_model()
+    with torch.no_grad():
+        dense = model(ids).logits
+        convert_to_qsparse(model, topk=0.5)
+        assert model.is_quantized
+        model.dequantize()
+        assert torch.equal(model(ids).logits, dense)
+    assert not qsparse_hf.is_qsparse_model(model)
+    assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_block_and_quantized_variants_convert():
+    model = convert_to_qsparse(tiny_model(), topk=0.5, block_size=16, weight_bits=1.58, activation_bits=8)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert "per 16" in repr(q_proj) and "weight_bits=1.58" in repr(q_proj)
+    assert len(torch.unique(q_proj.effective_weight().detach())) == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids()).logits).all()
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        convert_to_qsparse(tiny_model(), topk=0.5, block_size=48)
