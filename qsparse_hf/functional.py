@@ -171,7 +171,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 8, eps: float = 1e-5, ste: bool
 
     Example:
         >>> absmax_quantize(torch.tensor([[1.0, -0.5, 0.01]])) * 127
-        tensor([[127.0000, -64.0000,   1.0000]])
+        tensor([[127., -64.,   1.]])
     """
     qmax = 2 ** (bits - 1) - 1
 
@@ -189,7 +189,7 @@ def ternary_quantize(weight: torch.Tensor, eps: float = 1e-5, ste: bool = True) 
     master weight when ``ste`` is True.
 
     Example:
-        >>> ternary_quantize(torch.tensor([[0.9, -0.1, -1.2, 0.4]]))
+        >>> ternary_quantize(torch.tensor([[0.9, 0.1, -1.2, 0.4]]))
         tensor([[ 0.6500,  0.0000, -0.6500,  0.6500]])
     """
 

@@ -74,6 +74,7 @@ class InputSparsifier:
 
     Example:
         >>> sparsifier = InputSparsifier(topk=0.5)
+        >>> sparsifier.members = 2  # as when two linears share it
         >>> x = torch.tensor([[1.0, -4.0, 2.0, 0.5]])
         >>> sparsifier(x) is sparsifier(x)
         True
@@ -213,9 +214,16 @@ class QSparseLinear(nn.Linear):
         return linear
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight actually multiplied: ternary fake-quantized with ``weight_bits=1.58``, else ``weight``."""
+        """The weight actually multiplied: ternary fake-quantized with ``weight_bits=1.58``, else ``weight``.
+
+        A model loaded from a packed ternary export holds ``weight`` in {−1, 0, 1} and its scale α in the
+        ``weight_scale`` buffer; the product is the same tensor the fake-quantizer produced before export.
+        """
         if self.weight_bits is None:
             return self.weight
+        scale = getattr(self, "weight_scale", None)
+        if scale is not None:
+            return (self.weight.float() * scale).to(self.weight.dtype)
         return QF.ternary_quantize(self.weight, ste=self.sparsifier.ste)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
