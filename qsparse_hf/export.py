@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import QSparseConfig
 from .convert import convert_to_qsparse, qsparse_modules
+from .functional import ternary_codes
 from .layers import QSparseLinear
 
 __all__ = ["pack_ternary", "unpack_ternary", "save_packed_ternary", "load_packed_ternary"]
@@ -46,12 +47,6 @@ def unpack_ternary(packed: torch.Tensor, width: int) -> torch.Tensor:
     return (codes.reshape(*packed.shape[:-1], -1)[..., :width].to(torch.int8) - 1)
 
 
-def _ternary_codes(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    # Same arithmetic as functional.ternary_quantize, so codes · α reproduces its output bit for bit.
-    alpha = weight.float().abs().mean()
-    return (weight.float() / (alpha + eps)).round().clamp(-1, 1).to(torch.int8), alpha
-
-
 def save_packed_ternary(model, save_directory: str | os.PathLike, tokenizer=None) -> dict[str, int]:
     """Write a 1.58-bit Q-Sparse model for inference: packed ternary weights, scales, the rest as stored.
 
@@ -71,7 +66,7 @@ def save_packed_ternary(model, save_directory: str | os.PathLike, tokenizer=None
     packed_names = set()
     for name, module in qsparse_modules(model):
         if isinstance(module, QSparseLinear):
-            codes, alpha = _ternary_codes(module.weight.detach())
+            codes, alpha = ternary_codes(module.weight.detach())
             tensors[f"{name}.weight_packed"] = pack_ternary(codes).cpu()
             tensors[f"{name}.weight_scale"] = alpha.reshape(1).cpu()
             packed_names.add(f"{name}.weight")
@@ -79,7 +74,7 @@ def save_packed_ternary(model, save_directory: str | os.PathLike, tokenizer=None
     bf16_bytes = 0
     for key, value in model.state_dict().items():
         bf16_bytes += value.numel() * 2 if value.is_floating_point() else value.numel() * value.element_size()
-        if key in packed_names or key.endswith("weight_scale"):
+        if key in packed_names:
             continue
         pointer = value.untyped_storage().data_ptr()
         if pointer in seen_storage:  # tied weights (lm_head = embed_tokens) are stored once
@@ -113,14 +108,17 @@ def load_packed_ternary(directory: str | os.PathLike, dtype: torch.dtype = torch
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     convert_to_qsparse(model, config=qsparse_config)
     tensors = load_file(str(directory / _WEIGHTS))
+    unpacked = set()
     for name, module in qsparse_modules(model):
         if isinstance(module, QSparseLinear):
             codes = unpack_ternary(tensors.pop(f"{name}.weight_packed"), module.in_features)
             module.weight.data = codes.to(dtype)
             module.register_buffer("weight_scale", tensors.pop(f"{name}.weight_scale").reshape(()), persistent=False)
+            unpacked.add(f"{name}.weight")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith(".weight") or k.rsplit(".", 1)[0] not in dict(qsparse_modules(model))]
-    if unexpected or [k for k in missing if "lm_head" not in k]:
+    # The unpacked weights were set above; a tied lm_head is restored by tie_weights() below.
+    missing = [k for k in missing if k not in unpacked and "lm_head" not in k]
+    if unexpected or missing:
         raise ValueError(f"export does not match the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()

@@ -19,6 +19,7 @@ __all__ = [
     "sparsify",
     "relu2",
     "absmax_quantize",
+    "ternary_codes",
     "ternary_quantize",
 ]
 
@@ -194,7 +195,20 @@ def ternary_quantize(weight: torch.Tensor, eps: float = 1e-5, ste: bool = True) 
     """
 
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        alpha = w.float().abs().mean()
-        return ((w.float() / (alpha + eps)).round().clamp(-1, 1) * alpha).to(w.dtype)
+        codes, alpha = ternary_codes(w, eps)
+        return (codes.float() * alpha).to(w.dtype)
 
     return straight_through(quantize, weight) if ste else quantize(weight)
+
+
+def ternary_codes(weight: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes ``RoundClip(W / (α + ε), −1, 1)`` as int8 and the fp32 scale ``α = mean|W|``.
+
+    ``(codes.float() * α).to(W.dtype)`` is exactly `ternary_quantize`'s output, so packed exports reload bit for bit.
+
+    Example:
+        >>> ternary_codes(torch.tensor([[0.9, 0.1, -1.2, 0.4]]))
+        (tensor([[ 1,  0, -1,  1]], dtype=torch.int8), tensor(0.6500))
+    """
+    alpha = weight.float().abs().mean()
+    return (weight.float() / (alpha + eps)).round().clamp(-1, 1).to(torch.int8), alpha
