@@ -288,6 +288,7 @@ def _swap_ffn_activations(model, config, layout, ffn_topk) -> list[tuple[str, nn
         )
         act.counter.enabled = config.track_sparsity
         setattr(module, attr, act)
+        _skip_redundant_down_topk(module, layout, sparsifier)
         swapped.append((f"{name}.{attr}" if name else attr, act))
     if config.activation == "relu2" and not swapped:
         raise ValueError(
@@ -295,6 +296,22 @@ def _swap_ffn_activations(model, config, layout, ffn_topk) -> list[tuple[str, nn
             f"{'/'.join(layout.gate)} linear with an {'/'.join(layout.activation)} attribute"
         )
     return swapped
+
+
+def _skip_redundant_down_topk(ffn: nn.Module, layout, act_sparsifier: InputSparsifier) -> None:
+    # down_proj reads act(gate) * up, which has at most K_act non-zeros per token. When its own K is no smaller, its
+    # top-K would keep every non-zero and return the input unchanged (and, with the straight-through gradient, pass
+    # the gradient unchanged): skipping it is exact and saves a selection per layer.
+    for leaf, role in layout.roles.items():
+        down = getattr(ffn, leaf, None)
+        if role != "down" or not isinstance(down, QSparseLinear):
+            continue
+        own = down.sparsifier
+        plain = own.block_size is None and own.activation_bits is None and not own.rescale and own.ste
+        if plain and act_sparsifier.block_size is None and own.keep(down.in_features) >= act_sparsifier.keep(
+            down.in_features
+        ):
+            own.input_within_topk = True
 
 
 def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:

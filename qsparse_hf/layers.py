@@ -13,13 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional as QF
+from . import kernels
 
 __all__ = ["InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
 
 
 def _inside_backward() -> bool:
     # Gradient checkpointing re-runs forwards inside the autograd engine; those must not be counted twice.
-    return torch._C._current_graph_task_id() != -1
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _kernel_ops():
+    from .kernels import ops  # imports Triton: only once a kernel is actually wanted
+
+    return ops
 
 
 class SparsityCounter:
@@ -95,6 +105,9 @@ class InputSparsifier:
         self.rescale = rescale
         self.activation_bits = activation_bits
         self.members = 0
+        #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
+        #: after a top-K activation): the top-K is then the identity and is skipped.
+        self.input_within_topk = False
         self._clear()
 
     def settings(self) -> tuple:
@@ -112,24 +125,44 @@ class InputSparsifier:
         self._zeros: torch.Tensor | None = None
         self._uses = 0
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the Triton top-K kernel computes this input (CUDA bf16/fp16, plain per-token top-K, and the
+        straight-through gradient or no gradient at all); otherwise `functional.sparsify` does."""
+        return (
+            x.dtype in _KERNEL_DTYPES
+            and self.block_size is None
+            and not self.rescale
+            and (self.ste or not (torch.is_grad_enabled() and x.requires_grad))
+            and kernels.kernels_available(x)
+        )
+
+    def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.keep(x.shape[-1])
+        if self.input_within_topk or (self.block_size is None and k >= x.shape[-1]):
+            return x
+        if self.uses_kernel(x):
+            return _kernel_ops().topk_sparsify(x, k)
+        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale)
+
     def __call__(self, x: torch.Tensor, want_zeros: bool = False) -> torch.Tensor:
         out, _ = self.forward_with_zeros(x, want_zeros)
         return out
 
     def forward_with_zeros(self, x: torch.Tensor, want_zeros: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sparse input and (if asked) its zero count, from the cache when another member already computed them."""
-        if self._input is x and self._version == x._version:
+        # Under torch.compile every member computes its own (identical, side-effect free) op; the compiler can
+        # merge them, and the Python-side cache would only cause graph breaks.
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._input is x and self._version == x._version:
             out, zeros = self._output, self._zeros
         else:
             out = x
             if self.activation_bits is not None:
                 out = QF.absmax_quantize(out, bits=self.activation_bits, ste=self.ste)
-            out = QF.sparsify(
-                out, self.keep(x.shape[-1]), block_size=self.block_size, ste=self.ste, rescale=self.rescale
-            )
+            out = self._sparsify(out)
             zeros = None
             self._clear()
-            if self.members > 1:
+            if self.members > 1 and not compiling:
                 self._input, self._version, self._output = x, x._version, out
         if want_zeros and zeros is None:
             with torch.no_grad():
@@ -226,11 +259,45 @@ class QSparseLinear(nn.Linear):
             return (self.weight.float() * scale).to(self.weight.dtype)
         return QF.ternary_quantize(self.weight, ste=self.sparsifier.ste)
 
+    def to_input_major(self) -> bool:
+        """Store the weight as its contiguous transpose (same Parameter, values and shape), the layout the sparse
+        decode GEMV reads. Returns False when there is nothing to do or the kernel would not be used anyway."""
+        weight = self.weight
+        if kernels.is_input_major(weight) or self.weight_bits is not None or weight.dtype not in _KERNEL_DTYPES:
+            return False
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
+        return True
+
+    def _decode_kernel_ready(self, x: torch.Tensor) -> bool:
+        if (
+            x.numel() > kernels.MAX_DECODE_TOKENS * self.in_features
+            or self.weight_bits is not None
+            or x.dtype not in _KERNEL_DTYPES
+            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            or not kernels.kernels_available(x)
+        ):
+            return False
+        if kernels.is_input_major(self.weight):
+            return True
+        # Re-lay once, lazily, in eager mode only (compiled graphs and captured graphs must not see it happen).
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        return self.to_input_major()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination and not destination[key].is_contiguous():  # input-major layout: save the usual one
+            destination[key] = destination[key].contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        track = self.counter.enabled
+        track = self.counter.enabled and not torch.compiler.is_compiling()
         x_sparse, zeros = self.sparsifier.forward_with_zeros(x, want_zeros=track and not _inside_backward())
         if zeros is not None:
             self.counter.add(x_sparse, zeros)
+        if self._decode_kernel_ready(x_sparse):
+            return _kernel_ops().sparse_linear(x_sparse, self.weight.t(), self.bias)
         return F.linear(x_sparse, self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -273,7 +340,8 @@ class QSparseActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = QF.relu2(x) if self.relu2 else self.act(x)
-        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=self.counter.enabled)
+        track = self.counter.enabled and not torch.compiler.is_compiling()
+        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=track)
         if zeros is not None:
             self.counter.add(y_sparse, zeros)
         return y_sparse

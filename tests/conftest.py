@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernels run on CPU through Triton's interpreter; it must be chosen before any kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -65,3 +69,5 @@ def heldout_text() -> str:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: Where the Triton kernels run in this session: the GPU, else Triton's CPU interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

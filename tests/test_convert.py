@@ -71,8 +71,9 @@ def test_linears_reading_one_input_compute_one_mask(monkeypatch):
     monkeypatch.setattr(QF, "topk_mask", lambda x, k: calls.append(x.shape[-1]) or original(x, k))
     with torch.no_grad():
         model(_ids())
-    # Per layer: q/k/v share one, o one, gate/up share one, the FFN activation one, down one.
-    assert len(calls) == 5 * model.config.num_hidden_layers
+    # Per layer: q/k/v share one, o one, gate/up share one, the FFN activation one; down_proj's input already has
+    # at most K non-zeros, so its top-K is skipped.
+    assert len(calls) == 4 * model.config.num_hidden_layers
     # The shared cache holds nothing once the forward pass is over.
     assert all(m.sparsifier._input is None for m in model.modules() if isinstance(m, QSparseLinear))
 
@@ -194,3 +195,21 @@ def test_block_and_quantized_variants_convert():
         assert torch.isfinite(model(_ids()).logits).all()
     with pytest.raises(ValueError, match="multiple of block_size"):
         convert_to_qsparse(tiny_model(), topk=0.5, block_size=48)
+
+
+def test_down_proj_topk_skipped_only_when_exact():
+    model = tiny_model("mistral")
+    convert_to_qsparse(model, topk=0.5)
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    assert all(d.sparsifier.input_within_topk for d in downs)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        skipped = model(ids).logits
+        for d in downs:
+            d.sparsifier.input_within_topk = False
+        computed = model(ids).logits
+    assert torch.equal(skipped, computed)
+    # A down_proj keeping fewer entries than the activation lets through must really select.
+    other = tiny_model("mistral")
+    convert_to_qsparse(other, topk=0.5, ffn_topk=0.9)
+    assert not any(layer.mlp.down_proj.sparsifier.input_within_topk for layer in other.model.layers)

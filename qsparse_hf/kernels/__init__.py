@@ -1,0 +1,103 @@
+"""Triton kernels that make Q-Sparse cheaper than dense: exact top-K in one pass, and a decode GEMV that reads only
+the weight rows of kept input features.
+
+`QSparseLinear` uses them by itself on CUDA (bf16/fp16): the top-K kernel for every forward (training included,
+with the straight-through gradient) and the sparse GEMV for decode steps of at most
+`MAX_DECODE_TOKENS` tokens once the weight is stored input-major (`prepare_for_decode`, or lazily on the first
+eager decode step). Everything falls back to the reference path of `qsparse_hf.functional` elsewhere: on CPU, without
+Triton, with ``QSPARSE_KERNELS=0``, or for options the kernels do not cover (block top-K, re-scaling, ste=False,
+quantized variants).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = ["MAX_DECODE_TOKENS", "kernels_available", "set_kernels_enabled", "prepare_for_decode", "is_input_major"]
+
+#: The sparse GEMV serves at most this many tokens per call (decode, speculative decode); prefill uses cuBLAS.
+MAX_DECODE_TOKENS = 8
+
+_ENABLED = os.environ.get("QSPARSE_KERNELS", "1") != "0"
+# CPU tensors go through Triton's interpreter only when asked (it is a debugging aid, orders of magnitude slower).
+_ON_CPU = os.environ.get("QSPARSE_KERNELS") == "interpret"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+
+
+def kernels_available(tensor: torch.Tensor | None = None) -> bool:
+    """Whether the Triton path can run (for ``tensor``'s device when given): enabled, Triton importable, and CUDA.
+    CPU tensors qualify only with ``QSPARSE_KERNELS=interpret`` and ``TRITON_INTERPRET=1`` (Triton's interpreter,
+    for debugging and CPU tests).
+
+    Example:
+        >>> isinstance(kernels_available(), bool)
+        True
+    """
+    if not _ENABLED or not _triton_importable():
+        return False
+    if _ON_CPU and os.environ.get("TRITON_INTERPRET") == "1" and (tensor is None or tensor.device.type == "cpu"):
+        return True
+    return torch.cuda.is_available() if tensor is None else tensor.is_cuda
+
+
+def set_kernels_enabled(enabled: bool, *, on_cpu: bool | None = None) -> bool:
+    """Switch the Triton path on or off for the whole process (e.g. to compare against the reference); returns the
+    previous setting. ``QSPARSE_KERNELS=0`` in the environment starts with it off. ``on_cpu=True`` also routes CPU
+    tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` (``QSPARSE_KERNELS=interpret`` does the same).
+
+    Example:
+        >>> previous = set_kernels_enabled(False); kernels_available()
+        False
+        >>> _ = set_kernels_enabled(previous)
+    """
+    global _ENABLED, _ON_CPU
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    if on_cpu is not None:
+        _ON_CPU = bool(on_cpu)
+    return previous
+
+
+def is_input_major(weight: torch.Tensor) -> bool:
+    """True when an ``[out, in]`` weight is stored as its contiguous transpose (what the sparse GEMV reads).
+
+    Example:
+        >>> is_input_major(torch.empty(4, 8)), is_input_major(torch.empty(8, 4).t())
+        (False, True)
+    """
+    return weight.dim() == 2 and weight.t().is_contiguous()
+
+
+def prepare_for_decode(model: torch.nn.Module) -> int:
+    """Store every `QSparseLinear` weight input-major, in place, so decode steps use the sparse GEMV.
+
+    The Parameter keeps its ``[out, in]`` shape, name and values; only its memory order changes (no extra copy stays
+    alive). Dense matmuls (prefill, training) read the transposed layout at the same speed, and ``state_dict`` /
+    ``save_pretrained`` write the usual contiguous weight. Call it before ``torch.compile`` or CUDA-graph capture;
+    in eager mode the first decode step does it lazily. Returns the number of weights re-laid.
+
+    Example:
+        >>> from qsparse_hf import QSparseLinear
+        >>> from qsparse_hf.layers import InputSparsifier
+        >>> linear = torch.nn.Linear(8, 4, dtype=torch.bfloat16)
+        >>> model = torch.nn.Sequential(QSparseLinear.from_linear(linear, InputSparsifier(0.5)))
+        >>> prepare_for_decode(model), is_input_major(model[0].weight)
+        (1, True)
+    """
+    from ..layers import QSparseLinear
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QSparseLinear) and module.to_input_major():
+            count += 1
+    return count

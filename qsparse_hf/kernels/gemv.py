@@ -1,0 +1,192 @@
+"""Sparse GEMV for decoding: ``y = x @ W.T`` reading only the weight rows of the non-zero inputs.
+
+The weight is used input-major (``W.T`` contiguous, one row of ``out_features`` values per input feature) so that
+skipping an input feature skips one contiguous row of memory. A program owns ``BLOCK_N`` output columns and a slice
+of the input features (split-K); for each chunk of ``BLOCK_K`` features it loads the weight rows that at least one
+of the (few) tokens needs, with a predicated load that issues no memory traffic for the others. Partial sums are
+fp32; a second small kernel adds the splits and the bias and casts (skipped when there is a single split).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import MAX_DECODE_TOKENS
+
+__all__ = ["GemvConfig", "sparse_gemv", "choose_config"]
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, wt_ptr, bias_ptr, out_ptr, tokens, n_out, n_in, stride_x, stride_w, stride_out,
+    ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    toks = tl.arange(0, TOKENS_PAD)
+    tok_ok = toks < tokens
+    start = pid_s * ROWS_PER_SPLIT  # ROWS_PER_SPLIT is a multiple of BLOCK_K: splits never overlap
+    if TOKENS_PAD == 1:
+        # One token: accumulate elementwise into a [BLOCK_K, BLOCK_N] tile and reduce once at the end, so the loop
+        # body has no cross-thread reduction; x is loaded in the tile's own layout (no shuffles).
+        tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+            rows = start + k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None], mask=rows[:, None] < n_in, other=0.0)
+            w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
+                        mask=(x != 0) & col_ok[None, :], other=0.0)
+            tile += x.to(tl.float32) * w.to(tl.float32)
+        acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
+    else:
+        acc = tl.zeros([TOKENS_PAD, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+            rows = start + k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :],
+                        mask=tok_ok[:, None] & (rows[None, :] < n_in), other=0.0)
+            needed = tl.max((x != 0).to(tl.int32), axis=0) > 0  # rows any token needs: the union is read
+            w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
+                        mask=needed[:, None] & col_ok[None, :], other=0.0)
+            # bf16/fp16 values are exact in tf32, so the fp32 dot loses nothing (and Triton's CPU interpreter
+            # mishandles bf16 dots).
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
+    out_mask = tok_ok[:, None] & col_ok[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + toks[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+    else:  # out_ptr is the fp32 workspace [SPLIT, tokens, n_out]
+        base = out_ptr + pid_s * tokens * n_out
+        tl.store(base + toks[:, None] * n_out + cols[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, tokens, n_out, stride_out, SPLIT: tl.constexpr,
+                       BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
+    tok = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_out
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + (s * tokens + tok) * n_out + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tok * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class GemvConfig(tuple):
+    """(block_n, block_k, split, num_warps, num_stages) of one sparse-GEMV launch."""
+
+    def __new__(cls, block_n: int, block_k: int, split: int, num_warps: int = 4, num_stages: int = 3):
+        return super().__new__(cls, (block_n, block_k, split, num_warps, num_stages))
+
+
+# (block_n, block_k, num_warps): tiles of 8-16K fp32 accumulators, 128-512-byte weight segments.
+_TILES = ((64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (64, 128, 8), (256, 64, 8))
+
+
+def _candidates(n_out: int, n_in: int) -> list[GemvConfig]:
+    found = []
+    for block_n, block_k, num_warps in _TILES:
+        for split in (1, 2, 4, 8, 16, 32):
+            programs = triton.cdiv(n_out, block_n) * split
+            if 132 <= programs <= 1056 and n_in // split >= 2 * block_k:
+                found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
+    return found or [_default_config(n_out, n_in)]
+
+
+_CHOSEN: dict[tuple, GemvConfig] = {}
+
+
+def _default_config(n_out: int, n_in: int) -> GemvConfig:
+    # Enough programs to cover 132 SMs a few times over, with 128-byte weight segments.
+    block_n = 64
+    split = 1
+    while triton.cdiv(n_out, block_n) * split < 256 and n_in // (split * 2) >= 512:
+        split *= 2
+    return GemvConfig(block_n, 64, split)
+
+
+def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True) -> GemvConfig:
+    """Launch configuration for a shape, timed once per (shape, dtype, tokens) on the GPU and cached.
+
+    Tuning runs only on CUDA, outside graph capture and compilation; elsewhere a heuristic default is used.
+
+    Example:
+        >>> choose_config(torch.zeros(1, 4096), torch.zeros(4096, 4096), tune=False)
+        (64, 64, 4, 4, 3)
+    """
+    n_in, n_out = weight_t.shape
+    key = (n_in, n_out, x.shape[0], x.dtype, str(x.device))
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    default = _default_config(n_out, n_in)
+    if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return default
+    sample = x.clone()
+    # Time on a representative half-sparse input rather than on the caller's values.
+    sample.normal_()
+    sample *= torch.rand_like(sample, dtype=torch.float32) > 0.5
+    best, best_ms = default, float("inf")
+    for config in _candidates(n_out, n_in):
+        try:
+            ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config), warmup=5, rep=20,
+                                         return_mode="median")
+        except Exception:  # a config the compiler rejects (too many registers/shared memory) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    _CHOSEN[key] = best
+    return best
+
+
+def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
+    block_n, block_k, split, num_warps, num_stages = config
+    tokens = x.shape[0]
+    n_in, n_out = weight_t.shape
+    out = torch.empty(tokens, n_out, dtype=x.dtype, device=x.device)
+    tokens_pad = 1 if tokens == 1 else 16
+    rows_per_split = triton.cdiv(triton.cdiv(n_in, split), block_k) * block_k
+    target = out if split == 1 else torch.empty(split, tokens, n_out, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n_out, block_n), split)
+    _sparse_gemv_kernel[grid](
+        x, weight_t, bias if bias is not None else x, target, tokens, n_out, n_in, x.stride(0), weight_t.stride(0),
+        out.stride(0), ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+        NUM_STAGES=num_stages, HAS_BIAS=bias is not None, num_warps=num_warps,
+    )
+    if split > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(n_out, block), tokens)](
+            target, bias if bias is not None else x, out, tokens, n_out, out.stride(0), SPLIT=split, BLOCK=block,
+            HAS_BIAS=bias is not None, num_warps=4,
+        )
+    return out
+
+
+def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
+
+    Args:
+        x: ``[tokens, in_features]`` (tokens <= `MAX_DECODE_TOKENS`), bf16 or fp16, usually top-K sparse.
+        weight_t: ``[in_features, out_features]`` contiguous: the transposed ``nn.Linear`` weight.
+        bias: optional ``[out_features]``.
+        config: launch configuration; by default `choose_config` picks (and caches) one.
+
+    Example:
+        >>> w = torch.randn(4, 256)  # doctest: +SKIP
+        >>> x = torch.tensor([[0.0, 1.0, 0.0, 2.0]])  # doctest: +SKIP
+        >>> torch.allclose(sparse_gemv(x, w), x @ w)  # needs CUDA or TRITON_INTERPRET=1  # doctest: +SKIP
+        True
+    """
+    if x.dim() != 2 or x.shape[0] > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_gemv takes [tokens <= {MAX_DECODE_TOKENS}, in_features], got {tuple(x.shape)}")
+    if weight_t.stride(-1) != 1 or x.shape[1] != weight_t.shape[0]:
+        raise ValueError("weight_t must be a contiguous [in_features, out_features] tensor matching x")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t))

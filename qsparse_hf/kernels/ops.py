@@ -1,0 +1,75 @@
+"""The kernels as PyTorch custom ops (``torch.ops.qsparse.*``), so ``torch.compile`` and CUDA graphs see one opaque,
+shape-known node each instead of tracing into Triton launches, and autograd sees the straight-through estimator.
+
+- ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
+- ``qsparse::sparse_linear(x, weight_t, bias)``: ``x @ weight_t + bias`` reading only the weight rows of non-zero
+  inputs, for at most `MAX_DECODE_TOKENS` tokens (inference only).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .gemv import MAX_DECODE_TOKENS, sparse_gemv
+from .topk import topk_sparsify_rows
+
+__all__ = ["topk_sparsify", "sparse_linear"]
+
+
+@torch.library.custom_op("qsparse::topk_sparsify", mutates_args=())
+def _topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    return topk_sparsify_rows(x, k)
+
+
+@_topk_sparsify.register_fake
+def _(x, k):
+    return torch.empty_like(x)
+
+
+def _topk_setup(ctx, inputs, output):
+    pass
+
+
+def _topk_backward(ctx, grad):
+    return grad, None  # straight-through: every entry of the dense input gets the gradient
+
+
+_topk_sparsify.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+@torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
+def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return sparse_gemv(rows, weight_t, bias).reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+@_sparse_linear.register_fake
+def _(x, weight_t, bias):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-K of ``|x|`` per token through the Triton kernel, with the straight-through gradient.
+
+    Example:
+        >>> x = torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> topk_sparsify(x.cuda(), 2)  # doctest: +SKIP
+        tensor([[ 0., -2.,  1.,  0.]], device='cuda:0', dtype=torch.bfloat16)
+    """
+    return _topk_sparsify(x, k)
+
+
+def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight_t.T, bias)`` for up to `MAX_DECODE_TOKENS` tokens, reading only the needed weight rows.
+
+    Example:
+        >>> w = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> x = torch.zeros(1, 64, device="cuda", dtype=torch.bfloat16); x[0, :8] = 1  # doctest: +SKIP
+        >>> sparse_linear(x, w.t().contiguous()).shape  # doctest: +SKIP
+        torch.Size([1, 16])
+    """
+    if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
+    return _sparse_linear(x, weight_t, bias)
