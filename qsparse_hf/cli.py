@@ -1,13 +1,243 @@
-"""The ``qsparse`` command line: ``qsparse scaling``, ``qsparse convert``, ``qsparse report``."""
+"""The ``qsparse`` command line: ``convert``, ``report``, ``eval``, ``bench`` and ``scaling``.
+
+Exit codes: 0 success; 2 bad input (missing model, not a causal LM, unknown task, unreadable file); 3 something
+the environment lacks (no GPU for ``bench``, ``lm_eval`` not installed for ``eval --tasks``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "CliError"]
+
+EPILOG = "exit codes: 0 ok, 2 bad input (model, task, file), 3 missing environment (GPU, lm_eval)"
+
+
+class CliError(Exception):
+    """A failure with a message for the user and the process exit code."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float | None = None):
+    """Load a causal LM and its tokenizer (hub id or path); convert it when ``topk`` is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    import qsparse_hf  # noqa: F401  (registers quant_method "qsparse" before loading)
+    from . import convert_to_qsparse, is_qsparse_model
+
+    looks_local = model_id.startswith((".", "/", "~")) or Path(model_id).exists()
+    if looks_local and not Path(model_id).expanduser().is_dir():
+        raise CliError(f"model folder {model_id!r} not found (give a local folder or a hub id)")
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load {model_id!r}: {err}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CliError(f"{model_id!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load {model_id!r} as a causal LM: {err}") from None
+    if topk is not None and not is_qsparse_model(model):
+        options = {"ffn_topk": ffn_topk} if ffn_topk is not None else {}
+        convert_to_qsparse(model, topk=topk, **options)
+    return model.eval(), tokenizer
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise CliError(f"cannot read text file {path!r}: {err.strerror}") from None
+
+
+def _sample_texts(args: argparse.Namespace) -> list[str]:
+    """Texts for ``report``: rows of --dataset (hub id or local JSON/JSONL), or --text-file."""
+    if args.dataset:
+        from datasets import load_dataset
+
+        try:
+            if Path(args.dataset).is_file():
+                rows = load_dataset("json", data_files=args.dataset, split="train")
+            else:
+                rows = load_dataset(args.dataset, split=args.split, streaming=True)
+        except Exception as err:  # datasets raises many types for a missing/unreachable dataset
+            raise CliError(f"cannot load dataset {args.dataset!r}: {err}") from None
+        texts = []
+        for row in rows:
+            text = row.get("text") or "\n".join(str(row[c]) for c in ("system_prompt", "question", "response")
+                                                if row.get(c))
+            if not text:
+                raise CliError(f"dataset {args.dataset!r} has neither a 'text' column nor the Open-Orca columns")
+            texts.append(text)
+            if len(texts) >= args.samples:
+                break
+        return texts
+    text = _read_text(args.text_file)
+    size = max(1, len(text) // args.samples)
+    return [text[i * size:(i + 1) * size] for i in range(args.samples)]
+
+
+def _measure(model, tokenizer, texts: list[str], max_tokens: int, desc: str):
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import reset_sparsity, sparsity_report
+
+    reset_sparsity(model)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for text in tqdm(texts, desc=desc, unit="sample"):
+            ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[:, :max_tokens]
+            if ids.numel():
+                model(ids.to(device))
+    return sparsity_report(model)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import convert_to_qsparse, is_qsparse_model, revert_qsparse
+
+    model, tokenizer = _load(args.model, args.dtype, args.topk)
+    if not is_qsparse_model(model):
+        raise CliError(f"{args.model} is not a Q-Sparse checkpoint; pass --topk to convert it first")
+    texts = _sample_texts(args)
+    report = _measure(model, tokenizer, texts, args.max_tokens, "sparse model")
+    print(report)
+    payload = {"model": args.model, "samples": len(texts), "qsparse": report.to_dict()}
+    if args.dense_baseline:
+        # Natural sparsity: the same model with every top-K removed (keep everything), counted the same way.
+        revert_qsparse(model)
+        convert_to_qsparse(model, topk=1.0)
+        dense = _measure(model, tokenizer, texts, args.max_tokens, "dense baseline")
+        roles = list(report.per_projection)
+        print("\nDense baseline (natural zeros) vs Q-Sparse")
+        print("| | " + " | ".join(roles) + " | overall | activated params |")
+        print("|" + "---|" * (len(roles) + 3))
+        for name, rep in (("dense", dense), ("qsparse", report)):
+            cells = [f"{100 * rep.per_projection[r]:.1f}%" if r in rep.per_projection else "—" for r in roles]
+            print(f"| {name} | " + " | ".join(cells)
+                  + f" | {100 * rep.overall:.1f}% | {100 * rep.activated_fraction:.1f}% |")
+        payload["dense_baseline"] = dense.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        from .callbacks import plot_sparsity_heatmap
+
+        print("heatmap:", plot_sparsity_heatmap(report, args.plot))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .hub import save_model_card
+
+    model, tokenizer = _load(args.model, args.dtype, args.topk, args.ffn_topk)
+    model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    save_model_card(args.output, model, base_model=args.model)
+    print(f"saved Q-Sparse checkpoint (topk={args.topk}) with a model card to {args.output}")
+    return 0
+
+
+def _lm_eval_scores(model, tokenizer, model_id: str, args: argparse.Namespace) -> dict[str, float]:
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise CliError("qsparse eval --tasks needs lm-eval: pip install 'qsparse_hf[eval]'", code=3) from None
+    from .tasks import task_include_path
+
+    manager = TaskManager(include_path=task_include_path(), verbosity="ERROR")
+    tasks = args.tasks.split(",")
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise CliError(f"unknown lm-eval task(s): {', '.join(unknown)} (the offline task shipped here is "
+                       f"'openorca_definitions')")
+    # A saved checkpoint goes through the harness's own from_pretrained (qsparse_hf is imported, so it loads sparse);
+    # a model converted on the fly is handed over as an object.
+    pretrained = model_id if model is None else model
+    lm = HFLM(pretrained=pretrained, tokenizer=tokenizer, batch_size=args.batch_size, device=args.device,
+              dtype=args.dtype)
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
+                              random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    scores = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            name = key.split(",")[0]
+            if isinstance(value, float) and not name.endswith("_stderr"):
+                scores[f"{task}/{name}"] = value
+    return scores
+
+
+def _evaluate_one(model_id: str, args: argparse.Namespace, topk: float | None) -> dict[str, float]:
+    from . import is_qsparse_model
+    from .evaluation import perplexity
+
+    model, tokenizer = _load(model_id, args.dtype, topk)
+    scores: dict[str, float] = {}
+    if args.perplexity:
+        text = _read_text(args.perplexity)
+        model.to(args.device)
+        scores["perplexity"] = perplexity(model, tokenizer, text, block_size=args.block_size,
+                                          max_blocks=args.max_blocks, progress=True)
+    if args.tasks:
+        on_disk = topk is None and is_qsparse_model(model)
+        scores.update(_lm_eval_scores(None if on_disk else model, tokenizer, model_id, args))
+    return scores
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if not args.tasks and not args.perplexity:
+        raise CliError("nothing to evaluate: give --tasks and/or --perplexity FILE")
+    columns = {args.model + (f" (topk {args.topk})" if args.topk else ""): _evaluate_one(args.model, args, args.topk)}
+    if args.compare:
+        columns[args.compare] = _evaluate_one(args.compare, args, None)
+    metrics = list(dict.fromkeys(m for scores in columns.values() for m in scores))
+    names = list(columns)
+    print("| metric | " + " | ".join(names) + (" | Δ |" if len(names) == 2 else " |"))
+    print("|" + "---|" * (len(names) + 1 + (len(names) == 2)))
+    for metric in metrics:
+        values = [columns[n].get(metric) for n in names]
+        cells = [f"{v:.4f}" if v is not None else "—" for v in values]
+        delta = [f"{values[0] - values[1]:+.4f}"] if len(names) == 2 and None not in values else []
+        print(f"| {metric} | " + " | ".join(cells + delta) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(columns, indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError("qsparse bench needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
+                       "the kernels' correctness tests run on CPU with TRITON_INTERPRET=1 instead", code=3)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not (folder / "run_all.sh").exists():
+        raise CliError("the benchmark scripts ship with the source repository (benchmarks/); run qsparse bench from "
+                       "a clone installed with pip install -e .", code=3)
+    scripts = ["bench_topk", "bench_gemv", "bench_decode", "bench_train_step"] if args.which == "all" else [
+        f"bench_{args.which}"]
+    failed = 0
+    for script in scripts:
+        print(f"== {script}", flush=True)
+        failed += subprocess.call([sys.executable, str(folder / f"{script}.py"), *args.extra]) != 0
+    return 1 if failed else 0
 
 
 def _scaling(args: argparse.Namespace) -> int:
@@ -25,56 +255,64 @@ def _scaling(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model_id: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import qsparse_hf  # noqa: F401  (registers quant_method "qsparse" before loading)
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"qsparse: cannot load {model_id!r} as a causal LM: {err}") from None
-    return model.eval(), tokenizer
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from . import convert_to_qsparse
-
-    model, tokenizer = _load(args.model, args.dtype)
-    options = {"ffn_topk": args.ffn_topk} if args.ffn_topk is not None else {}
-    convert_to_qsparse(model, topk=args.topk, **options)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"saved Q-Sparse checkpoint (topk={args.topk}) to {args.output}")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from . import convert_to_qsparse, is_qsparse_model, sparsity_report
-
-    model, tokenizer = _load(args.model, args.dtype)
-    if not is_qsparse_model(model):
-        if args.topk is None:
-            raise SystemExit(f"qsparse: {args.model} is not a Q-Sparse checkpoint; pass --topk to convert it first")
-        convert_to_qsparse(model, topk=args.topk)
-    text = Path(args.text_file).read_text()
-    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[:, : args.max_tokens]
-    report = sparsity_report(model, ids)
-    print(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
-    if args.plot:
-        from .callbacks import plot_sparsity_heatmap
-
-        print("heatmap:", plot_sparsity_heatmap(report, args.plot))
-    return 0
+def _add_model_args(p: argparse.ArgumentParser, dtype: str) -> None:
+    p.add_argument("model", help="hub id or local folder of a causal LM (dense or a saved Q-Sparse checkpoint)")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
+                   help=f"weights are loaded in this dtype (default {dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse tools for Hugging Face causal LMs.")
+    """The argument parser of the ``qsparse`` command (every flag documented in ``--help``)."""
+    parser = argparse.ArgumentParser(prog="qsparse", description="Q-Sparse tools for Hugging Face causal LMs.",
+                                     epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="load a model, convert it, save a Q-Sparse checkpoint with a model card",
+                       epilog=EPILOG)
+    _add_model_args(p, "bfloat16")
+    p.add_argument("--topk", type=float, default=0.7, help="fraction of each projection's input kept per token")
+    p.add_argument("--ffn-topk", type=float, help="keep fraction after the FFN activation (default: --topk)")
+    p.add_argument("--output", required=True, help="directory for the converted checkpoint")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("report", help="Table-2 view: measured per-projection sparsity and activated parameters",
+                       epilog=EPILOG)
+    _add_model_args(p, "float32")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="hub dataset id or local JSON/JSONL ('text' or Open-Orca columns)")
+    source.add_argument("--text-file", help="plain text file, cut into --samples pieces")
+    p.add_argument("--split", default="train", help="dataset split for a hub --dataset (default train)")
+    p.add_argument("--samples", type=int, default=16, help="texts run through the model (default 16)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--topk", type=float, help="convert a dense model at this keep fraction first")
+    p.add_argument("--dense-baseline", action="store_true",
+                   help="also measure the unconverted model's natural zeros and print both side by side")
+    p.add_argument("--json", help="write the report(s) as JSON here")
+    p.add_argument("--plot", help="write a layer x projection heatmap PNG here")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("eval", help="lm-eval tasks and/or held-out perplexity, optionally against a base model",
+                       epilog=EPILOG)
+    _add_model_args(p, "float32")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_challenge,hellaswag,winogrande,mmlu,"
+                                   "truthfulqa_mc2; 'openorca_definitions' ships with qsparse_hf and works offline")
+    p.add_argument("--perplexity", metavar="FILE", help="held-out plain text file to score")
+    p.add_argument("--compare", metavar="BASE", help="also evaluate this (dense) model and print both side by side")
+    p.add_argument("--topk", type=float, help="convert MODEL at this keep fraction before evaluating")
+    p.add_argument("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction)")
+    p.add_argument("--batch-size", default="8", help="lm-eval batch size (an int or 'auto')")
+    p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--block-size", type=int, default=512, help="perplexity block length in tokens")
+    p.add_argument("--max-blocks", type=int, help="perplexity: score at most this many blocks")
+    p.add_argument("--json", help="write all scores as JSON here")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("bench", help="run the GPU benchmarks (kernels, decode, training step); needs CUDA",
+                       epilog=EPILOG)
+    p.add_argument("which", nargs="?", default="all", choices=["all", "topk", "gemv", "decode", "train_step"],
+                   help="which benchmark (default all)")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark script")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("scaling", help="inference-optimal sparsity and model size for an activated-parameter budget")
     p.add_argument("--budget", type=float, default=7e9, help="activated parameters per token (default 7e9)")
@@ -83,29 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the paper's rounded constants as printed (S* = 50.2%% instead of 45.58%%)")
     p.add_argument("--plot", help="write a PNG of loss vs activated parameters here")
     p.set_defaults(func=_scaling)
-
-    p = sub.add_parser("convert", help="load a model (hub id or path), convert it, save a Q-Sparse checkpoint")
-    p.add_argument("model")
-    p.add_argument("--topk", type=float, default=0.7, help="fraction of each projection's input kept per token")
-    p.add_argument("--ffn-topk", type=float, help="keep fraction after the FFN activation (default: --topk)")
-    p.add_argument("--output", required=True, help="directory for the converted checkpoint")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.set_defaults(func=_convert)
-
-    p = sub.add_parser("report", help="measured per-projection sparsity and activated parameters on real text")
-    p.add_argument("model")
-    p.add_argument("--text-file", required=True, help="plain text run through the model")
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--topk", type=float, help="convert a dense model at this keep fraction first")
-    p.add_argument("--json", help="write the report as JSON here")
-    p.add_argument("--plot", help="write a layer x projection heatmap PNG here")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``qsparse`` console script.
+    """Entry point of the ``qsparse`` console script; returns the exit code.
 
     Example:
         >>> main(["scaling", "--budget", "4e9"])  # doctest: +ELLIPSIS
@@ -115,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         0
     """
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if getattr(args, "samples", 1) < 1:
+        print("qsparse: error: --samples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CliError as err:
+        print(f"qsparse: error: {err}", file=sys.stderr)
+        return err.code
 
 
 if __name__ == "__main__":

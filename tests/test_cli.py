@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EMBEDDED_MODEL, REPO
+from conftest import EMBEDDED_MODEL, REPO, fixture_path
 
 from qsparse_hf import QSparseLinear
 from qsparse_hf.cli import main
@@ -21,6 +21,9 @@ def test_scaling_prints_optimum_and_size(capsys):
     assert "S* = 50.24%" in capsys.readouterr().out
 
 
+VALIDATION = "open-orca-sample/validation.jsonl"
+
+
 def test_convert_then_report(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -28,20 +31,97 @@ def test_convert_then_report(tmp_path, capsys):
     assert main(["convert", str(EMBEDDED_MODEL), "--topk", "0.5", "--output", str(out_dir), "--dtype", "float32"]) == 0
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert isinstance(model.model.layers[0].mlp.up_proj, QSparseLinear)
+    card = (out_dir / "README.md").read_text()
+    assert "import qsparse_hf" in card and "qsparse" in card and "topk | 0.5" in card
     report_json, heatmap = tmp_path / "r.json", tmp_path / "h.png"
-    assert main(["report", str(out_dir), "--text-file", str(TEXT), "--json", str(report_json), "--plot", str(heatmap)]) == 0
-    report = json.loads(report_json.read_text())
+    assert main(["report", str(out_dir), "--text-file", str(TEXT), "--samples", "2", "--json", str(report_json),
+                 "--plot", str(heatmap)]) == 0
+    report = json.loads(report_json.read_text())["qsparse"]
     assert report["per_projection"]["q"] == pytest.approx(0.5)
     assert heatmap.stat().st_size > 1000
     assert "activated linear params" in capsys.readouterr().out
 
 
-def test_report_on_a_dense_model_needs_topk():
-    with pytest.raises(SystemExit, match="--topk"):
-        main(["report", str(EMBEDDED_MODEL), "--text-file", str(TEXT)])
+def test_report_on_a_dataset_with_dense_baseline(tmp_path, capsys):
+    data = fixture_path(VALIDATION)
+    out = tmp_path / "r.json"
+    code = main(["report", str(fixture_path("mistral-tiny")), "--topk", "0.7", "--dataset", str(data),
+                 "--samples", "4", "--dense-baseline", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] == 4
+    assert result["qsparse"]["per_projection"]["q"] == pytest.approx(0.3, abs=0.01)  # K = floor(0.7 * 256)
+    # A SiLU model has (almost) no natural zeros: the baseline shows what Q-Sparse adds.
+    assert result["dense_baseline"]["overall"] < 0.01
+    assert "Dense baseline" in capsys.readouterr().out
+
+
+def test_report_on_a_dense_model_needs_topk(capsys):
+    assert main(["report", str(EMBEDDED_MODEL), "--text-file", str(TEXT)]) == 2
+    assert "--topk" in capsys.readouterr().err
+
+
+def test_eval_local_task_and_perplexity_against_base(tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    code = main(["eval", str(EMBEDDED_MODEL), "--topk", "0.5", "--compare", str(EMBEDDED_MODEL),
+                 "--tasks", "openorca_definitions", "--limit", "20", "--perplexity", str(TEXT), "--max-blocks", "2",
+                 "--json", str(out)])
+    assert code == 0
+    columns = json.loads(out.read_text())
+    sparse, dense = columns.values()
+    assert 0.0 <= sparse["openorca_definitions/acc"] <= 1.0 and "openorca_definitions/acc_norm" in dense
+    assert sparse["perplexity"] > dense["perplexity"] > 1.0  # top-K 50% without training costs perplexity
+    assert "| perplexity |" in capsys.readouterr().out
+
+
+def test_eval_loads_a_saved_checkpoint_through_the_harness(tmp_path):
+    # A saved Q-Sparse checkpoint goes through lm-eval's own from_pretrained, which must come back sparse.
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", str(EMBEDDED_MODEL), "--topk", "0.5", "--output", str(ckpt), "--dtype", "float32"]) == 0
+    out = tmp_path / "s.json"
+    assert main(["eval", str(ckpt), "--tasks", "openorca_definitions", "--limit", "8", "--json", str(out)]) == 0
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(ckpt), device="cpu", dtype="float32")
+    assert any(isinstance(m, QSparseLinear) for m in lm.model.modules())
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["eval", str(EMBEDDED_MODEL), "--tasks", "no_such_task"], 2, "unknown lm-eval task"),
+    (["eval", str(EMBEDDED_MODEL)], 2, "nothing to evaluate"),
+    (["eval", "./does/not/exist", "--perplexity", "x.txt"], 2, "not found"),
+    (["eval", str(EMBEDDED_MODEL), "--perplexity", "/no/such/file.txt"], 2, "cannot read text file"),
+])
+def test_eval_errors_say_what_went_wrong(argv, code, message, capsys):
+    assert main(argv) == code
+    assert message in capsys.readouterr().err
+
+
+def test_not_a_causal_lm_is_refused(tmp_path, capsys):
+    from transformers import DistilBertConfig
+
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(tmp_path)
+    assert main(["report", str(tmp_path), "--topk", "0.5", "--text-file", str(TEXT)]) == 2
+    assert "not a causal LM" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_bench_without_gpu_exits_3(capsys):
+    assert main(["bench"]) == 3
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_help_documents_every_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "qsparse_hf.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for command in ("convert", "report", "eval", "bench", "scaling"):
+        assert command in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "qsparse_hf.cli", "report", "--help"], capture_output=True,
+                          text=True)
+    assert "--dense-baseline" in proc.stdout and "exit codes" in proc.stdout
 
 
 def test_console_script_errors_cleanly_on_a_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qsparse_hf.cli", "convert", str(tmp_path / "nope"), "--output",
                            str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode != 0 and "cannot load" in proc.stderr
+    assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
