@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO
+from conftest import EMBEDDED_MODEL as EMBEDDED, REPO, fixture_path
 
 import qsparse_hf
 from transformers import AutoModelForCausalLM
@@ -36,3 +36,93 @@ def test_quickstart_runs_on_the_embedded_model(capsys):
     main(["--model", str(REPO / "examples" / "models" / "mistral-micro"), "--text-file", TEXT, "--max-chars", "3000"])
     out = capsys.readouterr().out
     assert "logits bit-identical: True" in out and "perplexity dense" in out
+
+
+def _sft_args(out, *extra, steps=30):
+    return ["--model_name_or_path", str(fixture_path("mistral-tiny")),
+            "--train_file", str(fixture_path("open-orca-sample/train.jsonl")),
+            "--validation_file", str(fixture_path("open-orca-sample/validation.jsonl")),
+            "--max_train_samples", "480", "--max_eval_samples", "48", "--max_seq_length", "128",
+            "--output_dir", str(out), "--max_steps", str(steps), "--per_device_train_batch_size", "16",
+            "--learning_rate", "1e-3", "--report_to", "none", "--dtype", "float32", "--save_strategy", "no",
+            "--seed", "0", *extra]
+
+
+def test_finetune_open_orca_lowers_eval_loss_and_keeps_sparsity(tmp_path):
+    import torch
+    from examples.finetune_open_orca import format_example, main
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture_path("mistral-tiny"))
+    rows = [json.loads(line) for line in fixture_path("open-orca-sample/validation.jsonl").read_text().splitlines()]
+    model = qsparse_hf.convert_to_qsparse(AutoModelForCausalLM.from_pretrained(fixture_path("mistral-tiny"),
+                                                                               dtype=torch.float32), topk=0.7)
+    with torch.no_grad():
+        losses = []
+        for row in rows[:48]:
+            ex = format_example(row, tokenizer, 128)
+            losses.append(model(torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss.item())
+    before = sum(losses) / len(losses)
+
+    out = tmp_path / "sft"
+    metrics = main(_sft_args(out, "--topk", "0.7"))
+    assert metrics["eval_loss"] < before - 0.3, (before, metrics["eval_loss"])
+    results = json.loads((out / "eval_results.json").read_text())
+    assert json.loads((out / "all_results.json").read_text())["eval_loss"] == results["eval_loss"]
+    # K = floor(0.7 * 256) of 256 features: 30.1% zeros in every projection input, also after training.
+    assert results["sparsity/o_proj"] == pytest.approx(1 - 179 / 256, abs=0.01)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert qsparse_hf.is_qsparse_model(reloaded)
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "Measured sparsity" in card and "eval_loss" in card and "qsparse" in card
+
+
+def test_finetune_labels_cover_only_the_response():
+    from examples.finetune_open_orca import format_example
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixture_path("mistral-tiny"))
+    row = {"system_prompt": "Be brief.", "question": "Define cat.", "response": "A small feline."}
+    ex = format_example(row, tokenizer, 256)
+    answer = tokenizer.decode([t for t, label in zip(ex["input_ids"], ex["labels"]) if label != -100])
+    assert "A small feline." in answer and "Define cat." not in answer
+
+
+def test_finetune_push_to_hub_uploads_the_checkpoint_folder(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from examples.finetune_open_orca import main
+
+    uploads = {}
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(HfApi, "create_repo",
+                        lambda self, repo_id, **kw: SimpleNamespace(repo_id=uploads.setdefault("repo", repo_id)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.update(kw) or "https://hub/commit")
+    out = tmp_path / "sft"
+    main(_sft_args(out, "--topk", "0.5", "--push_to_hub", "--hub_model_id", "me/tiny-qsparse", steps=2))
+    assert uploads["repo"] == "me/tiny-qsparse" and uploads["folder_path"] == str(out)
+    files = {p.name for p in out.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= files
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "qsparse"
+
+
+def test_finetune_lora_on_the_sparse_model(tmp_path):
+    from examples.finetune_open_orca import main
+
+    out = tmp_path / "lora"
+    metrics = main(_sft_args(out, "--topk", "0.7", "--lora", "True", "--lora_r", "4", steps=3))
+    assert (out / "adapter_config.json").exists() and metrics["eval_loss"] > 0
+
+
+def test_continue_pretraining_packs_text_and_saves(tmp_path):
+    from examples.continue_pretraining import main
+
+    out = tmp_path / "cpt"
+    metrics = main(["--model_name_or_path", str(EMBEDDED), "--train_file", TEXT, "--output_dir", str(out),
+                    "--max_steps", "3", "--per_device_train_batch_size", "2", "--block_size", "128",
+                    "--max_eval_blocks", "4", "--report_to", "none", "--dtype", "float32", "--learning_rate", "5e-5",
+                    "--weight_decay", "0.01"])
+    assert metrics["perplexity"] > 1
+    assert qsparse_hf.is_qsparse_model(AutoModelForCausalLM.from_pretrained(out))
