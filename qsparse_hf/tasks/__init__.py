@@ -24,9 +24,8 @@ def build_definitions_task(validation_jsonl: str | Path, output: str | Path, row
     Example:
         >>> import tempfile, json
         >>> src = Path(tempfile.mkdtemp()) / "val.jsonl"
-        >>> src.write_text("\\n".join(json.dumps({"question": f"Define w{i}", "response": f"sense {i}"})
-        ...                          for i in range(6)))
-        71
+        >>> _ = src.write_text("\\n".join(json.dumps({"question": f"Define w{i}", "response": f"sense {i}"})
+        ...                              for i in range(6)))
         >>> out = src.with_name("task.jsonl"); build_definitions_task(src, out, rows=2)
         2
         >>> item = json.loads(out.read_text().splitlines()[0]); item["choices"][item["label"]]
