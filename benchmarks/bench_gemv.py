@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             full_us = graph_time_us(lambda i: sparse_gemv(topk_sparsify_rows(xs[i % copies], k),
                                                           weights_t[i % copies], config=config))
             # Rows touched: the union of kept features over the tokens.
-            kept_rows = int((torch.stack(sparse_xs[:1]).ne(0).any(dim=1)).sum())
+            kept_rows = int(sparse_xs[0].ne(0).any(dim=0).sum())
             touched = kept_rows * n_out * 2 + 2 * args.tokens * (n_in + n_out)
             entry = dict(shape=name, keep=keep, k=k, dense_us=dense_us, sparse_us=full_us, gemv_only_us=gemv_us,
                          speedup=dense_us / full_us, gemv_speedup=dense_us / gemv_us, dense_gbs=dense_gbs,

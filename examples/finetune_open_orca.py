@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -143,12 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
                             remove_columns=raw["train"].column_names, desc="tokenizing")
     model = build_model(model_args)
     callbacks = [] if model_args.dense else [qsparse_hf.QSparseCallback()]
-    last_checkpoint = None
-    if training_args.do_train and training_args.output_dir and not training_args.overwrite_output_dir:
-        import os
-
-        last_checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(
-            training_args.output_dir) else None
+    # Resume where an interrupted run in the same --output_dir stopped (an explicit --resume_from_checkpoint wins).
+    last_checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -31,13 +31,12 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float | None = None):
-    """Load a causal LM and its tokenizer (hub id or path); convert it when ``topk`` is given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def _causal_lm_config(model_id: str):
+    """The model's config, after checking that it exists and is a causal LM (no weights are read)."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    import qsparse_hf  # noqa: F401  (registers quant_method "qsparse" before loading)
-    from . import convert_to_qsparse, is_qsparse_model
+    import qsparse_hf  # noqa: F401  (registers quant_method "qsparse" before any config is parsed)
 
     looks_local = model_id.startswith((".", "/", "~")) or Path(model_id).exists()
     if looks_local and not Path(model_id).expanduser().is_dir():
@@ -48,6 +47,16 @@ def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float 
         raise CliError(f"cannot load {model_id!r}: {err}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise CliError(f"{model_id!r} is a {config.model_type!r} model, not a causal LM (AutoModelForCausalLM)")
+    return config
+
+
+def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float | None = None):
+    """Load a causal LM and its tokenizer (hub id or path); convert it when ``topk`` is given."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import convert_to_qsparse, is_qsparse_model
+
+    _causal_lm_config(model_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=_dtype(dtype))
@@ -185,18 +194,23 @@ def _lm_eval_scores(model, tokenizer, model_id: str, args: argparse.Namespace) -
 
 
 def _evaluate_one(model_id: str, args: argparse.Namespace, topk: float | None) -> dict[str, float]:
-    from . import is_qsparse_model
     from .evaluation import perplexity
 
-    model, tokenizer = _load(model_id, args.dtype, topk)
+    quantization = getattr(_causal_lm_config(model_id), "quantization_config", None)
+    method = (quantization.get("quant_method") if isinstance(quantization, dict)
+              else getattr(quantization, "quant_method", None))
+    # A saved Q-Sparse checkpoint evaluated on tasks only is loaded by the harness itself: no second load here.
+    on_disk = topk is None and method == "qsparse"
+    text = _read_text(args.perplexity) if args.perplexity else None
+    model = tokenizer = None
+    if text is not None or not on_disk:
+        model, tokenizer = _load(model_id, args.dtype, topk)
     scores: dict[str, float] = {}
-    if args.perplexity:
-        text = _read_text(args.perplexity)
+    if text is not None:
         model.to(args.device)
         scores["perplexity"] = perplexity(model, tokenizer, text, block_size=args.block_size,
                                           max_blocks=args.max_blocks, progress=True)
     if args.tasks:
-        on_disk = topk is None and is_qsparse_model(model)
         scores.update(_lm_eval_scores(None if on_disk else model, tokenizer, model_id, args))
     return scores
 

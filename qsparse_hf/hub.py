@@ -102,7 +102,7 @@ tokenizer = AutoTokenizer.from_pretrained("<this repo>")
     if datasets or training:
         text = f"Datasets: {', '.join(datasets)}\n\n" if datasets else ""
         if training:
-            text += _table({k: v for k, v in training.items()})
+            text += _table(training)
         body.append(_section("Training", text))
     if eval_results:
         body.append(_section("Evaluation", _table({k: (f"{v:.4g}" if isinstance(v, float) else v)

@@ -18,11 +18,6 @@ from . import kernels
 __all__ = ["InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
 
 
-def _inside_backward() -> bool:
-    # Gradient checkpointing re-runs forwards inside the autograd engine; those must not be counted twice.
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -53,7 +48,7 @@ class SparsityCounter:
 
     def add(self, tensor: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
         """Count the zeros of ``tensor`` (or take a precomputed count of them)."""
-        if not self.enabled or _inside_backward():
+        if not self.active():
             return
         with torch.no_grad():
             count = (tensor == 0).sum() if zeros is None else zeros
@@ -64,6 +59,12 @@ class SparsityCounter:
                     self.zeros = self.zeros.to(count.device)
                 self.zeros += count
         self.elements += tensor.numel()
+
+    def active(self) -> bool:
+        """Whether the current forward pass is counted: tracking is on, the code is not being traced by
+        ``torch.compile``, and this is not a recomputation inside the backward pass (gradient checkpointing re-runs
+        forwards in the autograd engine; those must not be counted twice)."""
+        return self.enabled and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
 
     def counts(self) -> tuple[int, int]:
         """(zeros, elements) as Python ints; synchronises with the device once."""
@@ -292,8 +293,7 @@ class QSparseLinear(nn.Linear):
             destination[key] = destination[key].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        track = self.counter.enabled and not torch.compiler.is_compiling()
-        x_sparse, zeros = self.sparsifier.forward_with_zeros(x, want_zeros=track and not _inside_backward())
+        x_sparse, zeros = self.sparsifier.forward_with_zeros(x, want_zeros=self.counter.active())
         if zeros is not None:
             self.counter.add(x_sparse, zeros)
         if self._decode_kernel_ready(x_sparse):
@@ -340,8 +340,7 @@ class QSparseActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = QF.relu2(x) if self.relu2 else self.act(x)
-        track = self.counter.enabled and not torch.compiler.is_compiling()
-        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=track)
+        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=self.counter.active())
         if zeros is not None:
             self.counter.add(y_sparse, zeros)
         return y_sparse

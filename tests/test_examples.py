@@ -108,6 +108,28 @@ def test_finetune_push_to_hub_uploads_the_checkpoint_folder(tmp_path, monkeypatc
     assert config["quantization_config"]["quant_method"] == "qsparse"
 
 
+def test_finetune_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    from examples.finetune_open_orca import main
+
+    out = tmp_path / "sft"
+    args = _sft_args(out, "--topk", "0.7", steps=2)
+    args[args.index("--save_strategy") + 1] = "steps"
+    main([*args, "--save_steps", "2"])
+    seen = {}
+    original = Trainer.train
+
+    def recording_train(self, resume_from_checkpoint=None, **kwargs):
+        seen["resume"] = resume_from_checkpoint
+        return original(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    args[args.index("--max_steps") + 1] = "3"
+    main([*args, "--save_steps", "2"])
+    assert seen["resume"] == str(out / "checkpoint-2")
+
+
 def test_finetune_lora_on_the_sparse_model(tmp_path):
     from examples.finetune_open_orca import main
 
