@@ -1,10 +1,16 @@
-"""End-to-end decode: a 7B-shaped model (random bf16 weights), batch 1, HF static cache, dense vs Q-Sparse.
+"""End-to-end decode: a 7B-shaped model (random bf16 weights), batch 1, dense vs Q-Sparse, measured in one run.
 
-Each decode step (model forward + greedy argmax) is captured once in a CUDA graph and replayed, for dense and sparse
-alike, so launch overhead does not hide the memory traffic the sparsity saves. Prints ms/token and speedup per keep
-ratio and writes decode_<arch>.json.
+Two ways of running the decode step (forward + greedy argmax, HF static cache), for dense and sparse alike:
+- ``graph``: the eager forward captured once in a CUDA graph and replayed (no launch gaps);
+- ``compile``: ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (Inductor fuses norms, rotary, residuals
+  and captures its own CUDA graphs).
+The dense baseline is the faster of the two; every sparse number is divided by it (and by the dense number of its
+own mode, shown beside it). ``--generate`` adds ``model.generate()`` exactly as users call it: eager with the
+dynamic cache (``eager``), and ``cache_implementation="static"`` (``static``: transformers compiles the decode
+forward), each against dense called the same way (``--ways`` picks; sparsity tracking stays on, as users have it).
+``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer.
 
-    python benchmarks/bench_decode.py --arch mistral --new-tokens 256
+    python benchmarks/bench_decode.py --arch mistral --new-tokens 256 --ways graph,compile,eager,static --count-kernels
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,24 +29,26 @@ from _timing import print_table, write_json  # noqa: E402
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, StaticCache  # noqa: E402
 
 import qsparse_hf  # noqa: E402
-from qsparse_hf import convert_to_qsparse, revert_qsparse, set_sparsity_tracking  # noqa: E402
+from qsparse_hf import convert_to_qsparse, revert_qsparse  # noqa: E402
 from qsparse_hf.kernels import prepare_for_decode  # noqa: E402
 
 CONFIGS = {
+    # sliding_window=None: with Mistral's default window Dynamo recompiles at every step (for dense and sparse).
     "mistral": lambda layers: MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+                                            num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                            sliding_window=None),
     "qwen2": lambda layers: Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
 }
 
 
-def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, compile: bool = False) -> float:
-    """Prefill eagerly, then time ``new_tokens`` greedy steps replayed from one captured CUDA graph (of the
-    ``torch.compile``-d forward with ``compile``)."""
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
-    # With compile, Inductor's own CUDA graphs ("reduce-overhead") replace the manual capture below.
-    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True) if compile
-               else model.forward)
+def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
+    """Prefill eagerly, then time ``new_tokens`` greedy steps: replayed from one captured CUDA graph (``graph``) or
+    through ``torch.compile`` reduce-overhead (``compile``)."""
+    torch._dynamo.reset()
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 16)
+    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True)
+               if mode == "compile" else model.forward)
     with torch.no_grad():
         logits = model(prompt, past_key_values=cache, use_cache=True,
                        cache_position=torch.arange(prompt.shape[1], device="cuda")).logits
@@ -51,23 +60,24 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, compile: b
             token.copy_(out[:, -1:].argmax(-1))
             position.add_(1)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy weight re-layout, kernel compilation and tuning happen here
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        if compile:
-            for _ in range(3):
+        if mode == "compile":
+            for _ in range(6):  # Inductor's compile, its CUDA-graph warm-up and recording happen here
                 step()
             replay = step
         else:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm-up: kernel compilation and tuning happen here
+                    step()
+            torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 step()
             replay = graph.replay
+        position.fill_(prompt.shape[1] + 8)
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        position.fill_(prompt.shape[1] + 3)
         start.record()
         for _ in range(new_tokens):
             replay()
@@ -76,44 +86,115 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, compile: b
     return start.elapsed_time(end) / new_tokens
 
 
+def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: bool) -> float:
+    """Wall time of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens) per new token, after two warm-up
+    calls (the first compiles when ``static``)."""
+    torch._dynamo.reset()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad():
+        for _ in range(2):
+            model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000 / new_tokens
+
+
+def kernels_per_layer(model, prompt: torch.Tensor) -> float:
+    """CUDA kernels launched by one eager decode step (static cache), divided by the number of decoder layers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 8)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device="cuda"))
+        token = prompt[:, -1:]
+        position = torch.tensor([prompt.shape[1]], device="cuda")
+        model(token, past_key_values=cache, cache_position=position)  # lazy set-up outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(token, past_key_values=cache, cache_position=position + 1)
+            torch.cuda.synchronize()
+    launched = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return launched / model.config.num_hidden_layers
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=list(CONFIGS), default="mistral")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the 7B model's)")
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--keeps", default="0.9,0.7,0.5")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the forward (fuses norms, rotary, residuals) before graph capture")
+    parser.add_argument("--keeps", default="1.0,0.9,0.7,0.5")
+    parser.add_argument("--ways", default="graph,compile",
+                        help="comma-separated subset of graph, compile (decode step), eager, static (model.generate)")
+    parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
+    parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
+    ways = [w for w in args.ways.split(",") if w] + (["eager", "static"] if args.generate else [])
+    ways = list(dict.fromkeys(ways))
+    modes = [w for w in ways if w in ("graph", "compile")]
+    if not modes or set(ways) - {"graph", "compile", "eager", "static"}:
+        print(f"--ways takes graph, compile, eager, static (graph or compile at least), got {args.ways!r}",
+              file=sys.stderr)
+        return 2
+    keeps = [float(k) for k in args.keeps.split(",") if k]
     layers = args.layers or (32 if args.arch == "mistral" else 28)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(CONFIGS[args.arch](layers), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").eval()
+    model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
-    dense_ms = decode_ms_per_token(model, prompt, args.new_tokens, args.compile)
-    rows = [["dense", f"{dense_ms:.2f}", f"{1000 / dense_ms:.0f}", "1.00×"]]
-    results = [dict(keep=1.0, ms_per_token=dense_ms)]
-    for keep in [float(k) for k in args.keeps.split(",")]:
-        convert_to_qsparse(model, topk=keep)
-        set_sparsity_tracking(model, False)
+
+    def measure(label: str) -> dict:
+        entry = {"model": label}
+        for way in ways:
+            if way in ("graph", "compile"):
+                entry[way] = decode_ms_per_token(model, prompt, args.new_tokens, way)
+            else:
+                entry[way] = generate_ms_per_token(model, prompt, min(args.new_tokens, 128), way == "static")
+            print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
+        if args.count_kernels:
+            entry["kernels_per_layer"] = kernels_per_layer(model, prompt)
+        return entry
+
+    dense = measure("dense")
+    results = [dense]
+    for keep in keeps:
+        convert_to_qsparse(model, topk=keep)  # sparsity tracking stays on, as users have it (graphs skip it)
         prepare_for_decode(model)
-        torch._dynamo.reset()
-        ms = decode_ms_per_token(model, prompt, args.new_tokens, args.compile)
-        results.append(dict(keep=keep, ms_per_token=ms, speedup=dense_ms / ms))
-        rows.append([f"qsparse keep {keep}", f"{ms:.2f}", f"{1000 / ms:.0f}", f"{dense_ms / ms:.2f}×"])
+        results.append(measure(f"qsparse keep {keep}"))
         revert_qsparse(model)
         gc.collect()
-    print_table(["model", "ms/token", "tokens/s", "speedup vs dense"], rows,
-                title=f"Decode, {args.arch} {params / 1e9:.1f}B ({layers} layers), bf16, batch 1, "
-                      f"{args.new_tokens} tokens, static cache + {'torch.compile reduce-overhead' if args.compile else 'CUDA graph'}, "
-                      f"{torch.cuda.get_device_name()}")
-    write_json(f"decode_{args.arch}{'_compiled' * args.compile}.json", {"arch": args.arch, "compile": args.compile, "params": params, "layers": layers,
-                                            "new_tokens": args.new_tokens, "qsparse_version": qsparse_hf.__version__,
+        torch.cuda.empty_cache()
+
+    baseline_way = min(modes, key=lambda m: dense[m])
+    baseline = dense[baseline_way]
+    names = {"graph": "step in CUDA graph", "compile": "step compiled", "eager": "generate()",
+             "static": "generate(static)"}
+    headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]
+    headers += [f"{names[w]} vs dense" for w in ways] + (["kernels/layer"] if args.count_kernels else [])
+    rows = []
+    for entry in results:
+        best = min(entry[m] for m in modes)
+        entry["speedup_vs_best_dense"] = baseline / best
+        for way in ways:
+            entry[f"{way}_vs_dense"] = dense[way] / entry[way]
+        rows.append([entry["model"]] + [f"{entry[w]:.2f}" for w in ways] + [f"{baseline / best:.2f}×"]
+                    + [f"{entry[f'{w}_vs_dense']:.2f}×" for w in ways]
+                    + ([f"{entry['kernels_per_layer']:.1f}"] if args.count_kernels else []))
+    print_table(headers, rows,
+                title=f"Decode, {args.arch} {params / 1e9:.2f}B ({layers} layers), bf16, batch 1, {args.new_tokens} "
+                      f"tokens (generate: {min(args.new_tokens, 128)}), {torch.cuda.get_device_name()}")
+    write_json(f"decode_{args.arch}_{'-'.join(ways)}.json", {"arch": args.arch, "params": params, "layers": layers,
+                                            "new_tokens": args.new_tokens, "baseline": baseline_way,
+                                            "qsparse_version": qsparse_hf.__version__, "torch": torch.__version__,
                                             "results": results})
     return 0
 

@@ -18,11 +18,16 @@ import math
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 from transformers import default_data_collator
 
 import qsparse_hf
+from qsparse_hf.saving import last_complete_checkpoint, save_pretrained_atomic
+
+try:  # run as a module (examples.continue_pretraining) or as a script
+    from .finetune_open_orca import training_dtype
+except ImportError:
+    from finetune_open_orca import training_dtype
 from qsparse_hf.hub import save_model_card
 
 
@@ -68,8 +73,7 @@ def _texts(files: list[str] | None, args: Arguments, split: str):
 def main(argv: list[str] | None = None) -> dict:
     args, training_args = HfArgumentParser((Arguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=training_dtype(args.dtype))
     if not args.dense:
         qsparse_hf.convert_to_qsparse(model, topk=args.topk)
     gen = lambda files, split: (lambda: packed_blocks(_texts(files, args, split), tokenizer, args.block_size))  # noqa
@@ -83,13 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       processing_class=tokenizer, data_collator=default_data_collator,
                       callbacks=[] if args.dense else [qsparse_hf.QSparseCallback()])
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    # Resume an interrupted run from its last complete checkpoint (an explicit --resume_from_checkpoint wins).
+    resume = training_args.resume_from_checkpoint or last_complete_checkpoint(training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", result.metrics)
     metrics = trainer.evaluate()
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero():
-        trainer.save_model()
+        save_pretrained_atomic(trainer.model, training_args.output_dir, tokenizer=tokenizer)
         if not args.dense:
             save_model_card(training_args.output_dir, trainer.model, base_model=args.model_name_or_path,
                             datasets=args.train_file or [args.dataset_name],

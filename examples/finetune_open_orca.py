@@ -38,10 +38,9 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
-
 import qsparse_hf
 from qsparse_hf.hub import push_checkpoint, save_model_card
+from qsparse_hf.saving import last_complete_checkpoint, save_pretrained_atomic
 
 logger = logging.getLogger(__name__)
 COLUMNS = ("system_prompt", "question", "response")
@@ -70,23 +69,73 @@ class DataArguments:
     max_seq_length: int = field(default=512, metadata={"help": "longer conversations are truncated"})
 
 
+def _load_split(path: str, split: str) -> datasets.Dataset:
+    """One local JSON/JSONL file, checked for rows and the Open-Orca columns, named in every error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--{split}_file {path!r} does not exist")
+    with open(path, "rb") as handle:
+        if not handle.read(4096).strip():
+            raise ValueError(f"--{split}_file {path!r} is empty: it needs rows with the columns {COLUMNS}")
+    rows = datasets.load_dataset("json", data_files=path, split="train")
+    return _check_columns(rows, f"--{split}_file {path!r}")
+
+
+def _check_columns(rows: datasets.Dataset, source: str) -> datasets.Dataset:
+    if len(rows) == 0:
+        raise ValueError(f"{source} has no rows")
+    missing = [c for c in COLUMNS if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"{source} lacks the Open-Orca column(s) {missing}; every row needs {COLUMNS}")
+    return rows
+
+
+def check_rows(rows: datasets.Dataset, source: str) -> None:
+    """Every row needs a non-empty question and response (the system prompt may be empty): a missing response
+    would train an empty answer, and an evaluation without responses would score end-of-turn tokens only."""
+    for column in ("question", "response"):
+        for index, value in enumerate(rows[column]):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{source}, row {index}: {column!r} is {'missing' if value is None else repr(value)}; "
+                                 f"fill it in or remove the row")
+
+
 def load_raw_datasets(data: DataArguments, seed: int) -> datasets.DatasetDict:
-    """Train/validation splits with the Open-Orca columns, from local files or the hub."""
+    """Train/validation splits with the Open-Orca columns, from local files or the hub, checked row by row."""
     if data.train_file:
-        files = {"train": data.train_file, **({"validation": data.validation_file} if data.validation_file else {})}
-        raw = datasets.load_dataset("json", data_files=files)
+        raw = datasets.DatasetDict(train=_load_split(data.train_file, "train"))
+        if data.validation_file:
+            raw["validation"] = _load_split(data.validation_file, "validation")
     else:
         raw = datasets.load_dataset(data.dataset_name)
-    missing = [c for c in COLUMNS if c not in raw["train"].column_names]
-    if missing:
-        raise ValueError(f"the training data lacks the Open-Orca column(s) {missing}; expected {COLUMNS}")
+        _check_columns(raw["train"], f"dataset {data.dataset_name!r}")
     if "validation" not in raw:
         split = raw["train"].train_test_split(test_size=data.validation_split_percentage / 100, seed=seed)
         raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
     for name, limit in (("train", data.max_train_samples), ("validation", data.max_eval_samples)):
         if limit is not None:
             raw[name] = raw[name].select(range(min(limit, len(raw[name]))))
+    sources = {"train": data.train_file or data.dataset_name, "validation": data.validation_file or data.train_file
+               or data.dataset_name}
+    for name in raw:
+        check_rows(raw[name], f"{name} data {sources[name]!r}")
     return raw
+
+
+def drop_untrainable(tokenized: datasets.DatasetDict, max_seq_length: int) -> datasets.DatasetDict:
+    """Drop conversations whose prompt fills ``max_seq_length`` (no response token left to learn), saying how many;
+    an error if a split has nothing left."""
+    for name in list(tokenized):
+        before = len(tokenized[name])
+        tokenized[name] = tokenized[name].filter(lambda ex: any(label != -100 for label in ex["labels"]),
+                                                 desc=f"dropping over-long prompts ({name})")
+        dropped = before - len(tokenized[name])
+        if dropped:
+            logger.warning("%s: dropped %d of %d conversations whose prompt alone fills --max_seq_length %d",
+                           name, dropped, before, max_seq_length)
+        if len(tokenized[name]) == 0:
+            raise ValueError(f"every {name} conversation's prompt is longer than --max_seq_length {max_seq_length}: "
+                             f"nothing is left to train or evaluate on; raise --max_seq_length")
+    return tokenized
 
 
 def format_example(example: dict, tokenizer, max_length: int) -> dict:
@@ -110,9 +159,19 @@ def format_example(example: dict, tokenizer, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def training_dtype(name: str) -> torch.dtype | str:
+    """The dtype to load weights in: ``auto`` keeps the checkpoint's dtype on a GPU, but float32 on a CPU, where
+    bf16 matmuls are many times slower (a bf16 checkpoint would otherwise train at a crawl)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return "auto"
+    logger.info("no GPU: loading the weights in float32 (pass --dtype bfloat16 to keep the checkpoint's dtype)")
+    return torch.float32
+
+
 def build_model(args: ModelArguments):
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=training_dtype(args.dtype))
     if not args.dense and not qsparse_hf.is_qsparse_model(model):
         options = {"ffn_topk": args.ffn_topk} if args.ffn_topk is not None else {}
         qsparse_hf.convert_to_qsparse(model, topk=args.topk, **options)
@@ -142,10 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = raw.map(format_example, fn_kwargs={"tokenizer": tokenizer, "max_length": data_args.max_seq_length},
                             remove_columns=raw["train"].column_names, desc="tokenizing")
+        tokenized = drop_untrainable(tokenized, data_args.max_seq_length)
     model = build_model(model_args)
     callbacks = [] if model_args.dense else [qsparse_hf.QSparseCallback()]
     # Resume where an interrupted run in the same --output_dir stopped (an explicit --resume_from_checkpoint wins).
-    last_checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    last_checkpoint = last_complete_checkpoint(training_args.output_dir)
+    if last_checkpoint and not training_args.resume_from_checkpoint:
+        logger.info("resuming from %s", last_checkpoint)
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -170,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # eval_results.json and all_results.json
     if trainer.is_world_process_zero():
-        trainer.save_model()  # weights + config (+ quantization_config) + tokenizer
+        # Weights + config (+ quantization_config) + tokenizer, all-or-nothing over an earlier save.
+        save_pretrained_atomic(trainer.model, training_args.output_dir, tokenizer=tokenizer)
         if not model_args.dense and not model_args.lora:
             hyper = {k: getattr(training_args, k) for k in ("learning_rate", "num_train_epochs",
                                                             "per_device_train_batch_size",

@@ -23,7 +23,9 @@ class QSparseCallback(TrainerCallback):
     """Log Q-Sparse sparsity with every Trainer log: ``sparsity/q_proj`` … ``sparsity/down_proj``,
     ``sparsity/ffn_act``, ``sparsity/overall``, ``activated_params`` and ``activated_fraction``.
 
-    Values cover the tokens processed since the previous log. They land in ``trainer.state.log_history`` and in
+    Values cover the tokens processed since the previous log, counted over all processes (DDP/FSDP ranks). Logs
+    of an evaluation carry the evaluation's own numbers under ``eval_sparsity/...`` (training forwards and
+    evaluation forwards are counted apart). They land in ``trainer.state.log_history`` and in
     every reporting integration (TensorBoard, W&B, ...): the callback moves itself ahead of them so they see the
     values. At the end of training a layer × projection heatmap is saved as ``qsparse_sparsity.png`` in
     ``output_dir`` (over the whole run).
@@ -68,8 +70,10 @@ class QSparseCallback(TrainerCallback):
             collect_counts(model, reset=True)
 
     # -- logging ------------------------------------------------------------------------------------------------
-    def _drain(self, model) -> dict[str, ModuleCount]:
-        window = collect_counts(model, reset=True)
+    def _drain(self, model, training: bool = True) -> dict[str, ModuleCount]:
+        window = collect_counts(model, reset=True, training=training, across_processes=True)
+        if not training:
+            return window
         for name, count in window.items():
             total = self._totals.get(name)
             if total is None:
@@ -82,12 +86,18 @@ class QSparseCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if model is None or logs is None or not is_qsparse_model(model):
             return
-        window = self._drain(model)
+        # An evaluation's log carries eval_* metrics: report what the eval-mode forwards counted, under eval_ keys
+        # (TensorBoard then files them under eval/, not train/). Training logs report training-mode forwards only.
+        evaluation = any(key.startswith("eval_") for key in logs)
+        window = self._drain(model, training=not evaluation)
         if not any(c.elements for c in window.values()):
             return
         report = SparsityReport.from_counts(window, dense_linear_params(model))
-        self.last_report = report
         values = report.to_logs(per_layer=self.per_layer)
+        if evaluation:
+            values = {f"eval_{key}": value for key, value in values.items()}
+        else:
+            self.last_report = report
         logs.update(values)
         # Trainer appended its copy of `logs` to log_history just before calling on_log.
         if state.log_history and all(k in state.log_history[-1] for k in logs if k not in values):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "CliError"]
+__all__ = ["main", "build_parser", "validate_args", "CliError"]
 
 EPILOG = "exit codes: 0 ok, 2 bad input (model, task, file), 3 missing environment (GPU, lm_eval)"
 
@@ -23,6 +25,36 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _keep(text: str) -> float | int:
+    """argparse type of --topk/--ffn-topk: a fraction in (0, 1] ("0.7") or a count K >= 2 ("64")."""
+    from .config import validate_topk
+
+    try:
+        value: float | int = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a fraction in (0, 1] or a count >= 2")
+    try:
+        return validate_topk(value)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive(kind: type, minimum: float = 1):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _dtype(name: str):
@@ -69,10 +101,108 @@ def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float 
 
 
 def _read_text(path: str) -> str:
+    """A plain UTF-8 text file's contents; empty, binary or unreadable files are bad input."""
     try:
-        return Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as err:
         raise CliError(f"cannot read text file {path!r}: {err.strerror}") from None
+    if b"\0" in raw:
+        raise CliError(f"{path!r} is a binary file, not plain text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{path!r} is not UTF-8 text") from None
+    if not text.strip():
+        raise CliError(f"text file {path!r} is empty")
+    return text
+
+
+#: report --text-file: each sample gets at least this many characters.
+MIN_SAMPLE_CHARS = 200
+
+
+def _writable_file(path: str, flag: str) -> None:
+    """An output file path whose folder exists or can be made (no ancestor is a file), and that is no folder."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CliError(f"{flag} {path!r} is a folder; give a file name")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"{flag} {path!r} cannot be written: {str(parent)!r} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise CliError(f"{flag} {path!r} cannot be written: no write permission in {str(parent)!r}")
+            return
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device} asks for a GPU but torch sees none (torch.cuda.is_available() is False)",
+                       code=3)
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise CliError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible", code=3)
+
+
+def _check_dataset_file(path: str) -> None:
+    """A local --dataset must be a non-empty JSON or JSON Lines file."""
+    text = _read_text(path)
+    first = text.lstrip()[:1]
+    try:
+        if first == "[":
+            json.loads(text)
+        else:
+            json.loads(text.strip().splitlines()[0])
+    except json.JSONDecodeError as err:
+        raise CliError(f"--dataset {path!r} is not JSON or JSON Lines ({err.msg} at line {err.lineno})") from None
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every input of a ``qsparse`` command before any model is loaded; raises `CliError` (exit 2, or 3 for
+    a missing GPU). Numbers are checked by the parser's types already.
+
+    Example:
+        >>> validate_args(build_parser().parse_args(["scaling", "--budget", "1e9"]))
+    """
+    command = args.command
+    for flag in ("json", "plot"):
+        if getattr(args, flag, None):
+            _writable_file(getattr(args, flag), f"--{flag}")
+    if command == "convert":
+        output = Path(args.output).expanduser()
+        if output.exists() and not output.is_dir():
+            raise CliError(f"--output {args.output!r} is a file, not a folder")
+        _writable_file(str(output / "config.json"), "--output")
+        from .saving import holds_checkpoint
+
+        if holds_checkpoint(output) and not args.overwrite:
+            raise CliError(f"--output {args.output!r} already holds a checkpoint; pass --overwrite to replace it")
+    if command == "report":
+        if args.text_file:
+            text = _read_text(args.text_file)
+            if len(text) < args.samples * MIN_SAMPLE_CHARS:
+                most = max(1, len(text) // MIN_SAMPLE_CHARS)
+                raise CliError(f"--samples {args.samples} would cut {args.text_file!r} ({len(text)} characters) into "
+                               f"pieces under {MIN_SAMPLE_CHARS} characters; use --samples {most} or fewer")
+        elif Path(args.dataset).exists():
+            if not Path(args.dataset).is_file():
+                raise CliError(f"--dataset {args.dataset!r} is a folder; give a JSON/JSONL file or a hub id")
+            _check_dataset_file(args.dataset)
+    if command == "eval":
+        if not args.tasks and not args.perplexity:
+            raise CliError("nothing to evaluate: give --tasks and/or --perplexity FILE")
+        if args.perplexity:
+            _read_text(args.perplexity)
+        if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) >= 1):
+            raise CliError(f"--batch-size must be a positive integer or 'auto', got {args.batch_size!r}")
+        _check_device(args.device)
+        if args.compare:
+            _causal_lm_config(args.compare)  # a wrong --compare fails now, not after the first evaluation
 
 
 def _sample_texts(args: argparse.Namespace) -> list[str]:
@@ -154,9 +284,10 @@ def _report(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .hub import save_model_card
 
+    from .saving import save_pretrained_atomic
+
     model, tokenizer = _load(args.model, args.dtype, args.topk, args.ffn_topk)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
+    save_pretrained_atomic(model, args.output, tokenizer=tokenizer)
     save_model_card(args.output, model, base_model=args.model)
     print(f"saved Q-Sparse checkpoint (topk={args.topk}) with a model card to {args.output}")
     return 0
@@ -216,8 +347,6 @@ def _evaluate_one(model_id: str, args: argparse.Namespace, topk: float | None) -
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if not args.tasks and not args.perplexity:
-        raise CliError("nothing to evaluate: give --tasks and/or --perplexity FILE")
     columns = {args.model + (f" (topk {args.topk})" if args.topk else ""): _evaluate_one(args.model, args, args.topk)}
     if args.compare:
         columns[args.compare] = _evaluate_one(args.compare, args, None)
@@ -284,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="load a model, convert it, save a Q-Sparse checkpoint with a model card",
                        epilog=EPILOG)
     _add_model_args(p, "bfloat16")
-    p.add_argument("--topk", type=float, default=0.7, help="fraction of each projection's input kept per token")
-    p.add_argument("--ffn-topk", type=float, help="keep fraction after the FFN activation (default: --topk)")
+    p.add_argument("--topk", type=_keep, default=0.7,
+                   help="fraction of each projection's input kept per token (0, 1], or a count K >= 2")
+    p.add_argument("--ffn-topk", type=_keep, help="keep setting after the FFN activation (default: --topk)")
     p.add_argument("--output", required=True, help="directory for the converted checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("report", help="Table-2 view: measured per-projection sparsity and activated parameters",
@@ -296,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", help="hub dataset id or local JSON/JSONL ('text' or Open-Orca columns)")
     source.add_argument("--text-file", help="plain text file, cut into --samples pieces")
     p.add_argument("--split", default="train", help="dataset split for a hub --dataset (default train)")
-    p.add_argument("--samples", type=int, default=16, help="texts run through the model (default 16)")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per sample (default 512)")
-    p.add_argument("--topk", type=float, help="convert a dense model at this keep fraction first")
+    p.add_argument("--samples", type=_positive(int), default=16, help="texts run through the model (default 16)")
+    p.add_argument("--max-tokens", type=_positive(int), default=512, help="tokens per sample (default 512)")
+    p.add_argument("--topk", type=_keep, help="convert a dense model at this keep setting first")
     p.add_argument("--dense-baseline", action="store_true",
                    help="also measure the unconverted model's natural zeros and print both side by side")
     p.add_argument("--json", help="write the report(s) as JSON here")
@@ -312,12 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "truthfulqa_mc2; 'openorca_definitions' ships with qsparse_hf and works offline")
     p.add_argument("--perplexity", metavar="FILE", help="held-out plain text file to score")
     p.add_argument("--compare", metavar="BASE", help="also evaluate this (dense) model and print both side by side")
-    p.add_argument("--topk", type=float, help="convert MODEL at this keep fraction before evaluating")
-    p.add_argument("--limit", type=float, help="lm-eval: at most this many examples per task (or a fraction)")
+    p.add_argument("--topk", type=_keep, help="convert MODEL at this keep setting before evaluating")
+    p.add_argument("--limit", type=_positive(float, 1e-9),
+                   help="lm-eval: at most this many examples per task (or a fraction)")
     p.add_argument("--batch-size", default="8", help="lm-eval batch size (an int or 'auto')")
     p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--block-size", type=int, default=512, help="perplexity block length in tokens")
-    p.add_argument("--max-blocks", type=int, help="perplexity: score at most this many blocks")
+    p.add_argument("--block-size", type=_positive(int, 2), default=512, help="perplexity block length in tokens (>= 2)")
+    p.add_argument("--max-blocks", type=_positive(int), help="perplexity: score at most this many blocks")
     p.add_argument("--json", help="write all scores as JSON here")
     p.set_defaults(func=_eval)
 
@@ -329,7 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("scaling", help="inference-optimal sparsity and model size for an activated-parameter budget")
-    p.add_argument("--budget", type=float, default=7e9, help="activated parameters per token (default 7e9)")
+    p.add_argument("--budget", type=_positive(float), default=7e9,
+                   help="activated parameters per token (default 7e9)")
     p.add_argument("--precision", choices=["full", "1.58"], default="full", help="weight precision of the law")
     p.add_argument("--printed-constants", action="store_true",
                    help="use the paper's rounded constants as printed (S* = 50.2%% instead of 45.58%%)")
@@ -348,11 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         for 4e+09 activated parameters: total 7.35e+09 parameters (1.84x), ...
         0
     """
-    args = build_parser().parse_args(argv)
-    if getattr(args, "samples", 1) < 1:
-        print("qsparse: error: --samples must be >= 1", file=sys.stderr)
-        return 2
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse's own errors exit 2 (--help exits 0): return the code, like ours
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        validate_args(args)
         return args.func(args)
     except CliError as err:
         print(f"qsparse: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .config import QSparseConfig
+from .functional import keep_count
 from .layers import InputSparsifier, QSparseActivation, QSparseLinear
 
 __all__ = [
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: A fractional topk that keeps fewer features than this per token (and under 10 % of them) gets a warning.
+FEW_FEATURES = 8
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
     used_targets: set[str] = set()
     groups: dict[tuple, InputSparsifier] = {}
     replacements: list[tuple[str, nn.Module]] = []
+    tiny_keeps: list[str] = []
     # "lm_head" in exclude_modules means the output head, whatever this architecture calls it.
     get_head = getattr(model, "get_output_embeddings", None)
     output_head = get_head() if callable(get_head) else None
@@ -245,6 +250,9 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
             raise ValueError(
                 f"{name} has {module.in_features} input features, not a multiple of block_size={config.block_size}"
             )
+        keep = keep_count(topk, width)
+        if isinstance(topk, float) and keep < FEW_FEATURES and keep < 0.1 * width:
+            tiny_keeps.append(f"{name} (K={keep} of {width})")
         parent, _, leaf = name.rpartition(".")
         new = QSparseLinear.from_linear(
             module,
@@ -258,6 +266,13 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
 
     for name, new in replacements:
         model.set_submodule(name, new)
+    if tiny_keeps:
+        # The int topk=1 is refused as ambiguous; a tiny fraction would silently do the same thing.
+        warnings.warn(
+            f"topk keeps fewer than {FEW_FEATURES} input features per token in {len(tiny_keeps)} linear(s), e.g. "
+            f"{tiny_keeps[0]}: such a model computes almost nothing. Check the fraction (topk=0.7 keeps 70 %).",
+            stacklevel=3,
+        )
 
     ffn_topk = config.effective_ffn_topk
     if config.activation == "relu2" or ffn_topk != 1.0:

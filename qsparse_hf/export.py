@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from .config import QSparseConfig
 from .convert import convert_to_qsparse, qsparse_modules
 from .functional import ternary_codes
+from .saving import write_directory_atomic
 from .layers import QSparseLinear
 
 __all__ = ["pack_ternary", "unpack_ternary", "save_packed_ternary", "load_packed_ternary"]
@@ -60,8 +61,6 @@ def save_packed_ternary(model, save_directory: str | os.PathLike, tokenizer=None
     cfg = getattr(model.config, "quantization_config", None)
     if not isinstance(cfg, QSparseConfig) or cfg.weight_bits != 1.58:
         raise ValueError("save_packed_ternary needs a model converted with weight_bits=1.58")
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     packed_names = set()
     for name, module in qsparse_modules(model):
@@ -81,12 +80,19 @@ def save_packed_ternary(model, save_directory: str | os.PathLike, tokenizer=None
             continue
         seen_storage.add(pointer)
         tensors[key] = value.detach().cpu().contiguous()
-    save_file(tensors, str(out / _WEIGHTS), metadata={"format": "pt", "qsparse": "ternary-2bit"})
-    model.config.save_pretrained(out)
-    (out / PACKED_MARKER).write_text(json.dumps({"format": "ternary-2bit", "packed": sorted(packed_names)}, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return {"packed_bytes": (out / _WEIGHTS).stat().st_size, "bf16_bytes": bf16_bytes}
+
+    def write(out: Path) -> int:
+        save_file(tensors, str(out / _WEIGHTS), metadata={"format": "pt", "qsparse": "ternary-2bit"})
+        model.config.save_pretrained(out)
+        (out / PACKED_MARKER).write_text(json.dumps({"format": "ternary-2bit", "packed": sorted(packed_names)},
+                                                    indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return (out / _WEIGHTS).stat().st_size
+
+    # All-or-nothing: an interrupted export never leaves a config beside other weights.
+    packed_bytes = write_directory_atomic(save_directory, write)
+    return {"packed_bytes": packed_bytes, "bf16_bytes": bf16_bytes}
 
 
 def load_packed_ternary(directory: str | os.PathLike, dtype: torch.dtype = torch.float32):

@@ -49,10 +49,14 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest ``|x|`` along the last dimension, exactly ``k`` per row.
 
     Ties at the threshold are broken deterministically in favour of the lowest index, so bf16/fp16 inputs with
-    many equal magnitudes still keep exactly ``k`` entries and give the same mask on every run and device.
+    many equal magnitudes still keep exactly ``k`` entries and give the same mask on every run and device. NaN
+    ranks as infinity: it is kept (and so propagates through the next matmul, as it would in the dense model), and
+    a row with at least ``k`` finite entries still keeps exactly ``k``.
 
     Example:
         >>> topk_mask(torch.tensor([[0.1, -3.0, 2.0, 2.0]]), 2)
+        tensor([[False,  True,  True, False]])
+        >>> topk_mask(torch.tensor([[1.0, float("nan"), 3.0, 2.0]]), 2)
         tensor([[False,  True,  True, False]])
     """
     dim = x.shape[-1]
@@ -60,7 +64,8 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(x, dtype=torch.bool)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    magnitude = x.abs()
+    # Comparisons with NaN are all False, which would drop it and keep fewer than k: rank it as +inf instead.
+    magnitude = torch.nan_to_num(x.abs(), nan=math.inf, posinf=math.inf)
     # The k-th largest value is the (dim - k + 1)-th smallest: a selection, not a sort.
     threshold = magnitude.kthvalue(dim - k + 1, dim=-1, keepdim=True).values
     above = magnitude > threshold

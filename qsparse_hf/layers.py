@@ -15,7 +15,7 @@ from torch import nn
 from . import functional as QF
 from . import kernels
 
-__all__ = ["InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
+__all__ = ["DecodeWeights", "InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -28,7 +28,8 @@ def _kernel_ops():
 
 
 class SparsityCounter:
-    """Zeros and elements seen by one module, accumulated without host synchronisation.
+    """Zeros and elements seen by one module, accumulated without host synchronisation, kept apart for forwards
+    in training mode and in eval mode (so a Trainer's evaluation never mixes into the training numbers).
 
     Example:
         >>> counter = SparsityCounter()
@@ -39,36 +40,65 @@ class SparsityCounter:
 
     def __init__(self) -> None:
         self.enabled = True
+        self._zeros: dict[bool, torch.Tensor | None] = {}
+        self._elements: dict[bool, int] = {}
         self.reset()
 
-    def reset(self) -> None:
-        """Forget everything counted so far."""
-        self.zeros: torch.Tensor | None = None
-        self.elements = 0
+    def reset(self, training: bool | None = None) -> None:
+        """Forget everything counted so far (only the training- or eval-mode counts when ``training`` is given)."""
+        for mode in (True, False) if training is None else (training,):
+            self._zeros[mode] = None
+            self._elements[mode] = 0
 
-    def add(self, tensor: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
-        """Count the zeros of ``tensor`` (or take a precomputed count of them)."""
-        if not self.active():
+    def accumulator(self, device: torch.device, training: bool = False) -> torch.Tensor:
+        """The int64 zero count on ``device`` (created at 0), for kernels that add to it in place."""
+        zeros = self._zeros[training]
+        if zeros is None:
+            zeros = self._zeros[training] = torch.zeros((), dtype=torch.int64, device=device)
+        elif zeros.device != device:
+            zeros = self._zeros[training] = zeros.to(device)
+        return zeros
+
+    def add(self, tensor: torch.Tensor, zeros: torch.Tensor | None = None, already_added: bool = False,
+            training: bool = False) -> None:
+        """Count the zeros of ``tensor`` (or take a precomputed count of them; ``already_added``: a kernel already
+        added them to `accumulator`, only the elements are left to count)."""
+        if not self.active(tensor):
             return
-        with torch.no_grad():
-            count = (tensor == 0).sum() if zeros is None else zeros
-            if self.zeros is None:
-                self.zeros = count.clone()
-            else:
-                if self.zeros.device != count.device:
-                    self.zeros = self.zeros.to(count.device)
-                self.zeros += count
-        self.elements += tensor.numel()
+        if not already_added:
+            with torch.no_grad():
+                count = (tensor == 0).sum() if zeros is None else zeros
+                self.accumulator(count.device, training).add_(count)
+        self._elements[training] += tensor.numel()
 
-    def active(self) -> bool:
+    def window(self, training: bool | None = None) -> tuple[list[torch.Tensor], int]:
+        """The zero-count tensors (still on their device) and the element count, of one mode or of both."""
+        modes = (True, False) if training is None else (training,)
+        return [self._zeros[m] for m in modes if self._zeros[m] is not None], sum(self._elements[m] for m in modes)
+
+    @property
+    def elements(self) -> int:
+        """Elements counted in both modes."""
+        return self._elements[True] + self._elements[False]
+
+    def active(self, tensor: torch.Tensor | None = None) -> bool:
         """Whether the current forward pass is counted: tracking is on, the code is not being traced by
-        ``torch.compile``, and this is not a recomputation inside the backward pass (gradient checkpointing re-runs
-        forwards in the autograd engine; those must not be counted twice)."""
-        return self.enabled and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
+        ``torch.compile``, this is not a recomputation inside the backward pass (gradient checkpointing re-runs
+        forwards in the autograd engine; those must not be counted twice), and ``tensor`` holds real data (a
+        forward on the meta device, as in shape inference, counts nothing; nor does a CUDA-graph capture, whose
+        replays would count zeros but not elements)."""
+        return (
+            self.enabled
+            and not torch.compiler.is_compiling()
+            and torch._C._current_graph_task_id() == -1
+            and (tensor is None or tensor.device.type != "meta")
+            and not (tensor is not None and tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+        )
 
-    def counts(self) -> tuple[int, int]:
-        """(zeros, elements) as Python ints; synchronises with the device once."""
-        return (0 if self.zeros is None else int(self.zeros.item())), self.elements
+    def counts(self, training: bool | None = None) -> tuple[int, int]:
+        """(zeros, elements) as Python ints, of one mode or of both; synchronises with the device once."""
+        tensors, elements = self.window(training)
+        return sum(int(t.item()) for t in tensors), elements
 
     def sparsity(self) -> float:
         """Fraction of zeros seen, NaN when nothing was seen yet."""
@@ -81,7 +111,12 @@ class InputSparsifier:
 
     q/k/v read one tensor and so do gate/up: the first member to see an input computes the sparse tensor, the
     others get the cached result as long as the input is the very same tensor object, unmodified. The cache is
-    dropped once every member has used it, so no activation outlives its layer.
+    dropped once every member has used it, so no activation outlives its layer. The members share one
+    `SparsityCounter` too: they read the same tensor, so one count serves them all.
+
+    On the decode path (a few tokens, inference, CUDA) the sparsifier also runs its linears' products: their
+    weights are stored side by side, input-major (`DecodeWeights`), so one sparse GEMV launch serves q/k/v or
+    gate/up, and the first member's call computes the outputs the others then take from the cache.
 
     Example:
         >>> sparsifier = InputSparsifier(topk=0.5)
@@ -106,9 +141,13 @@ class InputSparsifier:
         self.rescale = rescale
         self.activation_bits = activation_bits
         self.members = 0
+        #: The `QSparseLinear` members, in the order they were converted (the column order of `decode_weights`).
+        self.linears: list[QSparseLinear] = []
+        self.counter = SparsityCounter()
         #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
         #: after a top-K activation): the top-K is then the identity and is skipped.
         self.input_within_topk = False
+        self.decode_weights: DecodeWeights | None = None
         self._clear()
 
     def settings(self) -> tuple:
@@ -122,8 +161,7 @@ class InputSparsifier:
     def _clear(self) -> None:
         self._input: torch.Tensor | None = None
         self._version = -1
-        self._output: torch.Tensor | None = None
-        self._zeros: torch.Tensor | None = None
+        self._output = None
         self._uses = 0
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
@@ -137,44 +175,173 @@ class InputSparsifier:
             and kernels.kernels_available(x)
         )
 
-    def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
+    def _sparsify(self, x: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+        """The sparse input, and whether its zeros were added to ``zeros`` on the way."""
+        if self.activation_bits is not None:
+            x = QF.absmax_quantize(x, bits=self.activation_bits, ste=self.ste)
         k = self.keep(x.shape[-1])
         if self.input_within_topk or (self.block_size is None and k >= x.shape[-1]):
-            return x
+            return x, False
         if self.uses_kernel(x):
-            return _kernel_ops().topk_sparsify(x, k)
-        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale)
+            return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None
+        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale), False
 
-    def __call__(self, x: torch.Tensor, want_zeros: bool = False) -> torch.Tensor:
-        out, _ = self.forward_with_zeros(x, want_zeros)
-        return out
-
-    def forward_with_zeros(self, x: torch.Tensor, want_zeros: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sparse input and (if asked) its zero count, from the cache when another member already computed them."""
-        # Under torch.compile every member computes its own (identical, side-effect free) op; the compiler can
-        # merge them, and the Python-side cache would only cause graph breaks.
-        compiling = torch.compiler.is_compiling()
-        if not compiling and self._input is x and self._version == x._version:
-            out, zeros = self._output, self._zeros
-        else:
-            out = x
-            if self.activation_bits is not None:
-                out = QF.absmax_quantize(out, bits=self.activation_bits, ste=self.ste)
-            out = self._sparsify(out)
-            zeros = None
-            self._clear()
-            if self.members > 1 and not compiling:
-                self._input, self._version, self._output = x, x._version, out
-        if want_zeros and zeros is None:
-            with torch.no_grad():
-                zeros = (out == 0).sum()
-            if self._output is out:
-                self._zeros = zeros
-        if self._output is out:
+    def _cached(self, x: torch.Tensor, compiling: bool):
+        # Under torch.compile the identity test is traced (Dynamo keeps the cache's side effects), so one op serves
+        # q/k/v there too; the compiled graph never mutates its own activations, so the version check is not needed.
+        if self._input is x and (compiling or self._version == x._version):
+            output = self._output
             self._uses += 1
             if self._uses >= self.members:
                 self._clear()
-        return out, zeros
+            return output
+        return None
+
+    def _remember(self, x: torch.Tensor, output, compiling: bool) -> None:
+        self._clear()
+        if self.members > 1:
+            self._input, self._output, self._uses = x, output, 1
+            if not compiling:
+                self._version = x._version
+
+    def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
+        with the other members."""
+        compiling = torch.compiler.is_compiling()
+        out = self._cached(x, compiling)
+        if out is None:
+            counting = self.counter.active(x)
+            zeros = self.counter.accumulator(x.device, training) if counting else None
+            out, counted = self._sparsify(x, zeros)
+            if counting:
+                self.counter.add(out, already_added=counted, training=training)
+            self._remember(x, out, compiling)
+        return out
+
+    # -- decode path -------------------------------------------------------------------------------------------
+
+    def decodes(self, x: torch.Tensor, linear: "QSparseLinear") -> bool:
+        """Whether ``linear(x)`` runs on the decode path: inference, at most `MAX_DECODE_TOKENS` tokens, a kernel
+        dtype on a kernel device, and the members' weights stored for the sparse GEMV (done here, lazily, in
+        eager mode: a compiled or captured graph must find it done, e.g. by the eager prefill)."""
+        if (
+            x.dtype not in _KERNEL_DTYPES
+            or linear.weight_bits is not None
+            or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
+            or not kernels.kernels_available(x)
+        ):
+            return False
+        weights = self.decode_weights
+        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if weights is None or not weights.current():
+                weights = self.decode_weights = DecodeWeights.build(self.linears)
+        return weights is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
+
+    def decode(self, x: torch.Tensor, linear: "QSparseLinear") -> torch.Tensor:
+        """``linear(x)`` on the decode path: one top-K and one sparse GEMV for all members, outputs from the
+        cache for the members after the first."""
+        compiling = torch.compiler.is_compiling()
+        outputs = self._cached(x, compiling)
+        if outputs is None:
+            counting = self.counter.active(x)
+            zeros = self.counter.accumulator(x.device, linear.training) if counting else None
+            x_sparse, counted = self._sparsify(x, zeros)
+            # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
+            gemv_zeros = zeros if counting and not counted else None
+            outputs = self.decode_weights.multiply(x_sparse, gemv_zeros)
+            if counting:
+                self.counter.add(x_sparse, zeros, already_added=True, training=linear.training)
+            self._remember(x, outputs, compiling)
+        return outputs[linear.decode_slot]
+
+
+class DecodeWeights:
+    """The weights of one sparsifier's linears stored side by side, input-major, for the sparse decode GEMV.
+
+    One ``[in_features, sum(out_features)]`` row-major block; each member's ``weight`` Parameter becomes a view of
+    its columns (``block[:, a:b].t()``: same shape, values and name, no second copy) and its bias a view of one
+    concatenated bias (members without a bias get zeros there). Dense matmuls read the views at full speed, and
+    `QSparseLinear` saves them as ordinary contiguous tensors. A single linear is simply stored transposed.
+    If anything replaces a member's storage later (``model.to(...)``, ``model.half()``), `current` turns False and
+    the next eager decode step builds the block again.
+
+    Example:
+        >>> q, k = nn.Linear(8, 4, dtype=torch.bfloat16), nn.Linear(8, 2, dtype=torch.bfloat16)
+        >>> sparsifier = InputSparsifier(0.5)
+        >>> members = [QSparseLinear.from_linear(m, sparsifier) for m in (q, k)]
+        >>> weights = DecodeWeights.build(members)
+        >>> weights.weight_t.shape, torch.equal(members[1].weight, k.weight), members[1].weight.data_ptr() > 0
+        (torch.Size([8, 6]), True, True)
+    """
+
+    def __init__(self, linears, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int]) -> None:
+        self.linears = linears
+        self.weight_t = weight_t
+        self.bias = bias
+        self.widths = widths
+        self._pointers = self._storage_pointers()
+        if weight_t.is_cuda:
+            from .kernels.gemv import prepare_weight
+
+            prepare_weight(weight_t)
+
+    def _storage_pointers(self) -> tuple:
+        return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears)
+
+    def current(self) -> bool:
+        """Whether every member still reads its weight (and bias) from this block."""
+        return self._pointers == self._storage_pointers()
+
+    @classmethod
+    def build(cls, linears: list["QSparseLinear"]) -> "DecodeWeights | None":
+        """Store ``linears`` (which read the same input) side by side; None when the GEMV cannot serve them (no
+        linears, quantized weights, a dtype or device the kernel does not take, differing widths)."""
+        if not linears:
+            return None
+        first = linears[0].weight
+        if any(
+            m.weight_bits is not None
+            or m.weight.dtype not in _KERNEL_DTYPES
+            or m.weight.dtype != first.dtype
+            or m.weight.device != first.device
+            or m.in_features != linears[0].in_features
+            or m.weight.dim() != 2
+            for m in linears
+        ):
+            return None
+        widths = [m.out_features for m in linears]
+        for slot, m in enumerate(linears):
+            m.decode_slot = slot
+        with torch.no_grad():
+            if len(linears) == 1:
+                if not kernels.is_input_major(first):
+                    first.data = first.data.t().contiguous().t()
+                bias = linears[0].bias
+                return cls(linears, first.t(), None if bias is None else bias.data, widths)
+            block = torch.empty(first.shape[1], sum(widths), dtype=first.dtype, device=first.device)
+            has_bias = any(m.bias is not None for m in linears)
+            bias = torch.zeros(sum(widths), dtype=first.dtype, device=first.device) if has_bias else None
+            start = 0
+            for m, width in zip(linears, widths):
+                columns = slice(start, start + width)
+                block[:, columns].copy_(m.weight.t())
+                m.weight.data = block[:, columns].t()
+                if m.bias is not None:
+                    bias[columns].copy_(m.bias)
+                    m.bias.data = bias[columns]
+                start += width
+        return cls(linears, block, bias, widths)
+
+    def multiply(self, x_sparse: torch.Tensor, zeros: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every member's output for an already sparse input: one GEMV, split into per-member views."""
+        out = _kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros)
+        if len(self.widths) == 1:
+            return (out,)
+        return tuple(out.split(self.widths, dim=-1))
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
 class QSparseLinear(nn.Linear):
@@ -215,10 +382,17 @@ class QSparseLinear(nn.Linear):
     def _setup(self, sparsifier, weight_bits, role, layer_index) -> None:
         self.sparsifier = sparsifier
         sparsifier.members += 1
+        sparsifier.linears.append(self)
+        sparsifier.decode_weights = None
+        self.decode_slot = 0
         self.weight_bits = weight_bits
         self.role = role
         self.layer_index = layer_index
-        self.counter = SparsityCounter()
+
+    @property
+    def counter(self) -> SparsityCounter:
+        """The sparsity counter of this linear's input (shared with the linears that read the same tensor)."""
+        return self.sparsifier.counter
 
     @classmethod
     def from_linear(
@@ -245,6 +419,11 @@ class QSparseLinear(nn.Linear):
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features
         linear.weight, linear.bias = self.weight, self.bias
+        with torch.no_grad():  # out of a side-by-side decode block: a plain linear owns its storage again
+            for param in (linear.weight, linear.bias):
+                if param is not None and not _owns_storage(param):
+                    param.data = param.data.clone(memory_format=torch.contiguous_format)
+        self.sparsifier.decode_weights = None
         return linear
 
     def effective_weight(self) -> torch.Tensor:
@@ -260,45 +439,19 @@ class QSparseLinear(nn.Linear):
             return (self.weight.float() * scale).to(self.weight.dtype)
         return QF.ternary_quantize(self.weight, ste=self.sparsifier.ste)
 
-    def to_input_major(self) -> bool:
-        """Store the weight as its contiguous transpose (same Parameter, values and shape), the layout the sparse
-        decode GEMV reads. Returns False when there is nothing to do or the kernel would not be used anyway."""
-        weight = self.weight
-        if kernels.is_input_major(weight) or self.weight_bits is not None or weight.dtype not in _KERNEL_DTYPES:
-            return False
-        with torch.no_grad():
-            weight.data = weight.data.t().contiguous().t()
-        return True
-
-    def _decode_kernel_ready(self, x: torch.Tensor) -> bool:
-        if (
-            x.numel() > kernels.MAX_DECODE_TOKENS * self.in_features
-            or self.weight_bits is not None
-            or x.dtype not in _KERNEL_DTYPES
-            or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            or not kernels.kernels_available(x)
-        ):
-            return False
-        if kernels.is_input_major(self.weight):
-            return True
-        # Re-lay once, lazily, in eager mode only (compiled graphs and captured graphs must not see it happen).
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return False
-        return self.to_input_major()
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        key = prefix + "weight"
-        if key in destination and not destination[key].is_contiguous():  # input-major layout: save the usual one
-            destination[key] = destination[key].contiguous()
+        # Decode layout (input-major, or a view of a side-by-side block): save an ordinary tensor of its own.
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key in destination and destination[key] is not None and not _owns_storage(destination[key]):
+                destination[key] = destination[key].detach().clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_sparse, zeros = self.sparsifier.forward_with_zeros(x, want_zeros=self.counter.active())
-        if zeros is not None:
-            self.counter.add(x_sparse, zeros)
-        if self._decode_kernel_ready(x_sparse):
-            return _kernel_ops().sparse_linear(x_sparse, self.weight.t(), self.bias)
-        return F.linear(x_sparse, self.effective_weight(), self.bias)
+        sparsifier = self.sparsifier
+        if sparsifier.decodes(x, self):
+            return sparsifier.decode(x, self)
+        return F.linear(sparsifier(x, self.training), self.effective_weight(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.sparsifier
@@ -336,14 +489,14 @@ class QSparseActivation(nn.Module):
         sparsifier.members += 1
         self.role = "act"
         self.layer_index = layer_index
-        self.counter = SparsityCounter()
+
+    @property
+    def counter(self) -> SparsityCounter:
+        """The sparsity counter of the activation output."""
+        return self.sparsifier.counter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = QF.relu2(x) if self.relu2 else self.act(x)
-        y_sparse, zeros = self.sparsifier.forward_with_zeros(y, want_zeros=self.counter.active())
-        if zeros is not None:
-            self.counter.add(y_sparse, zeros)
-        return y_sparse
+        return self.sparsifier(QF.relu2(x) if self.relu2 else self.act(x), self.training)
 
     def extra_repr(self) -> str:
         act = "relu2" if self.relu2 else type(self.act).__name__

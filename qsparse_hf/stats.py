@@ -47,28 +47,43 @@ class ModuleCount:
         return self.zeros / self.elements if self.elements else float("nan")
 
 
-def collect_counts(model: nn.Module, reset: bool = False) -> dict[str, ModuleCount]:
-    """Read every Q-Sparse module's counters with one device synchronisation (optionally resetting them)."""
+def collect_counts(model: nn.Module, reset: bool = False, training: bool | None = None,
+                   across_processes: bool = False) -> dict[str, ModuleCount]:
+    """Read every Q-Sparse module's counters with one device synchronisation (optionally resetting them).
+
+    ``training`` picks the counts of training-mode (True) or eval-mode (False) forwards; None takes both. With
+    ``across_processes`` and an initialised ``torch.distributed`` group, the counts are summed over all ranks (every
+    rank must call it, as for any collective).
+    """
     modules = list(qsparse_modules(model))
-    pending = [m.counter.zeros for _, m in modules if m.counter.zeros is not None]
-    values = iter([])
-    if pending:
-        device = pending[0].device
-        values = iter(torch.stack([z.to(device) for z in pending]).tolist())
+    counters = list({id(m.counter): m.counter for _, m in modules}.values())  # linears reading one input share one
+    windows = [counter.window(training) for counter in counters]
+    tensors = [t for zeros, _ in windows for t in zeros]
+    device = tensors[0].device if tensors else next((p.device for p in model.parameters()), torch.device("cpu"))
+    values = torch.zeros(len(counters), 2, dtype=torch.int64, device=device)
+    for row, (zeros, elements) in enumerate(windows):
+        for t in zeros:
+            values[row, 0] += t.to(device)
+        values[row, 1] = elements
+    if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values)
+    totals = dict(zip((id(c) for c in counters), values.tolist())) if counters else {}
     counts = {}
     for name, module in modules:
-        zeros = int(next(values)) if module.counter.zeros is not None else 0
+        zeros, elements = totals[id(module.counter)]
         is_linear = isinstance(module, QSparseLinear)
         counts[name] = ModuleCount(
             module.role,
             module.layer_index,
-            zeros,
-            module.counter.elements,
+            int(zeros),
+            int(elements),
             module.weight.numel() if is_linear else 0,
             module.in_features if is_linear else 0,
         )
-        if reset:
-            module.counter.reset()
+    if reset:
+        for counter in counters:
+            counter.reset(training)
     return counts
 
 

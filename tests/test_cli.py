@@ -125,3 +125,94 @@ def test_console_script_errors_cleanly_on_a_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "qsparse_hf.cli", "convert", str(tmp_path / "nope"), "--output",
                            str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _bad_inputs(tmp) -> list[tuple[str, list[str], int]]:
+    empty, binary, tiny_text, not_json, a_file = (tmp / n for n in ("empty.txt", "bin.txt", "tiny.txt", "x.json", "f"))
+    empty.write_text("")
+    binary.write_bytes(b"\x00\x01\x02binary")
+    tiny_text.write_text("a short text " * 20)
+    not_json.write_text("this is not json\n")
+    a_file.write_text("a file, not a folder")
+    checkpoint = tmp / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    model, text = str(EMBEDDED_MODEL), str(TEXT)
+    convert = ["convert", model, "--output", str(tmp / "out")]
+    report = ["report", model, "--topk", "0.5"]
+    ppl = ["eval", model, "--perplexity", text]
+    return [
+        ("topk 0", [*convert, "--topk", "0"], 2),
+        ("topk 1.5", [*convert, "--topk", "1.5"], 2),
+        ("topk nan", [*convert, "--topk", "nan"], 2),
+        ("topk int 1", [*convert, "--topk", "1"], 2),
+        ("ffn-topk 0", [*convert, "--ffn-topk", "0"], 2),
+        ("output under a file", ["convert", model, "--output", str(a_file / "sub")], 2),
+        ("output is a file", ["convert", model, "--output", str(a_file)], 2),
+        ("output holds a checkpoint", ["convert", model, "--output", str(checkpoint)], 2),
+        ("empty text file", [*report, "--text-file", str(empty)], 2),
+        ("binary text file", [*report, "--text-file", str(binary)], 2),
+        ("missing text file", [*report, "--text-file", str(tmp / "nope.txt")], 2),
+        ("samples beyond the text", [*report, "--text-file", str(tiny_text), "--samples", "100000"], 2),
+        ("samples 0", [*report, "--text-file", text, "--samples", "0"], 2),
+        ("max-tokens 0", [*report, "--text-file", text, "--max-tokens", "0"], 2),
+        ("empty dataset", [*report, "--dataset", str(empty)], 2),
+        ("non-JSON dataset", [*report, "--dataset", str(not_json)], 2),
+        ("json under a file", [*report, "--text-file", text, "--json", str(a_file / "r.json")], 2),
+        ("plot under a file", [*report, "--text-file", text, "--plot", str(a_file / "h.png")], 2),
+        ("empty perplexity file", ["eval", model, "--perplexity", str(empty)], 2),
+        ("binary perplexity file", ["eval", model, "--perplexity", str(binary)], 2),
+        ("max-blocks 0", [*ppl, "--max-blocks", "0"], 2),
+        ("block-size 1", [*ppl, "--block-size", "1"], 2),
+        ("batch-size 0", [*ppl, "--batch-size", "0"], 2),
+        ("bad device", [*ppl, "--device", "gpu0"], 2),
+        ("compare missing", [*ppl, "--compare", str(tmp / "nonexistent")], 2),
+        ("nothing to evaluate", ["eval", model], 2),
+        ("budget 0", ["scaling", "--budget", "0"], 2),
+        ("budget -1", ["scaling", "--budget", "-1"], 2),
+        ("budget nan", ["scaling", "--budget", "nan"], 2),
+        ("budget inf", ["scaling", "--budget", "inf"], 2),
+    ] + ([] if torch_cuda_available() else [("cuda without a GPU", [*ppl, "--device", "cuda"], 3)])
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_every_bad_flag_exits_with_its_code_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import qsparse_hf.cli as cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(cli, "_load", no_loading)
+    failures = []
+    for name, argv, code in _bad_inputs(tmp_path):
+        got = main(argv)
+        err = capsys.readouterr().err
+        if got != code or "error" not in err:
+            failures.append(f"{name}: exit {got} (want {code}); stderr {err.strip()[-200:]!r}")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "out").exists()
+
+
+def test_topk_flag_takes_a_count_as_the_api_does():
+    from qsparse_hf.cli import build_parser
+
+    assert build_parser().parse_args(["convert", "m", "--output", "o", "--topk", "64"]).topk == 64
+    assert build_parser().parse_args(["convert", "m", "--output", "o", "--topk", "0.5"]).topk == 0.5
+
+
+def test_convert_overwrite_replaces_a_checkpoint_all_or_nothing(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sparse"
+    assert main(["convert", str(EMBEDDED_MODEL), "--topk", "0.5", "--output", str(out), "--dtype", "float32"]) == 0
+    assert main(["convert", str(EMBEDDED_MODEL), "--topk", "0.7", "--output", str(out), "--dtype", "float32"]) == 2
+    assert main(["convert", str(EMBEDDED_MODEL), "--topk", "0.7", "--output", str(out), "--dtype", "float32",
+                 "--overwrite"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.quantization_config.topk == 0.7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

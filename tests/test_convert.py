@@ -213,3 +213,39 @@ def test_down_proj_topk_skipped_only_when_exact():
     other = tiny_model("mistral")
     convert_to_qsparse(other, topk=0.5, ffn_topk=0.9)
     assert not any(layer.mlp.down_proj.sparsifier.input_within_topk for layer in other.model.layers)
+
+
+def test_nan_propagates_through_a_converted_linear_and_model():
+    from torch import nn
+
+    layer = convert_to_qsparse(nn.Sequential(nn.Linear(8, 4)), topk=0.5)[0]
+    assert layer(torch.tensor([[1.0, 2, 3, 4, 5, 6, 7, float("nan")]])).isnan().all()
+    model = tiny_model("llama")
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(torch.randint(3, 128, (1, 6)))
+        embeds[0, 2, 5] = float("nan")
+        dense = model(inputs_embeds=embeds).logits
+        convert_to_qsparse(model, topk=0.5)
+        sparse = model(inputs_embeds=embeds).logits
+    assert dense.isnan().any() and torch.equal(sparse.isnan(), dense.isnan())  # a diverged run looks diverged
+
+
+def test_a_tiny_fraction_warns_like_the_refused_count_one():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="fewer than 8 input features"):
+        convert_to_qsparse(model, topk=0.0001)
+
+
+def test_a_forward_on_the_meta_device_counts_nothing():
+    from qsparse_hf import sparsity_report
+
+    with torch.device("meta"):
+        model = tiny_model("llama")
+    convert_to_qsparse(model, topk=0.5)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 4), device="meta"))
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    report = sparsity_report(model, torch.randint(3, 128, (1, 4)))
+    assert report.per_projection["q"] == pytest.approx(0.5)

@@ -148,3 +148,74 @@ def test_continue_pretraining_packs_text_and_saves(tmp_path):
                     "--weight_decay", "0.01"])
     assert metrics["perplexity"] > 1
     assert qsparse_hf.is_qsparse_model(AutoModelForCausalLM.from_pretrained(out))
+
+
+def _orca_rows(n=6):
+    return [{"id": str(i), "system_prompt": "", "question": f"What is {i} plus {i}?", "response": f"{2 * i}."}
+            for i in range(n)]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _run_sft(tmp_path, train, validation, *extra):
+    from examples.finetune_open_orca import main
+
+    return main(["--model_name_or_path", str(EMBEDDED), "--train_file", str(train), "--validation_file",
+                 str(validation), "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none",
+                 "--save_strategy", "no", "--per_device_train_batch_size", "2", *extra])
+
+
+def _bad_training_data(tmp_path):
+    good = _write_jsonl(tmp_path / "good.jsonl", _orca_rows())
+    null_response = _orca_rows()
+    null_response[3]["response"] = None
+    no_response = [{k: v for k, v in r.items() if k != "response"} for r in _orca_rows()]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    return [
+        ("null response", _write_jsonl(tmp_path / "null.jsonl", null_response), good, [], r"row 3: 'response' is missing"),
+        ("validation without responses", good, _write_jsonl(tmp_path / "nores.jsonl", no_response), [],
+         r"validation_file .*nores.jsonl.* lacks the Open-Orca column\(s\) \['response'\]"),
+        ("train without responses", _write_jsonl(tmp_path / "nores2.jsonl", no_response), good, [],
+         r"train_file .*nores2.jsonl.* lacks"),
+        ("empty train file", empty, good, [], r"train_file .*empty.jsonl.* is empty"),
+        ("every prompt too long", good, good, ["--max_seq_length", "4"], r"longer than --max_seq_length 4"),
+    ]
+
+
+def test_finetune_refuses_bad_training_data_naming_file_and_row(tmp_path):
+    failures = []
+    for name, train, validation, extra, message in _bad_training_data(tmp_path):
+        try:
+            _run_sft(tmp_path, train, validation, *extra)
+        except ValueError as err:
+            import re
+
+            if not re.search(message, str(err)):
+                failures.append(f"{name}: {err}")
+        else:
+            failures.append(f"{name}: trained without a word")
+    assert not failures, failures
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_finetune_drops_over_long_prompts_and_says_how_many(tmp_path, caplog):
+    rows = _orca_rows()
+    rows[1]["question"] = "a very long question " * 200
+    train = _write_jsonl(tmp_path / "train.jsonl", rows)
+    _run_sft(tmp_path, train, _write_jsonl(tmp_path / "val.jsonl", _orca_rows()), "--max_seq_length", "64")
+    assert "dropped 1 of 6 conversations" in caplog.text
+
+
+def test_auto_dtype_trains_in_float32_on_a_cpu(monkeypatch):
+    import torch
+    from examples.finetune_open_orca import training_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_dtype("auto") is torch.float32
+    assert training_dtype("bfloat16") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_dtype("auto") == "auto"

@@ -104,3 +104,14 @@ def test_ternary_weight_takes_three_values_and_passes_gradient():
 
 def test_relu2():
     assert QF.relu2(torch.tensor([-2.0, 0.0, 3.0])).tolist() == [0.0, 0.0, 9.0]
+
+
+def test_nan_is_kept_like_inf_and_k_entries_survive():
+    from qsparse_hf.functional import sparsify, topk_mask
+
+    row = torch.tensor([[1.0, float("nan"), 3.0, 2.0, 0.5, 0.1]])
+    assert topk_mask(row, 2).sum() == 2
+    out = sparsify(row, 2)
+    assert out[0, 1].isnan() and out[0, 2] == 3.0 and (out[0, [0, 3, 4, 5]] == 0).all()
+    finite = torch.tensor([[1.0, -float("inf"), 3.0, 2.0]])
+    assert torch.equal(topk_mask(finite, 2), torch.tensor([[False, True, True, False]]))

@@ -104,3 +104,41 @@ def test_callback_refuses_a_dense_model(tmp_path):
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=_data(4), callbacks=[QSparseCallback()])
     with pytest.raises(ValueError, match="import qsparse_hf"):
         trainer.train()
+
+
+def test_evaluation_sparsity_is_logged_apart_under_eval_keys(tmp_path):
+    # Eval logs carry eval_ keys only, train logs training numbers only, and the training totals count no eval token.
+    model = convert_to_qsparse(tiny_model("llama"), topk=0.5).train()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
+                             eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    callback = QSparseCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), eval_dataset=_data(4), callbacks=[callback])
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    trains = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(evals) == 2 and len(trains) == 2
+    for entry in evals:
+        assert entry["eval_sparsity/q_proj"] == pytest.approx(0.5)
+        assert not any(k.startswith("sparsity/") for k in entry)
+    for entry in trains:
+        assert entry["sparsity/q_proj"] == pytest.approx(0.5)
+        assert not any(k.startswith("eval_sparsity") for k in entry)
+    # The training totals (heatmap) hold training tokens only: 4 steps x 4 rows x 16 tokens.
+    q = next(c for name, c in callback._totals.items() if name.endswith("layers.0.self_attn.q_proj"))
+    assert q.elements == 4 * 4 * 16 * 64
+
+
+def test_counts_are_summed_over_processes(monkeypatch):
+    import torch.distributed as dist
+
+    model = convert_to_qsparse(tiny_model("llama"), topk=0.5)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 8)))
+    local = collect_counts(model)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))  # a second rank with the same counts
+    summed = collect_counts(model, across_processes=True)
+    for name, count in local.items():
+        assert (summed[name].zeros, summed[name].elements) == (2 * count.zeros, 2 * count.elements)

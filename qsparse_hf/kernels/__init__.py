@@ -3,15 +3,14 @@ the weight rows of kept input features.
 
 `QSparseLinear` uses them by itself on CUDA (bf16/fp16): the top-K kernel for every forward (training included,
 with the straight-through gradient) and the sparse GEMV for decode steps of at most
-`MAX_DECODE_TOKENS` tokens once the weight is stored input-major (`prepare_for_decode`, or lazily on the first
-eager decode step). Everything falls back to the reference path of `qsparse_hf.functional` elsewhere: on CPU, without
+`MAX_DECODE_TOKENS` tokens once the weights are stored for it (`prepare_for_decode`, or lazily at the first eager
+inference forward on the GPU: q/k/v and gate/up side by side, one launch per group). Everything falls back to the reference path of `qsparse_hf.functional` elsewhere: on CPU, without
 Triton, with ``QSPARSE_KERNELS=0``, or for options the kernels do not cover (block top-K, re-scaling, ste=False,
 quantized variants).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,13 +25,21 @@ _ENABLED = os.environ.get("QSPARSE_KERNELS", "1") != "0"
 _ON_CPU = os.environ.get("QSPARSE_KERNELS") == "interpret"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTABLE: bool | None = None
+
+
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+    # A plain global rather than functools.lru_cache: this runs inside compiled forwards, where Dynamo warns about
+    # (and traces through) lru_cache wrappers.
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTABLE = hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+        except ImportError:
+            _TRITON_IMPORTABLE = False
+    return _TRITON_IMPORTABLE
 
 
 def kernels_available(tensor: torch.Tensor | None = None) -> bool:
@@ -69,22 +76,26 @@ def set_kernels_enabled(enabled: bool, *, on_cpu: bool | None = None) -> bool:
 
 
 def is_input_major(weight: torch.Tensor) -> bool:
-    """True when an ``[out, in]`` weight is stored as its contiguous transpose (what the sparse GEMV reads).
+    """True when an ``[out, in]`` weight is stored input-major: its transpose is row-major (unit stride along the
+    outputs), as the sparse GEMV reads it. Rows may be padded, as for a member of a side-by-side block.
 
     Example:
-        >>> is_input_major(torch.empty(4, 8)), is_input_major(torch.empty(8, 4).t())
-        (False, True)
+        >>> is_input_major(torch.empty(4, 8)), is_input_major(torch.empty(8, 4).t()), is_input_major(torch.empty(8, 6)[:, :4].t())
+        (False, True, True)
     """
-    return weight.dim() == 2 and weight.t().is_contiguous()
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) >= weight.shape[0]
 
 
 def prepare_for_decode(model: torch.nn.Module) -> int:
-    """Store every `QSparseLinear` weight input-major, in place, so decode steps use the sparse GEMV.
+    """Store every `QSparseLinear` weight for the sparse decode GEMV, in place: input-major, and the linears that
+    read one input (q/k/v, gate/up) side by side in one block, so one launch serves each group.
 
-    The Parameter keeps its ``[out, in]`` shape, name and values; only its memory order changes (no extra copy stays
-    alive). Dense matmuls (prefill, training) read the transposed layout at the same speed, and ``state_dict`` /
-    ``save_pretrained`` write the usual contiguous weight. Call it before ``torch.compile`` or CUDA-graph capture;
-    in eager mode the first decode step does it lazily. Returns the number of weights re-laid.
+    Each Parameter keeps its ``[out, in]`` shape, name and values (it becomes a view of the block; no second copy
+    stays alive). Dense matmuls (prefill, training) read that layout at the same speed, and ``state_dict`` /
+    ``save_pretrained`` write ordinary contiguous weights. In eager mode the first inference forward on the GPU
+    does this lazily (so ``model.generate`` with transformers' compiled static cache finds it done by the eager
+    prefill); call it yourself before capturing a CUDA graph or compiling a forward that never ran eagerly.
+    Returns the number of weights re-laid (0 when everything is already in place).
 
     Example:
         >>> from qsparse_hf import QSparseLinear
@@ -94,10 +105,19 @@ def prepare_for_decode(model: torch.nn.Module) -> int:
         >>> prepare_for_decode(model), is_input_major(model[0].weight)
         (1, True)
     """
-    from ..layers import QSparseLinear
+    from ..layers import DecodeWeights, QSparseLinear
 
     count = 0
+    seen = set()
     for module in model.modules():
-        if isinstance(module, QSparseLinear) and module.to_input_major():
-            count += 1
+        sparsifier = getattr(module, "sparsifier", None)
+        if not isinstance(module, QSparseLinear) or id(sparsifier) in seen:
+            continue
+        seen.add(id(sparsifier))
+        weights = sparsifier.decode_weights
+        if weights is not None and weights.current():
+            continue
+        sparsifier.decode_weights = DecodeWeights.build(sparsifier.linears)
+        if sparsifier.decode_weights is not None:
+            count += len(sparsifier.linears)
     return count

@@ -4,7 +4,9 @@ The weight is used input-major (``W.T`` contiguous, one row of ``out_features`` 
 skipping an input feature skips one contiguous row of memory. A program owns ``BLOCK_N`` output columns and a slice
 of the input features (split-K); for each chunk of ``BLOCK_K`` features it loads the weight rows that at least one
 of the (few) tokens needs, with a predicated load that issues no memory traffic for the others. Partial sums are
-fp32; a second small kernel adds the splits and the bias and casts (skipped when there is a single split).
+fp32; with split-K the last split to finish a column block adds the partials (in a fixed order) and the bias in the
+same launch. Rows of the weight may be padded (``stride_w > out_features``): q/k/v or gate/up stored side by side
+are served by one launch over the whole block, or by one launch per member over its columns.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
+from .launch import FastKernel
 
-__all__ = ["GemvConfig", "sparse_gemv", "choose_config"]
+__all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
 
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wt_ptr, bias_ptr, out_ptr, tokens, n_out, n_in, stride_x, stride_w, stride_out,
-    ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, tokens, n_out, n_in, stride_x, stride_w,
+    stride_out, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -31,52 +34,63 @@ def _sparse_gemv_kernel(
     toks = tl.arange(0, TOKENS_PAD)
     tok_ok = toks < tokens
     start = pid_s * ROWS_PER_SPLIT  # ROWS_PER_SPLIT is a multiple of BLOCK_K: splits never overlap
+    zeros = 0
     if TOKENS_PAD == 1:
         # One token: accumulate elementwise into a [BLOCK_K, BLOCK_N] tile and reduce once at the end, so the loop
         # body has no cross-thread reduction; x is loaded in the tile's own layout (no shuffles).
         tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
             rows = start + k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None], mask=rows[:, None] < n_in, other=0.0)
+            row_ok = rows[:, None] < n_in
+            x = tl.load(x_ptr + rows[:, None], mask=row_ok, other=0.0)
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=(x != 0) & col_ok[None, :], other=0.0)
             tile += x.to(tl.float32) * w.to(tl.float32)
+            if COUNT_ZEROS:
+                zeros += tl.sum(((x == 0) & row_ok).to(tl.int32))
         acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
     else:
         acc = tl.zeros([TOKENS_PAD, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
             rows = start + k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :],
-                        mask=tok_ok[:, None] & (rows[None, :] < n_in), other=0.0)
+            x_ok = tok_ok[:, None] & (rows[None, :] < n_in)
+            x = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :], mask=x_ok, other=0.0)
             needed = tl.max((x != 0).to(tl.int32), axis=0) > 0  # rows any token needs: the union is read
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=needed[:, None] & col_ok[None, :], other=0.0)
             # bf16/fp16 values are exact in tf32, so the fp32 dot loses nothing (and Triton's CPU interpreter
             # mishandles bf16 dots).
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
+            if COUNT_ZEROS:
+                zeros += tl.sum(tl.sum(((x == 0) & x_ok).to(tl.int32), axis=1), axis=0)
+    if COUNT_ZEROS:
+        if pid_n == 0:  # every column block reads the same inputs: one of them counts
+            tl.atomic_add(zeros_ptr, zeros.to(tl.int64))
     out_mask = tok_ok[:, None] & col_ok[None, :]
+    out_ptrs = out_ptr + toks[:, None] * stride_out + cols[None, :]
     if SPLIT == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + toks[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-    else:  # out_ptr is the fp32 workspace [SPLIT, tokens, n_out]
-        base = out_ptr + pid_s * tokens * n_out
-        tl.store(base + toks[:, None] * n_out + cols[None, :], acc, mask=out_mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Split-K in one launch: every split writes its fp32 partial, and the last split of this column block to
+        # arrive (an atomic ticket) adds all partials in split order -- the same order whichever program is last,
+        # so the result is deterministic -- then re-arms the ticket for the next launch.
+        part = part_ptr + toks[:, None] * n_out + cols[None, :]
+        tl.store(part + pid_s * tokens * n_out, acc, mask=out_mask)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:
+            total = tl.zeros([TOKENS_PAD, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                total += tl.load(part + s * tokens * n_out, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(sem_ptr + pid_n, 0)
 
 
-@triton.jit
-def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, tokens, n_out, stride_out, SPLIT: tl.constexpr,
-                       BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr):
-    tok = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < n_out
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + (s * tokens + tok) * n_out + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tok * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+_sparse_gemv_launch = FastKernel(_sparse_gemv_kernel)
 
 
 class GemvConfig(tuple):
@@ -145,31 +159,58 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True) ->
     return best
 
 
-def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
+_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
+
+
+def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device split-K tickets, all zero between launches (each launch re-arms the ones it used). Launches on one
+    stream never overlap, so they can share them; the buffer only grows, outside graph capture."""
+    tickets = _SEMAPHORES.get(device)
+    if tickets is None or tickets.numel() < count:
+        if _capturing(device):
+            raise RuntimeError("the sparse GEMV must run once before CUDA-graph capture (it allocates its tickets)")
+        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[device] = tickets
+    return tickets
+
+
+def prepare_weight(weight_t: torch.Tensor) -> None:
+    """Do, outside any graph capture, what the first launch on ``weight_t`` would otherwise do inside one: allocate
+    the split-K tickets and tune the one-token launch configuration (CUDA graph pools must not own either)."""
+    n_in, n_out = weight_t.shape
+    _semaphores(weight_t.device, triton.cdiv(n_out, 32))
+    choose_config(torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device), weight_t)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
+            zeros: torch.Tensor | None = None) -> torch.Tensor:
     block_n, block_k, split, num_warps, num_stages = config
     tokens = x.shape[0]
     n_in, n_out = weight_t.shape
     out = torch.empty(tokens, n_out, dtype=x.dtype, device=x.device)
     tokens_pad = 1 if tokens == 1 else 16
     rows_per_split = triton.cdiv(triton.cdiv(n_in, split), block_k) * block_k
-    target = out if split == 1 else torch.empty(split, tokens, n_out, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n_out, block_n), split)
-    _sparse_gemv_kernel[grid](
-        x, weight_t, bias if bias is not None else x, target, tokens, n_out, n_in, x.stride(0), weight_t.stride(0),
-        out.stride(0), ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-        NUM_STAGES=num_stages, HAS_BIAS=bias is not None, num_warps=num_warps,
-    )
+    col_blocks = triton.cdiv(n_out, block_n)
     if split > 1:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(n_out, block), tokens)](
-            target, bias if bias is not None else x, out, tokens, n_out, out.stride(0), SPLIT=split, BLOCK=block,
-            HAS_BIAS=bias is not None, num_warps=4,
-        )
+        partials = torch.empty(split, tokens, n_out, dtype=torch.float32, device=x.device)
+        tickets = _semaphores(x.device, col_blocks)
+    else:
+        partials = tickets = out
+    _sparse_gemv_launch(
+        (col_blocks, split), x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros, tokens,
+        n_out, n_in, x.stride(0), weight_t.stride(0), out.stride(0), ROWS_PER_SPLIT=rows_per_split,
+        TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages,
+        HAS_BIAS=bias is not None, COUNT_ZEROS=zeros is not None, num_warps=num_warps,
+    )
     return out
 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
-                config: GemvConfig | None = None) -> torch.Tensor:
+                config: GemvConfig | None = None, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
 
     Args:
@@ -177,6 +218,8 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         weight_t: ``[in_features, out_features]`` contiguous: the transposed ``nn.Linear`` weight.
         bias: optional ``[out_features]``.
         config: launch configuration; by default `choose_config` picks (and caches) one.
+        zeros: optional int64 scalar tensor; the number of zeros in ``x`` is added to it in the same launch (how
+            the sparsity counters measure decode steps without a kernel of their own).
 
     Example:
         >>> w = torch.randn(4, 256)  # doctest: +SKIP
@@ -187,6 +230,6 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
     if x.dim() != 2 or x.shape[0] > MAX_DECODE_TOKENS:
         raise ValueError(f"sparse_gemv takes [tokens <= {MAX_DECODE_TOKENS}, in_features], got {tuple(x.shape)}")
     if weight_t.stride(-1) != 1 or x.shape[1] != weight_t.shape[0]:
-        raise ValueError("weight_t must be a contiguous [in_features, out_features] tensor matching x")
+        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _launch(x, weight_t, bias, config or choose_config(x, weight_t))
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros)

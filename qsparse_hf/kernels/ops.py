@@ -4,6 +4,9 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
 - ``qsparse::sparse_linear(x, weight_t, bias)``: ``x @ weight_t + bias`` reading only the weight rows of non-zero
   inputs, for at most `MAX_DECODE_TOKENS` tokens (inference only).
+
+In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
+otherwise be a large share of an eager decode step.
 """
 
 from __future__ import annotations
@@ -50,19 +53,44 @@ def _(x, weight_t, bias):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 
-def topk_sparsify(x: torch.Tensor, k: int) -> torch.Tensor:
+class _TopKStraightThrough(torch.autograd.Function):
+    """Eager training: the kernel forward (counting zeros on the way), the straight-through backward."""
+
+    @staticmethod
+    def forward(ctx, x, k, zeros):
+        return topk_sparsify_rows(x, k, zeros)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def topk_sparsify(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """Top-K of ``|x|`` per token through the Triton kernel, with the straight-through gradient.
+
+    Under ``torch.compile`` this is the ``qsparse::topk_sparsify`` op; in eager mode the kernel is launched
+    directly (no dispatcher round trip: eager decode is bound by per-call overhead), and ``zeros`` (an int64
+    scalar tensor) receives the count of zeros written.
 
     Example:
         >>> x = torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16)  # doctest: +SKIP
         >>> topk_sparsify(x.cuda(), 2)  # doctest: +SKIP
         tensor([[ 0., -2.,  1.,  0.]], device='cuda:0', dtype=torch.bfloat16)
     """
-    return _topk_sparsify(x, k)
+    if torch.compiler.is_compiling():
+        return _topk_sparsify(x, k)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TopKStraightThrough.apply(x, k, zeros)
+    return topk_sparsify_rows(x, k, zeros)
 
 
-def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                  zeros: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight_t.T, bias)`` for up to `MAX_DECODE_TOKENS` tokens, reading only the needed weight rows.
+
+    ``weight_t`` is ``[in_features, out_features]`` with unit column stride (its rows may be padded: a slice of a
+    side-by-side block). Under ``torch.compile`` this is the ``qsparse::sparse_linear`` op; in eager mode the kernel
+    is launched directly, and ``zeros`` receives the count of zeros in ``x``. Inference only.
 
     Example:
         >>> w = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -72,4 +100,7 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
     """
     if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
         raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
-    return _sparse_linear(x, weight_t, bias)
+    if torch.compiler.is_compiling():
+        return _sparse_linear(x, weight_t, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    return sparse_gemv(rows, weight_t, bias, zeros=zeros).reshape(*x.shape[:-1], weight_t.shape[1])

@@ -4,7 +4,8 @@
 Here one program owns one row: it reads it once into registers, finds the K-th largest magnitude bit by bit from
 the magnitude's bit pattern (a radix select: fifteen counting passes over registers, no sorting), keeps ties at the
 threshold in index order (exactly K survive, the same mask as `qsparse_hf.functional.topk_mask`) and writes the
-sparse row.
+sparse row. NaN ranks as infinity (so it is kept and propagates, as through a dense matmul). When asked, the program
+also adds the zeros it wrote to an int64 counter (one atomic per row), so measuring sparsity costs no extra kernel.
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .launch import FastKernel
 
 __all__ = ["topk_sparsify_rows"]
 
@@ -31,29 +34,42 @@ def _kth_largest_key(key, k):
 
 
 @triton.jit
-def _topk_rows_kernel(x_ptr, out_ptr, dim, k, stride_x, stride_out, BLOCK: tl.constexpr):
+def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, dim, k, stride_x, stride_out, INF_KEY: tl.constexpr,
+                      BLOCK: tl.constexpr, COUNT_ZEROS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it.
-    key = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+    # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it. Every NaN
+    # pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by index), as in the reference.
+    key = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
     threshold = _kth_largest_key(key, k)
     greater = key > threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
     keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
     tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
+    if COUNT_ZEROS:
+        nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
+        tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
+
+
+_topk_rows_launch = FastKernel(_topk_rows_kernel)
 
 
 def _num_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
 
-def topk_sparsify_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+_INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> torch.Tensor:
     """Zero all but the ``k`` largest ``|x|`` of every row (last dimension) of a bf16/fp16 tensor.
 
-    Same result as ``x * functional.topk_mask(x, k)``, bit for bit (ties at the threshold kept lowest index first).
+    Same result as ``x * functional.topk_mask(x, k)``, bit for bit (ties at the threshold kept lowest index first,
+    NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
+    is added to it in the same launch.
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -71,7 +87,8 @@ def topk_sparsify_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty_like(rows)
     if rows.shape[0]:
         block = triton.next_power_of_2(dim)
-        _topk_rows_kernel[(rows.shape[0],)](
-            rows, out, dim, k, rows.stride(0), out.stride(0), BLOCK=block, num_warps=_num_warps(block)
+        _topk_rows_launch(
+            (rows.shape[0],), rows, out, rows if zeros is None else zeros, dim, k, rows.stride(0), out.stride(0),
+            INF_KEY=_INF_KEY[x.dtype], BLOCK=block, COUNT_ZEROS=zeros is not None, num_warps=_num_warps(block)
         )
     return out.reshape(x.shape)
