@@ -102,6 +102,8 @@ def _load(model_id: str, dtype: str, topk: float | None = None, ffn_topk: float 
 
 def _read_text(path: str) -> str:
     """A plain UTF-8 text file's contents; empty, binary or unreadable files are bad input."""
+    if not Path(path).exists():
+        raise CliError(f"cannot read text file {path!r}: not found")
     try:
         raw = Path(path).read_bytes()
     except OSError as err:
@@ -118,7 +120,7 @@ def _read_text(path: str) -> str:
 
 
 #: report --text-file: each sample gets at least this many characters.
-MIN_SAMPLE_CHARS = 200
+MIN_SAMPLE_CHARS = 64
 
 
 def _writable_file(path: str, flag: str) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "is_qsparse_model",
     "qsparse_modules",
     "layout_for",
+    "dense_matmul_modules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,67 @@ def convert_to_qsparse(
         )
     model._qsparse_config = config
     _attach_to_transformers(model, config)
+    _warn_dense_parts(model, config)
     return model
+
+
+def _adapter_module_names(model: nn.Module) -> set[str]:
+    """Names of the modules inside peft adapter layers other than their wrapped ``base_layer``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for sub, _ in module.named_modules():
+                if sub and not sub.startswith("base_layer"):
+                    names.add(f"{name}.{sub}")
+    return names
+
+
+def dense_matmul_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, weights)`` of every module that multiplies activations with a weight of its own (a 2-D or
+    higher parameter) and was not converted: the output head, routers, fused MoE experts (3-D weights), GPT-2's
+    Conv1D, ... Embedding tables (a lookup) and peft adapter layers are not listed.
+
+    Example:
+        >>> [name for name, _, _ in dense_matmul_modules(nn.Sequential(nn.Linear(4, 4)))]
+        ['0']
+    """
+    adapter_parts = _adapter_module_names(model)
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (QSparseLinear, nn.Embedding)) or name in adapter_parts:
+            continue
+        weights = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+        if weights:
+            found.append((name, module, weights))
+    return found
+
+
+def _warn_dense_parts(model: nn.Module, config: QSparseConfig) -> None:
+    # Nothing is left dense without a word: name every matmul that is not sparsified (lm_head excluded on purpose
+    # by default is said once at debug level only).
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    dense = [(name, module, n) for name, module, n in dense_matmul_modules(model)
+             if not (module is head and "lm_head" in config.exclude_modules)
+             and not config.matches(name, config.exclude_modules)]
+    if not dense:
+        return
+    kinds: dict[str, list[str]] = {}
+    for name, module, _ in dense:
+        kinds.setdefault(type(module).__name__, []).append(name)
+    total = sum(n for _, _, n in dense_matmul_modules(model)) + sum(
+        m.weight.numel() for _, m in qsparse_modules(model) if isinstance(m, QSparseLinear))
+    share = sum(n for _, _, n in dense) / total if total else 0.0
+    listed = "; ".join(f"{kind} x{len(names)} (e.g. {names[0]})" for kind, names in kinds.items())
+    warnings.warn(
+        f"convert_to_qsparse left {len(dense)} matmul module(s) of {type(model).__name__} dense "
+        f"({100 * share:.1f}% of its matrix weights): {listed}. They are not nn.Linear, so Q-Sparse does not "
+        f"sparsify their inputs; sparsity_report counts them as dense.",
+        stacklevel=3,
+    )
 
 
 def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
@@ -225,8 +286,11 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
         )
         return groups.setdefault((parent, group, candidate.settings()), candidate)
 
+    adapter_parts = _adapter_module_names(model)
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        # nn.Linear and its subclasses (falcon's FalconLinear, routers built on it); never a peft adapter's own
+        # A/B linears, which belong to the adapter, not to the model being sparsified.
+        if not isinstance(module, nn.Linear) or isinstance(module, QSparseLinear) or name in adapter_parts:
             continue
         excluded = config.matches(name, config.exclude_modules)
         if excluded is None and module is output_head and "lm_head" in config.exclude_modules:

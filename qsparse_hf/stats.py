@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .convert import is_qsparse_model, qsparse_modules
+from .convert import dense_matmul_modules, is_qsparse_model, qsparse_modules
 from .layers import QSparseLinear
 
 __all__ = [
@@ -117,7 +117,8 @@ class SparsityReport:
         per_layer: the same, per decoder layer.
         overall: parameter-weighted sparsity of the converted linears: ``1 − activated / total`` over them.
         activated_params: weights actually multiplied per token: each converted linear counts
-            ``weight.numel() · (1 − its input sparsity)``; linears left dense (``lm_head``) count fully.
+            ``weight.numel() · (1 − its input sparsity)``; matmuls left dense (``lm_head``, routers, fused MoE
+            experts: see ``dense_parts``) count fully.
             Embedding tables are not counted (a lookup reads one row).
         linear_params: all linear weights (converted and dense), the denominator of ``activated_fraction``.
         tokens: token vectors seen by the first converted linear.
@@ -130,6 +131,8 @@ class SparsityReport:
     linear_params: int
     tokens: int
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Matrix weights multiplied dense for every token, by module type (lm_head's ``Linear``, MoE experts, ...).
+    dense_parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def activated_fraction(self) -> float:
@@ -183,6 +186,7 @@ class SparsityReport:
             "linear_params": self.linear_params,
             "activated_fraction": self.activated_fraction,
             "tokens": self.tokens,
+            "dense_parts": self.dense_parts,
         }
 
     def to_logs(self, per_layer: bool = False) -> dict[str, float]:
@@ -219,6 +223,9 @@ class SparsityReport:
             f"activated linear params: {_human(self.activated_params)} of {_human(self.linear_params)} "
             f"({100 * self.activated_fraction:.1f}%), over {self.tokens} tokens"
         )
+        if self.dense_parts:
+            parts = ", ".join(f"{kind} {_human(n)}" for kind, n in sorted(self.dense_parts.items()))
+            lines.append(f"left dense (counted in full): {parts}")
         return "\n".join(lines)
 
 
@@ -238,8 +245,10 @@ def _human(n: float) -> str:
 
 
 def dense_linear_params(model: nn.Module) -> int:
-    """Weights of the linears that were left dense (``lm_head`` by default)."""
-    return sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear)
+    """Matrix weights left dense and multiplied for every token: ``lm_head`` by default, and whatever the
+    conversion could not sparsify (routers and fused MoE experts, counted in full; see
+    `qsparse_hf.convert.dense_matmul_modules`)."""
+    return sum(weights for _, _, weights in dense_matmul_modules(model))
 
 
 def sparsity_report(model: nn.Module, input_ids: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> SparsityReport:
@@ -268,4 +277,14 @@ def sparsity_report(model: nn.Module, input_ids: torch.Tensor | Mapping[str, tor
         finally:
             model.train(was_training)
     counts = collect_counts(model)
-    return SparsityReport.from_counts(counts, dense_linear_params(model))
+    report = SparsityReport.from_counts(counts, dense_linear_params(model))
+    report.dense_parts = dense_parts(model)
+    return report
+
+
+def dense_parts(model: nn.Module) -> dict[str, int]:
+    """Matrix weights left dense, by module type (``{"Linear": ..., "MixtralExperts": ...}``)."""
+    parts: dict[str, int] = defaultdict(int)
+    for _, module, weights in dense_matmul_modules(model):
+        parts[type(module).__name__] += weights
+    return dict(parts)

@@ -249,3 +249,52 @@ def test_a_forward_on_the_meta_device_counts_nothing():
         torch.nn.init.normal_(p, std=0.02)
     report = sparsity_report(model, torch.randint(3, 128, (1, 4)))
     assert report.per_projection["q"] == pytest.approx(0.5)
+
+
+def test_moe_experts_left_dense_are_named_and_counted_in_full():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from qsparse_hf import sparsity_report
+
+    model = AutoModelForCausalLM.from_config(MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64, num_local_experts=4))
+    with pytest.warns(UserWarning, match=r"left 2 matmul module\(s\).*MixtralExperts.*mlp\.experts"):
+        convert_to_qsparse(model, topk=0.5)
+    report = sparsity_report(model, torch.randint(0, 64, (1, 8)))
+    experts = model.model.layers[0].mlp.experts
+    assert report.dense_parts["MixtralExperts"] == sum(p.numel() for p in experts.parameters())
+    converted = sum(m.weight.numel() for m in model.modules() if isinstance(m, QSparseLinear))
+    dense = sum(report.dense_parts.values())
+    assert report.activated_params == pytest.approx(dense + 0.5 * converted, abs=1)
+    assert "left dense" in str(report) and "MixtralExperts" in str(report)
+
+
+def test_nn_linear_subclasses_are_converted_and_peft_adapters_skipped():
+    peft = pytest.importorskip("peft")
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyLinear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    convert_to_qsparse(model, topk=0.5)
+    assert isinstance(model[0], QSparseLinear) and isinstance(model[2], QSparseLinear)
+
+    base = tiny_model("llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    convert_to_qsparse(lora.base_model.model, topk=0.5)
+    names = [n for n, m in lora.named_modules() if isinstance(m, QSparseLinear)]
+    assert any(n.endswith("q_proj.base_layer") for n in names)
+    assert not any("lora_" in n for n in names)
+
+
+def test_right_padding_and_batch_neighbours_do_not_change_a_tokens_output():
+    model = convert_to_qsparse(tiny_model("llama"), topk=0.5)
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.no_grad():
+        alone = model(ids[:1]).logits
+        batched = model(ids).logits[:1]
+        padded = torch.cat([ids[:1], torch.zeros(1, 3, dtype=torch.long)], dim=1)
+        mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], dim=1).long()
+        right = model(padded, attention_mask=mask).logits[:, :7]
+    assert torch.allclose(alone, batched, atol=1e-5) and torch.allclose(alone, right, atol=1e-5)

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
-from .launch import FastKernel
 
 __all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
 
@@ -88,9 +87,6 @@ def _sparse_gemv_kernel(
                 total += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(sem_ptr + pid_n, 0)
-
-
-_sparse_gemv_launch = FastKernel(_sparse_gemv_kernel)
 
 
 class GemvConfig(tuple):
@@ -200,8 +196,8 @@ def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, 
         tickets = _semaphores(x.device, col_blocks)
     else:
         partials = tickets = out
-    _sparse_gemv_launch(
-        (col_blocks, split), x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros, tokens,
+    _sparse_gemv_kernel[(col_blocks, split)](
+        x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros, tokens,
         n_out, n_in, x.stride(0), weight_t.stride(0), out.stride(0), ROWS_PER_SPLIT=rows_per_split,
         TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages,
         HAS_BIAS=bias is not None, COUNT_ZEROS=zeros is not None, num_warps=num_warps,

@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FastKernel
-
 __all__ = ["topk_sparsify_rows"]
 
 
@@ -54,9 +52,6 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, dim, k, stride_x, stride_out, I
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
 
-_topk_rows_launch = FastKernel(_topk_rows_kernel)
-
-
 def _num_warps(block: int) -> int:
     return max(4, min(16, block // 1024))
 
@@ -87,8 +82,8 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     out = torch.empty_like(rows)
     if rows.shape[0]:
         block = triton.next_power_of_2(dim)
-        _topk_rows_launch(
-            (rows.shape[0],), rows, out, rows if zeros is None else zeros, dim, k, rows.stride(0), out.stride(0),
+        _topk_rows_kernel[(rows.shape[0],)](
+            rows, out, rows if zeros is None else zeros, dim, k, rows.stride(0), out.stride(0),
             INF_KEY=_INF_KEY[x.dtype], BLOCK=block, COUNT_ZEROS=zeros is not None, num_warps=_num_warps(block)
         )
     return out.reshape(x.shape)
