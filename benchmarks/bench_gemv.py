@@ -2,7 +2,8 @@
 
 Prints a Markdown table and writes gemv.json. Each timing is the median over CUDA-graph replays, rotating through
 enough weight copies that nothing is served from L2. "sparse" includes the top-K selection; "gemv only" is the
-sparse GEMV on an already sparse input. GB/s counts the bytes actually touched (kept weight rows, x, y).
+sparse GEMV on an already sparse input. With one token both go the way the model's decode path does: the top-K
+kernel also lists the kept features and the GEMV reads exactly those weight rows. GB/s counts the bytes actually touched (kept weight rows, x, y).
 
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
 """
@@ -58,14 +59,24 @@ def main(argv=None) -> int:
         dense_gbs = (weight_bytes + 2 * args.tokens * (n_in + n_out)) / dense_us / 1e3
         for keep in KEEPS:
             k = keep_count(keep, n_in)
-            sparse_xs = [topk_sparsify_rows(x, k) for x in xs]
+            gather = args.tokens == 1 and k < n_in
+            selected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
+            sparse_xs = [x for x, _ in selected]
+            kept = [rows if gather else None for _, rows in selected]
             ref = F.linear(sparse_xs[0].double(), weights[0].double())
-            out = sparse_gemv(sparse_xs[0], weights_t[0])
+            out = sparse_gemv(sparse_xs[0], weights_t[0], kept=kept[0])
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            config = choose_config(sparse_xs[0], weights_t[0])
-            gemv_us = graph_time_us(lambda i: sparse_gemv(sparse_xs[i % copies], weights_t[i % copies], config=config))
+            config = choose_config(sparse_xs[0], weights_t[0], rows=k if gather else None)
+            gemv_us = graph_time_us(lambda i: sparse_gemv(sparse_xs[i % copies], weights_t[i % copies], config=config,
+                                                          kept=kept[i % copies]))
             if k >= n_in:  # keep 1.0: the model skips the top-K (it is the identity), so the GEMV is all there is
                 full_us = gemv_us
+            elif gather:
+                def step(i):
+                    x_sparse, rows = topk_sparsify_rows(xs[i % copies], k, indices=True)
+                    return sparse_gemv(x_sparse, weights_t[i % copies], config=config, kept=rows)
+
+                full_us = graph_time_us(step)
             else:
                 full_us = graph_time_us(lambda i: sparse_gemv(topk_sparsify_rows(xs[i % copies], k),
                                                               weights_t[i % copies], config=config))

@@ -391,6 +391,8 @@ def _skip_redundant_down_topk(ffn: nn.Module, layout, act_sparsifier: InputSpars
             down.in_features
         ):
             own.input_within_topk = True
+            own.source = act_sparsifier
+            act_sparsifier.publishes_kept = True
 
 
 def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:

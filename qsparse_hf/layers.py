@@ -147,6 +147,15 @@ class InputSparsifier:
         #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
         #: after a top-K activation): the top-K is then the identity and is skipped.
         self.input_within_topk = False
+        #: The activation's sparsifier whose kept features bound this input (down_proj after a top-K activation,
+        #: set with ``input_within_topk``): on one-token decode steps its list of kept features is exactly the
+        #: list of weight rows the GEMV has to read, so no selection runs here.
+        self.source: InputSparsifier | None = None
+        #: Whether one-token inference forwards publish the kept features in `kept` (an activation that a
+        #: down_proj's sparsifier names as its `source`).
+        self.publishes_kept = False
+        self.kept: torch.Tensor | None = None
+        self._kept_width = 0
         self.decode_weights: DecodeWeights | None = None
         self._clear()
 
@@ -175,16 +184,33 @@ class InputSparsifier:
             and kernels.kernels_available(x)
         )
 
-    def _sparsify(self, x: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
-        """The sparse input, and whether its zeros were added to ``zeros`` on the way."""
+    def _sparsify(self, x: torch.Tensor, zeros: torch.Tensor | None,
+                  select: bool = False) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """The sparse input, whether its zeros were added to ``zeros`` on the way, and (``select``: an inference
+        forward, the kernel path) the list of kept features, else None."""
         if self.activation_bits is not None:
             x = QF.absmax_quantize(x, bits=self.activation_bits, ste=self.ste)
         k = self.keep(x.shape[-1])
         if self.input_within_topk or (self.block_size is None and k >= x.shape[-1]):
-            return x, False
+            return x, False, None
         if self.uses_kernel(x):
-            return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None
-        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale), False
+            if select:
+                out, kept = _kernel_ops().topk_select(x, k, zeros)
+                return out, zeros is not None, kept
+            return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None, None
+        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale), False, None
+
+    @staticmethod
+    def _one_token_inference(x: torch.Tensor) -> bool:
+        return x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The source activation's kept features for this one-token input (used once), or None."""
+        source = self.source
+        if source is None or source.kept is None:
+            return None
+        kept, source.kept = source.kept, None
+        return kept if source._kept_width == x.shape[-1] and kept.device == x.device else None
 
     def _cached(self, x: torch.Tensor, compiling: bool):
         # Under torch.compile the identity test is traced (Dynamo keeps the cache's side effects), so one op serves
@@ -212,7 +238,10 @@ class InputSparsifier:
         if out is None:
             counting = self.counter.active(x)
             zeros = self.counter.accumulator(x.device, training) if counting else None
-            out, counted = self._sparsify(x, zeros)
+            select = self.publishes_kept and self._one_token_inference(x)
+            out, counted, kept = self._sparsify(x, zeros, select)
+            if self.publishes_kept:
+                self.kept, self._kept_width = kept, x.shape[-1]
             if counting:
                 self.counter.add(out, already_added=counted, training=training)
             self._remember(x, out, compiling)
@@ -231,6 +260,8 @@ class InputSparsifier:
             or not kernels.kernels_available(x)
         ):
             return False
+        if self._input is x and isinstance(self._output, tuple):  # a sibling already ran this input's decode step
+            return True
         weights = self.decode_weights
         if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             if weights is None or not weights.current():
@@ -245,10 +276,13 @@ class InputSparsifier:
         if outputs is None:
             counting = self.counter.active(x)
             zeros = self.counter.accumulator(x.device, linear.training) if counting else None
-            x_sparse, counted = self._sparsify(x, zeros)
+            one_token = x.numel() == x.shape[-1]
+            x_sparse, counted, kept = self._sparsify(x, zeros, select=one_token)
+            if one_token and self.input_within_topk:
+                kept = self._take_source_kept(x)
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             gemv_zeros = zeros if counting and not counted else None
-            outputs = self.decode_weights.multiply(x_sparse, gemv_zeros)
+            outputs = self.decode_weights.multiply(x_sparse, gemv_zeros, kept)
             if counting:
                 self.counter.add(x_sparse, zeros, already_added=True, training=linear.training)
             self._remember(x, outputs, compiling)
@@ -283,7 +317,9 @@ class DecodeWeights:
         if weight_t.is_cuda:
             from .kernels.gemv import prepare_weight
 
-            prepare_weight(weight_t)
+            sparsifier = linears[0].sparsifier
+            selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
+            prepare_weight(weight_t, rows=None if selecting is None else selecting.keep(weight_t.shape[0]))
 
     def _storage_pointers(self) -> tuple:
         return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears)
@@ -332,9 +368,11 @@ class DecodeWeights:
                 start += width
         return cls(linears, block, bias, widths)
 
-    def multiply(self, x_sparse: torch.Tensor, zeros: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """Every member's output for an already sparse input: one GEMV, split into per-member views."""
-        out = _kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros)
+    def multiply(self, x_sparse: torch.Tensor, zeros: torch.Tensor | None = None,
+                 kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every member's output for an already sparse input (with ``kept``, the list of its kept features: only
+        those weight rows are read): one GEMV, split into per-member views."""
+        out = _kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros, kept)
         if len(self.widths) == 1:
             return (out,)
         return tuple(out.split(self.widths, dim=-1))

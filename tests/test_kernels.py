@@ -45,10 +45,28 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k):
     x[0] = x[0, 0]  # every magnitude tied: ties must go to the lowest indices
     x[1, ::3] = 0  # many exact zeros
     x[2, : dim // 2] = -x[2, dim // 2 : 2 * (dim // 2)]  # ± pairs have equal magnitude
-    out = topk_sparsify_rows(x, k)
-    expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
+    out, kept = topk_sparsify_rows(x, k, indices=True)
+    mask = topk_mask(x, k)
+    expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
     assert torch.equal(out, expected)
+    assert torch.equal(topk_sparsify_rows(x, k), expected)
     assert ((out != 0) | (x == 0)).sum(-1).ge(k).all()
+    # The kept list: exactly the mask's positions, ascending.
+    assert kept.dtype == torch.int32 and kept.shape == (6, k)
+    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_kernel_on_extreme_magnitudes(dtype):
+    # The two-digit radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
+    # only in the low digit, and a K-th value alone in its high-digit bin.
+    info = torch.finfo(dtype)
+    values = [info.tiny / 4, info.tiny, info.max, float("inf"), -float("inf"), 1.0, 1.0078125, -1.015625, 2.0, 0.0]
+    x = torch.tensor(values * 30, device=DEV).to(dtype).reshape(3, 100)
+    x[1] = x[1].flip(0)
+    for k in (1, 3, 17, 50, 99, 100):
+        expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
+        assert torch.equal(topk_sparsify_rows(x, k), expected), k
 
 
 def test_topk_kernel_keeps_leading_shape_and_checks_input():
@@ -79,6 +97,28 @@ def test_sparse_gemv_matches_float64(dtype, tokens, config):
     out = sparse_gemv(x, weight_t, bias, config=config)
     assert out.dtype == dtype and out.shape == (tokens, n_out)
     assert _rel_err(out, x.double() @ weight_t.double() + bias.double()) < 1e-2
+
+
+@pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 32, 3)])
+def test_sparse_gemv_gathers_exactly_the_kept_rows(config):
+    # One token with the list of its kept features: only those rows are read (the others are NaN here), and the
+    # zero count covers the whole input (listed zeros plus everything not listed).
+    n_in, n_out, k = 300, 96, 110
+    x = torch.randn(1, n_in, device=DEV).to(torch.bfloat16)
+    x[0, ::9] = 0
+    x_sparse, kept = topk_sparsify_rows(x, k, indices=True)
+    block = torch.randn(n_in, 150, device=DEV, dtype=torch.bfloat16)
+    block[x_sparse[0] == 0] = float("nan")
+    weight_t = block[:, 20:116]
+    bias = torch.randn(n_out, device=DEV, dtype=torch.bfloat16)
+    zeros = torch.zeros((), dtype=torch.int64, device=DEV)
+    out = sparse_gemv(x_sparse, weight_t, bias, config=config, zeros=zeros, kept=kept)
+    rows = kept[0].long()
+    expected = x_sparse[:, rows].double() @ weight_t[rows].double() + bias.double()
+    assert torch.isfinite(out).all() and _rel_err(out, expected) < 1e-2
+    assert int(zeros) == int((x_sparse == 0).sum())
+    with pytest.raises(ValueError, match="int32"):
+        sparse_gemv(x_sparse.expand(2, -1), weight_t, kept=kept)
 
 
 def test_sparse_gemv_really_skips_zero_rows():
@@ -212,8 +252,15 @@ def _count_kernel_calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
+    plain_gemv = ops.sparse_gemv
+
+    def gemv(*args, kept=None, **kwargs):
+        calls["gathered"] += kept is not None
+        return plain_gemv(*args, kept=kept, **kwargs)
+
+    calls["gathered"] = 0
     monkeypatch.setattr(ops, "topk_sparsify_rows", counted("topk", ops.topk_sparsify_rows))
-    monkeypatch.setattr(ops, "sparse_gemv", counted("gemv", ops.sparse_gemv))
+    monkeypatch.setattr(ops, "sparse_gemv", counted("gemv", gemv))
     return calls
 
 
@@ -228,8 +275,9 @@ def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, monkeypatch
         model(ids)
     layers = model.config.num_hidden_layers
     # q/k/v input, o input, FFN input, activation output: 4 selections (down's is skipped: its input is already
-    # top-K sparse); GEMVs: q/k/v as one (or phi3's fused qkv), o, gate/up as one, down.
-    assert calls == {"topk": 4 * layers, "gemv": 4 * layers}
+    # top-K sparse); GEMVs: q/k/v as one (or phi3's fused qkv), o, gate/up as one, down -- each reading only the
+    # listed kept rows (down reads the activation's list).
+    assert calls == {"topk": 4 * layers, "gemv": 4 * layers, "gathered": 4 * layers}
 
 
 def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
@@ -318,7 +366,7 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
         compiled(ids)
         calls = _count_kernel_calls(monkeypatch)
         out = compiled(ids).logits
-    assert calls == {"topk": 8, "gemv": 8}
+    assert calls == {"topk": 8, "gemv": 8, "gathered": 8}
     assert _rel_err(out, eager) < 2e-2
 
 

@@ -22,9 +22,10 @@ __all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, tokens, n_out, n_in, stride_x, stride_w,
-    stride_out, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
+    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, tokens, n_out, n_in, n_rows, stride_x,
+    stride_w, stride_out, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -34,7 +35,25 @@ def _sparse_gemv_kernel(
     tok_ok = toks < tokens
     start = pid_s * ROWS_PER_SPLIT  # ROWS_PER_SPLIT is a multiple of BLOCK_K: splits never overlap
     zeros = 0
-    if TOKENS_PAD == 1:
+    if GATHER:
+        # One token with its kept features listed (ascending): the loop runs over the n_rows listed rows only, so
+        # every load moves data -- no predicated-off rows holding the memory pipeline.
+        tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
+            slots = start + k0 + tl.arange(0, BLOCK_K)
+            slot_ok = slots < n_rows
+            rows = tl.load(index_ptr + slots, mask=slot_ok, other=0)
+            x = tl.load(x_ptr + rows, mask=slot_ok, other=0.0)
+            w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
+                        mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+            tile += x.to(tl.float32)[:, None] * w.to(tl.float32)
+            if COUNT_ZEROS:
+                zeros += tl.sum(((x == 0) & slot_ok).to(tl.int32))
+        if COUNT_ZEROS:
+            if pid_s == 0:  # the features not listed are zero
+                zeros += n_in - n_rows
+        acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
+    elif TOKENS_PAD == 1:
         # One token: accumulate elementwise into a [BLOCK_K, BLOCK_N] tile and reduce once at the end, so the loop
         # body has no cross-thread reduction; x is loaded in the tile's own layout (no shuffles).
         tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -122,9 +141,10 @@ def _default_config(n_out: int, n_in: int) -> GemvConfig:
     return GemvConfig(block_n, 64, split)
 
 
-def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True) -> GemvConfig:
-    """Launch configuration for a shape, timed once per (shape, dtype, tokens) on the GPU and cached.
+def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, rows: int | None = None) -> GemvConfig:
+    """Launch configuration for a shape, timed once per (shape, dtype, tokens, listed rows) on the GPU and cached.
 
+    ``rows``: the number of kept features when the GEMV gathers listed rows (``kept`` of `sparse_gemv`), else None.
     Tuning runs only on CUDA, outside graph capture and compilation; elsewhere a heuristic default is used.
 
     Example:
@@ -132,21 +152,26 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True) ->
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, x.shape[0], x.dtype, str(x.device))
+    key = (n_in, n_out, x.shape[0], x.dtype, str(x.device), rows)
     if key in _CHOSEN:
         return _CHOSEN[key]
-    default = _default_config(n_out, n_in)
+    length = n_in if rows is None else rows
+    default = _default_config(n_out, length)
     if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return default
     sample = x.clone()
-    # Time on a representative half-sparse input rather than on the caller's values.
+    # Time on a representative half-sparse input (or a random list of kept rows) rather than the caller's values.
     sample.normal_()
-    sample *= torch.rand_like(sample, dtype=torch.float32) > 0.5
+    kept = None
+    if rows is None:
+        sample *= torch.rand_like(sample, dtype=torch.float32) > 0.5
+    else:
+        kept = torch.randperm(n_in, device=x.device)[:rows].sort().values.to(torch.int32).reshape(1, rows)
     best, best_ms = default, float("inf")
-    for config in _candidates(n_out, n_in):
+    for config in _candidates(n_out, length):
         try:
-            ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config), warmup=5, rep=20,
-                                         return_mode="median")
+            ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config, kept=kept), warmup=5,
+                                         rep=20, return_mode="median")
         except Exception:  # a config the compiler rejects (too many registers/shared memory) is skipped
             continue
         if ms < best_ms:
@@ -170,12 +195,16 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return tickets
 
 
-def prepare_weight(weight_t: torch.Tensor) -> None:
+def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     """Do, outside any graph capture, what the first launch on ``weight_t`` would otherwise do inside one: allocate
-    the split-K tickets and tune the one-token launch configuration (CUDA graph pools must not own either)."""
+    the split-K tickets and tune the one-token launch configurations, with ``rows`` listed kept features and with
+    a plain sparse input (CUDA graph pools must not own either)."""
     n_in, n_out = weight_t.shape
     _semaphores(weight_t.device, triton.cdiv(n_out, 32))
-    choose_config(torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device), weight_t)
+    sample = torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device)
+    choose_config(sample, weight_t)
+    if rows is not None and rows < n_in:
+        choose_config(sample, weight_t, rows=rows)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -183,13 +212,14 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
-            zeros: torch.Tensor | None = None) -> torch.Tensor:
+            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     block_n, block_k, split, num_warps, num_stages = config
     tokens = x.shape[0]
     n_in, n_out = weight_t.shape
+    n_rows = n_in if kept is None else kept.shape[-1]
     out = torch.empty(tokens, n_out, dtype=x.dtype, device=x.device)
     tokens_pad = 1 if tokens == 1 else 16
-    rows_per_split = triton.cdiv(triton.cdiv(n_in, split), block_k) * block_k
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, split), block_k) * block_k
     col_blocks = triton.cdiv(n_out, block_n)
     if split > 1:
         partials = torch.empty(split, tokens, n_out, dtype=torch.float32, device=x.device)
@@ -197,16 +227,18 @@ def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, 
     else:
         partials = tickets = out
     _sparse_gemv_kernel[(col_blocks, split)](
-        x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros, tokens,
-        n_out, n_in, x.stride(0), weight_t.stride(0), out.stride(0), ROWS_PER_SPLIT=rows_per_split,
-        TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages,
-        HAS_BIAS=bias is not None, COUNT_ZEROS=zeros is not None, num_warps=num_warps,
+        x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
+        x if kept is None else kept, tokens, n_out, n_in, n_rows, x.stride(0), weight_t.stride(0), out.stride(0),
+        ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+        NUM_STAGES=num_stages, HAS_BIAS=bias is not None, COUNT_ZEROS=zeros is not None, GATHER=kept is not None,
+        num_warps=num_warps,
     )
     return out
 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
-                config: GemvConfig | None = None, zeros: torch.Tensor | None = None) -> torch.Tensor:
+                config: GemvConfig | None = None, zeros: torch.Tensor | None = None,
+                kept: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
 
     Args:
@@ -216,6 +248,9 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         config: launch configuration; by default `choose_config` picks (and caches) one.
         zeros: optional int64 scalar tensor; the number of zeros in ``x`` is added to it in the same launch (how
             the sparsity counters measure decode steps without a kernel of their own).
+        kept: optional int32 ``[1, n]`` list of the features that may be non-zero in a one-token ``x`` (ascending,
+            as `topk_sparsify_rows` writes with ``indices=True``); the GEMV then reads exactly those n weight rows.
+            Features not listed must be zero in ``x``.
 
     Example:
         >>> w = torch.randn(4, 256)  # doctest: +SKIP
@@ -227,5 +262,9 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"sparse_gemv takes [tokens <= {MAX_DECODE_TOKENS}, in_features], got {tuple(x.shape)}")
     if weight_t.stride(-1) != 1 or x.shape[1] != weight_t.shape[0]:
         raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    if kept is not None and (x.shape[0] != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
+        raise ValueError(f"kept must be an int32 [1, n] list for a one-token x, got {tuple(kept.shape)} for "
+                         f"x {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros)
+    rows = None if kept is None else kept.shape[1]
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept)

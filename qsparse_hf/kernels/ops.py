@@ -2,8 +2,9 @@
 shape-known node each instead of tracing into Triton launches, and autograd sees the straight-through estimator.
 
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
-- ``qsparse::sparse_linear(x, weight_t, bias)``: ``x @ weight_t + bias`` reading only the weight rows of non-zero
-  inputs, for at most `MAX_DECODE_TOKENS` tokens (inference only).
+- ``qsparse::topk_select(x, k)``: the same sparse tensor and the kept positions of each row (inference only).
+- ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
+  non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -18,7 +19,7 @@ import torch
 from .gemv import MAX_DECODE_TOKENS, sparse_gemv
 from .topk import topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "sparse_linear"]
+__all__ = ["topk_sparsify", "topk_select", "sparse_linear"]
 
 
 @torch.library.custom_op("qsparse::topk_sparsify", mutates_args=())
@@ -42,14 +43,25 @@ def _topk_backward(ctx, grad):
 _topk_sparsify.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
+@torch.library.custom_op("qsparse::topk_select", mutates_args=())
+def _topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_sparsify_rows(x, k, indices=True)
+
+
+@_topk_select.register_fake
+def _(x, k):
+    return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
+
+
 @torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
-def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
+                   kept: Optional[torch.Tensor]) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    return sparse_gemv(rows, weight_t, bias).reshape(*x.shape[:-1], weight_t.shape[1])
+    return sparse_gemv(rows, weight_t, bias, kept=kept).reshape(*x.shape[:-1], weight_t.shape[1])
 
 
 @_sparse_linear.register_fake
-def _(x, weight_t, bias):
+def _(x, weight_t, bias, kept):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
 
 
@@ -84,13 +96,28 @@ def topk_sparsify(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) ->
     return topk_sparsify_rows(x, k, zeros)
 
 
+def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference top-K that also lists what it kept: ``(sparse, kept)``, ``kept`` the int32 ``[rows, k]`` ascending
+    positions of each row (what `sparse_linear` gathers). ``qsparse::topk_select`` under ``torch.compile``.
+
+    Example:
+        >>> x = torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> topk_select(x.cuda(), 2)[1]  # doctest: +SKIP
+        tensor([[1, 2]], device='cuda:0', dtype=torch.int32)
+    """
+    if torch.compiler.is_compiling():
+        return _topk_select(x, k)
+    return topk_sparsify_rows(x, k, zeros, indices=True)
+
+
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
-                  zeros: torch.Tensor | None = None) -> torch.Tensor:
+                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight_t.T, bias)`` for up to `MAX_DECODE_TOKENS` tokens, reading only the needed weight rows.
 
     ``weight_t`` is ``[in_features, out_features]`` with unit column stride (its rows may be padded: a slice of a
-    side-by-side block). Under ``torch.compile`` this is the ``qsparse::sparse_linear`` op; in eager mode the kernel
-    is launched directly, and ``zeros`` receives the count of zeros in ``x``. Inference only.
+    side-by-side block). With ``kept`` (one token; from `topk_select`) exactly those weight rows are read. Under
+    ``torch.compile`` this is the ``qsparse::sparse_linear`` op; in eager mode the kernel is launched directly, and
+    ``zeros`` receives the count of zeros in ``x``. Inference only.
 
     Example:
         >>> w = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -101,6 +128,6 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
     if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
         raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
     if torch.compiler.is_compiling():
-        return _sparse_linear(x, weight_t, bias)
+        return _sparse_linear(x, weight_t, bias, kept)
     rows = x.reshape(-1, x.shape[-1])
-    return sparse_gemv(rows, weight_t, bias, zeros=zeros).reshape(*x.shape[:-1], weight_t.shape[1])
+    return sparse_gemv(rows, weight_t, bias, zeros=zeros, kept=kept).reshape(*x.shape[:-1], weight_t.shape[1])
