@@ -24,6 +24,31 @@ def _torch_topk(x, k):
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
+def _one_row_sweep() -> list[dict]:
+    """One decode token: every (digit bits, warps) launch, listing the kept features, against what tuning picks."""
+    from qsparse_hf.kernels.topk import _one_row_candidates, topk_sparsify_rows, tune_one_row
+
+    rows, results = [], []
+    for dim in (4096, 14336):
+        for keep in (0.7, 0.5):
+            k = keep_count(keep, dim)
+            xs = [torch.randn(1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+            chosen = tune_one_row(dim, k, torch.bfloat16, torch.device("cuda", torch.cuda.current_device()), True)
+            for config in _one_row_candidates(triton_next_power_of_2(dim)):
+                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
+                                   calls_per_graph=5)
+                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[1], listed_us=us,
+                                    chosen=config == chosen))
+                rows.append([dim, keep, config[0], config[1], f"{us:.1f}", "←" if config == chosen else ""])
+    print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "tuned choice"], rows,
+                title="One-token top-K launch configurations")
+    return results
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("bench_topk needs a CUDA GPU; none found.", file=sys.stderr)
@@ -40,15 +65,18 @@ def main() -> int:
                 t_topk = graph_time_us(lambda i: _torch_topk(xs[i % 4], k), calls_per_graph=5)
                 t_kth = graph_time_us(lambda i: xs[i % 4] * topk_mask(xs[i % 4], k), calls_per_graph=5)
                 t_kernel = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k), calls_per_graph=5)
+                t_listed = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True),
+                                         calls_per_graph=5)
                 copy = graph_time_us(lambda i: xs[i % 4].clone(), calls_per_graph=5)
                 results.append(dict(tokens=tokens, dim=dim, keep=keep, torch_topk_us=t_topk, kthvalue_us=t_kth,
-                                    kernel_us=t_kernel, copy_us=copy))
-                rows.append([tokens, dim, keep, f"{t_topk:.1f}", f"{t_kth:.1f}", f"{t_kernel:.1f}", f"{copy:.1f}",
+                                    kernel_us=t_kernel, listed_us=t_listed, copy_us=copy))
+                rows.append([tokens, dim, keep, f"{t_topk:.1f}", f"{t_kth:.1f}", f"{t_kernel:.1f}", f"{t_listed:.1f}", f"{copy:.1f}",
                              f"{t_kth / t_kernel:.1f}×"])
     print_table(["tokens", "dim", "keep", "torch.topk+scatter µs", "kthvalue reference µs", "Triton radix µs",
-                 "plain copy µs", "kernel vs reference"], rows, title=f"Top-K selection, bf16, "
+                 "… listing kept µs", "plain copy µs", "kernel vs reference"], rows, title=f"Top-K selection, bf16, "
                 f"{torch.cuda.get_device_name()}")
-    write_json("topk.json", {"results": results})
+    sweep = _one_row_sweep()
+    write_json("topk.json", {"results": results, "one_row_sweep": sweep})
     return 0
 
 

@@ -19,7 +19,7 @@ _ACTIVATIONS = (None, "relu2")
 #: Written into every saved config.json and safetensors header: transformers alone loads these checkpoints dense
 #: (and its warning even suggests deleting quantization_config), so the files themselves say what to do.
 LOADING_NOTE = (
-    "This is a Q-Sparse checkpoint. Run `pip install qsparse_hf` and `import qsparse_hf` before "
+    "This is a Q-Sparse checkpoint. Install qsparse_hf (from its source: it is not on PyPI) and `import qsparse_hf` before "
     "`AutoModelForCausalLM.from_pretrained(...)`; without it transformers loads a DENSE model with different outputs. "
     "Do not delete quantization_config."
 )

@@ -434,6 +434,7 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
             delattr(model, attr)
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
+    model.__dict__.pop("push_to_hub", None)  # back to transformers' own upload
     return model
 
 

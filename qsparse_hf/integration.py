@@ -6,6 +6,8 @@ The quantizer is a thin lifecycle shell: everything it does is `convert_to_qspar
 
 from __future__ import annotations
 
+import types
+
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
@@ -49,6 +51,10 @@ class QSparseHfQuantizer(HfQuantizer):
                 config._is_quantized = True
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(["qsparse"])
+        if hasattr(model, "push_to_hub"):  # upload the Q-Sparse card, not transformers' generic template
+            from .hub import push_to_hub_with_card
+
+            model.push_to_hub = types.MethodType(push_to_hub_with_card, model)
 
     def _dequantize(self, model, dtype=None):
         from .convert import revert_qsparse

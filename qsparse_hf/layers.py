@@ -19,6 +19,7 @@ __all__ = ["DecodeWeights", "InputSparsifier", "QSparseLinear", "QSparseActivati
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_MAX_LISTED_FEATURES = 32768  # kernels.topk.MAX_LISTED_FEATURES, without importing Triton here
 
 
 def _kernel_ops():
@@ -204,6 +205,11 @@ class InputSparsifier:
     def _one_token_inference(x: torch.Tensor) -> bool:
         return x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
 
+    @staticmethod
+    def _listable(x: torch.Tensor) -> bool:
+        """One token, narrow enough for the top-K kernel to list its kept features."""
+        return x.numel() == x.shape[-1] and x.shape[-1] <= _MAX_LISTED_FEATURES
+
     def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """The source activation's kept features for this one-token input (used once), or None."""
         source = self.source
@@ -238,7 +244,7 @@ class InputSparsifier:
         if out is None:
             counting = self.counter.active(x)
             zeros = self.counter.accumulator(x.device, training) if counting else None
-            select = self.publishes_kept and self._one_token_inference(x)
+            select = self.publishes_kept and self._one_token_inference(x) and self._listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
             if self.publishes_kept:
                 self.kept, self._kept_width = kept, x.shape[-1]
@@ -276,9 +282,9 @@ class InputSparsifier:
         if outputs is None:
             counting = self.counter.active(x)
             zeros = self.counter.accumulator(x.device, linear.training) if counting else None
-            one_token = x.numel() == x.shape[-1]
-            x_sparse, counted, kept = self._sparsify(x, zeros, select=one_token)
-            if one_token and self.input_within_topk:
+            listable = self._listable(x)
+            x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
+            if listable and self.input_within_topk:
                 kept = self._take_source_kept(x)
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             gemv_zeros = zeros if counting and not counted else None
@@ -316,10 +322,15 @@ class DecodeWeights:
         self._pointers = self._storage_pointers()
         if weight_t.is_cuda:
             from .kernels.gemv import prepare_weight
+            from .kernels.topk import tune_one_row
 
             sparsifier = linears[0].sparsifier
             selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
-            prepare_weight(weight_t, rows=None if selecting is None else selecting.keep(weight_t.shape[0]))
+            width = weight_t.shape[0]
+            keep = None if selecting is None else selecting.keep(width)
+            if keep is not None and keep < width:  # the one-token selection that feeds this block
+                tune_one_row(width, keep, weight_t.dtype, weight_t.device, indices=width <= _MAX_LISTED_FEATURES)
+            prepare_weight(weight_t, rows=keep)
 
     def _storage_pointers(self) -> tuple:
         return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears)

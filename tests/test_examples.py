@@ -74,7 +74,10 @@ def test_finetune_open_orca_lowers_eval_loss_and_keeps_sparsity(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert qsparse_hf.is_qsparse_model(reloaded)
     card = (out / "README.md").read_text()
-    assert "base_model:" in card and "Measured sparsity" in card and "eval_loss" in card and "qsparse" in card
+    assert "Measured sparsity" in card and "eval_loss" in card and "qsparse" in card
+    # A local base model and data file are named in the text, not written as (invalid) Hub metadata.
+    metadata = card.split("---")[1]
+    assert "base_model" not in metadata and "/work" not in metadata and "train.jsonl" in card
 
 
 def test_finetune_labels_cover_only_the_response():

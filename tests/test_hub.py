@@ -41,3 +41,67 @@ def test_task_builder_needs_four_rows_and_keeps_the_answer(tmp_path):
     items = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert all(item["choices"][item["label"]] == f"r{i}" and len(set(item["choices"])) == 4
                for i, item in enumerate(items))
+
+
+class _FakeHub:
+    """Stands in for huggingface_hub.HfApi: records what would be uploaded."""
+
+    uploads: list = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns):
+        from pathlib import Path
+
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir() if p.is_file()}
+        _FakeHub.uploads.append((repo_id, files))
+        return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+
+def test_card_from_a_local_base_has_valid_metadata_and_inherits_its_license(tmp_path):
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    card = build_model_card(model, base_model=str(tmp_path))  # a local folder without a card
+    assert card.data.base_model is None and card.data.license == "other"
+    assert str(tmp_path) in card.text and "## License" in card.text and "<this repo>" not in card.text
+    assert "pip install qsparse_hf" not in card.text
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# base\n")
+    card = build_model_card(model, base_model=str(tmp_path))
+    assert card.data.license == "apache-2.0" and "## License" not in card.text
+    hub_card = build_model_card(model, base_model="org/base", license="mit", repo_id="me/base-qsparse")
+    assert hub_card.data.base_model == "org/base" and hub_card.data.license == "mit"
+    assert 'from_pretrained("me/base-qsparse")' in hub_card.text
+
+
+def test_model_push_to_hub_uploads_the_qsparse_card_naming_the_repo(monkeypatch):
+    import huggingface_hub
+    from qsparse_hf import revert_qsparse
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    _FakeHub.uploads.clear()
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    assert model.push_to_hub("me/tiny-qsparse").endswith("/commit/1")
+    [(repo_id, files)] = _FakeHub.uploads
+    card = files["README.md"].decode()
+    assert repo_id == "me/tiny-qsparse" and 'from_pretrained("me/tiny-qsparse")' in card
+    assert "import qsparse_hf" in card and "path/to/this/folder" not in card
+    assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "qsparse"
+    revert_qsparse(model)
+    assert "push_to_hub" not in model.__dict__  # a dense model goes back to transformers' own upload
+
+
+def test_push_checkpoint_puts_the_repo_id_into_a_saved_card(tmp_path, monkeypatch):
+    import huggingface_hub
+    from qsparse_hf.hub import save_model_card
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    _FakeHub.uploads.clear()
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    model.save_pretrained(tmp_path)
+    save_model_card(tmp_path, model, base_model="org/base")
+    push_checkpoint(tmp_path, "me/saved")
+    card = _FakeHub.uploads[0][1]["README.md"].decode()
+    assert card.count('from_pretrained("me/saved")') == 2 and "path/to/this/folder" not in card

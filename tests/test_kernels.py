@@ -40,16 +40,17 @@ def _rel_err(out, ref):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim,k", [(37, 5), (64, 32), (300, 210), (1000, 1), (1000, 999), (513, 400)])
-def test_topk_kernel_equals_reference_mask(dtype, dim, k):
+@pytest.mark.parametrize("config", [(1, 4), (2, 4)])
+def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
     x = torch.randn(6, dim, device=DEV).to(dtype)
     x[0] = x[0, 0]  # every magnitude tied: ties must go to the lowest indices
     x[1, ::3] = 0  # many exact zeros
     x[2, : dim // 2] = -x[2, dim // 2 : 2 * (dim // 2)]  # ± pairs have equal magnitude
-    out, kept = topk_sparsify_rows(x, k, indices=True)
+    out, kept = topk_sparsify_rows(x, k, indices=True, config=config)
     mask = topk_mask(x, k)
     expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
     assert torch.equal(out, expected)
-    assert torch.equal(topk_sparsify_rows(x, k), expected)
+    assert torch.equal(topk_sparsify_rows(x, k, config=config), expected)
     assert ((out != 0) | (x == 0)).sum(-1).ge(k).all()
     # The kept list: exactly the mask's positions, ascending.
     assert kept.dtype == torch.int32 and kept.shape == (6, k)
@@ -57,8 +58,9 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_kernel_on_extreme_magnitudes(dtype):
-    # The two-digit radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
+@pytest.mark.parametrize("digit_bits", [1, 2])
+def test_topk_kernel_on_extreme_magnitudes(dtype, digit_bits):
+    # The radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
     # only in the low digit, and a K-th value alone in its high-digit bin.
     info = torch.finfo(dtype)
     values = [info.tiny / 4, info.tiny, info.max, float("inf"), -float("inf"), 1.0, 1.0078125, -1.015625, 2.0, 0.0]
@@ -66,7 +68,7 @@ def test_topk_kernel_on_extreme_magnitudes(dtype):
     x[1] = x[1].flip(0)
     for k in (1, 3, 17, 50, 99, 100):
         expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
-        assert torch.equal(topk_sparsify_rows(x, k), expected), k
+        assert torch.equal(topk_sparsify_rows(x, k, config=(digit_bits, 4)), expected), k
 
 
 def test_topk_kernel_keeps_leading_shape_and_checks_input():
@@ -434,3 +436,27 @@ def test_cuda_graph_replays_give_bitwise_identical_logits():
             replays.append(logits.clone())
     assert torch.equal(replays[0], replays[1]) and torch.equal(replays[1], replays[2])
 
+
+
+def test_layers_know_the_widest_row_the_kernel_lists():
+    from qsparse_hf import layers
+    from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES
+
+    assert layers._MAX_LISTED_FEATURES == MAX_LISTED_FEATURES
+    x = torch.zeros(1, MAX_LISTED_FEATURES + 1, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rows up to"):
+        topk_sparsify_rows(x, 3, indices=True)
+
+
+def test_one_row_tuning_never_changes_the_result():
+    from qsparse_hf.kernels.topk import _one_row_candidates, launch_config, tune_one_row
+
+    x = torch.randn(1, 3000, device=DEV).to(torch.bfloat16)
+    x[0, 100:400] = x[0, 99]  # ties at the cut-off
+    before, before_kept = topk_sparsify_rows(x, 1500, indices=True)
+    config = tune_one_row(3000, 1500, x.dtype, x.device, indices=True)
+    assert config in _one_row_candidates(4096) if x.is_cuda else config == launch_config(4096, 1)
+    after, after_kept = topk_sparsify_rows(x, 1500, indices=True)
+    assert torch.equal(before, after) and torch.equal(before_kept, after_kept)
+    for candidate in _one_row_candidates(4096):
+        assert torch.equal(topk_sparsify_rows(x, 1500, config=candidate), before), candidate

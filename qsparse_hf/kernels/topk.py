@@ -2,7 +2,7 @@
 
 ``torch.topk`` sorts and ``torch.kthvalue`` selects, but both launch several kernels and touch the row many times.
 Here one program owns one row: it reads it once into registers, finds the K-th largest magnitude from the
-magnitude's bit pattern (a radix select with two digits: two histograms in registers, no sorting), keeps ties at
+magnitude's bit pattern (a radix select over the bits of the key, one or two bits per step, all in registers, no sorting), keeps ties at
 the threshold in index order (exactly K survive, the same mask as `qsparse_hf.functional.topk_mask`) and writes the
 sparse row -- and, for the decode GEMV, the K kept indices in ascending order. NaN ranks as infinity (so it is kept and propagates, as through a dense matmul). When asked, the program
 also adds the zeros it wrote to an int64 counter (one atomic per row), so measuring sparsity costs no extra kernel.
@@ -16,70 +16,131 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["topk_sparsify_rows"]
+__all__ = ["topk_sparsify_rows", "tune_one_row", "MAX_LISTED_FEATURES"]
+
+#: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
+MAX_LISTED_FEATURES = 32768
 
 
 @triton.jit
-def _kth_largest_key(key, valid, k):
-    """The k-th largest of the non-negative 15-bit keys where ``valid``: two histograms instead of fifteen counting
-    passes. The first over the top 8 bits finds the bin that holds the k-th key, the second over the low 7 bits of
-    the keys in that bin finds the key itself (a two-digit radix select; each histogram is one pass in registers)."""
-    high = key >> 7
-    counts = tl.histogram(high, 256, mask=valid)
-    # at_or_above[b]: keys whose high digit is >= b (non-increasing in b); the k-th largest lies in the last bin
-    # where it is still >= k.
-    below = tl.cumsum(counts, 0) - counts
-    at_or_above = tl.sum(counts, 0) - below
-    digit = tl.sum((at_or_above >= k).to(tl.int32), 0) - 1
-    bins = tl.arange(0, 256)
-    above = tl.sum(tl.where(bins > digit, counts, 0), 0)
-    low_counts = tl.histogram(key & 127, 128, mask=valid & (high == digit))
-    low_below = tl.cumsum(low_counts, 0) - low_counts
-    low_at_or_above = tl.sum(low_counts, 0) - low_below
-    low_digit = tl.sum((low_at_or_above >= k - above).to(tl.int32), 0) - 1
-    return digit * 128 + low_digit
+def _kth_largest_key(key, k, DIGIT_BITS: tl.constexpr):
+    """The k-th largest of non-negative 15-bit keys, built from the top bit by bit (``DIGIT_BITS=1``: keep a bit
+    when at least k keys reach the prefix with it set; fifteen block-wide reductions) or two bits at a time
+    (``DIGIT_BITS=2``: of the prefixes with the next two bits 01, 10 and 11, keep the largest that k keys reach; the
+    three counts travel packed in one int64, 21 bits each, so eight reductions). Each reduction is a barrier, which
+    is what a one-token selection waits on; which variant wins depends on the row width (see ``launch_config``)."""
+    prefix = 0
+    if DIGIT_BITS == 1:
+        for bit in tl.static_range(14, -1, -1):
+            candidate = prefix | (1 << bit)
+            prefix = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= k, candidate, prefix)
+    else:
+        for step in tl.static_range(7):
+            shift = 13 - 2 * step
+            one = prefix | (1 << shift)
+            two = prefix | (2 << shift)
+            three = prefix | (3 << shift)
+            packed = ((key >= one).to(tl.int64) + ((key >= two).to(tl.int64) << 21)
+                      + ((key >= three).to(tl.int64) << 42))
+            counts = tl.sum(packed, 0)
+            prefix = tl.where((counts >> 42) >= k, three,
+                              tl.where(((counts >> 21) & 0x1FFFFF) >= k, two,
+                                       tl.where((counts & 0x1FFFFF) >= k, one, prefix)))
+        last = prefix | 1
+        prefix = tl.where(tl.sum((key >= last).to(tl.int32), 0) >= k, last, prefix)
+    return prefix
 
 
 @triton.jit
 def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, stride_out, INF_KEY: tl.constexpr,
-                      BLOCK: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr):
+                      BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    # Magnitude bits. Every NaN pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by
-    # index), as in the reference.
+    # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it. Every NaN
+    # pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by index), as in the reference.
     key = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
-    threshold = _kth_largest_key(key, valid, k)
+    threshold = _kth_largest_key(key, k, DIGIT_BITS)
     greater = key > threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)
-    at_threshold = (key == threshold) & valid
-    keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
-    tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
+    at_threshold = key == threshold
     if WRITE_INDICES:
-        # The kept features in ascending order, exactly k of them: what the gathering GEMV reads.
-        slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+        # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
+        # are at most MAX_LISTED_FEATURES wide here), which gives every kept entry its slot in the ascending list of kept features.
+        both = tl.cumsum(greater.to(tl.int32) + (at_threshold.to(tl.int32) << 16), 0)
+        ties_before = both >> 16
+        keep = greater | (at_threshold & (ties_before <= ties_kept))
+        slot = (both & 0xFFFF) + tl.minimum(ties_before, ties_kept) - 1
         tl.store(index_ptr + row * k + slot, offs, mask=keep)
+    else:
+        keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
+    tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
     if COUNT_ZEROS:
         nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
 
-def _num_warps(block: int) -> int:
-    return max(4, min(16, block // 1024))
+# One-row (one decode token) launch configurations chosen by timing, keyed by (padded width, k, listing, dtype,
+# device). A single row is bound by the reductions' barriers, not by bandwidth, so the best digit width and warp
+# count depend on the GPU; `tune_one_row` fills this once per sparsifier, outside graph capture.
+_ONE_ROW_CHOSEN: dict[tuple, tuple[int, int]] = {}
+
+
+def launch_config(block: int, rows: int) -> tuple[int, int]:
+    """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features (before any tuning).
+
+    Example:
+        >>> launch_config(4096, 4096)
+        (1, 4)
+    """
+    return 1, max(4, min(16, block // 1024))
+
+
+def _one_row_candidates(block: int) -> list[tuple[int, int]]:
+    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block]
+
+
+def tune_one_row(width: int, k: int, dtype: torch.dtype, device: torch.device, indices: bool) -> tuple[int, int]:
+    """Time the one-row launch configurations for a ``width``-wide row keeping ``k`` and remember the fastest.
+
+    Runs on CUDA outside graph capture and compilation (elsewhere it returns the default); later one-row calls
+    with the same width, k, dtype and ``indices`` use the result. The output never depends on the choice.
+
+    Example:
+        >>> tune_one_row(4096, 2048, torch.bfloat16, torch.device("cpu"), indices=True)
+        (1, 4)
+    """
+    block = triton.next_power_of_2(width)
+    key = (block, k, indices, dtype, device)
+    if key in _ONE_ROW_CHOSEN:
+        return _ONE_ROW_CHOSEN[key]
+    default = launch_config(block, 1)
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return default
+    sample = torch.randn(1, width, device=device).to(dtype)
+    best, best_ms = default, float("inf")
+    for config in _one_row_candidates(block):
+        ms = triton.testing.do_bench(lambda: topk_sparsify_rows(sample, k, indices=indices, config=config),
+                                     warmup=5, rep=20, return_mode="median")
+        if ms < best_ms:
+            best, best_ms = config, ms
+    _ONE_ROW_CHOSEN[key] = best
+    return best
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
 def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *,
-                       indices: bool = False):
+                       indices: bool = False, config: tuple[int, int] | None = None):
     """Zero all but the ``k`` largest ``|x|`` of every row (last dimension) of a bf16/fp16 tensor.
 
     Same result as ``x * functional.topk_mask(x, k)``, bit for bit (ties at the threshold kept lowest index first,
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
+    ``config`` (``(digit_bits, num_warps)``) overrides the tuned or default launch; the result is the same.
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -91,6 +152,8 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     dim = x.shape[-1]
     if not 1 <= k <= dim:
         raise ValueError(f"k must be in [1, {dim}], got {k}")
+    if indices and dim > MAX_LISTED_FEATURES:
+        raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, got {dim}")
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -98,10 +161,15 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     kept = torch.empty(rows.shape[0], k, dtype=torch.int32, device=x.device) if indices else None
     if rows.shape[0]:
         block = triton.next_power_of_2(dim)
+        if config is None and rows.shape[0] == 1:
+            config = _ONE_ROW_CHOSEN.get((block, k, indices, x.dtype, x.device))
+        digit_bits, num_warps = config or launch_config(block, rows.shape[0])
+        if digit_bits not in (1, 2):
+            raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         _topk_rows_kernel[(rows.shape[0],)](
             rows, out, rows if zeros is None else zeros, out if kept is None else kept, dim, k, rows.stride(0),
-            out.stride(0), INF_KEY=_INF_KEY[x.dtype], BLOCK=block, COUNT_ZEROS=zeros is not None,
-            WRITE_INDICES=indices, num_warps=_num_warps(block)
+            out.stride(0), INF_KEY=_INF_KEY[x.dtype], BLOCK=block, DIGIT_BITS=digit_bits,
+            COUNT_ZEROS=zeros is not None, WRITE_INDICES=indices, num_warps=num_warps
         )
     out = out.reshape(x.shape)
     return (out, kept) if indices else out
