@@ -25,22 +25,23 @@ def _torch_topk(x, k):
 
 
 def _one_row_sweep() -> list[dict]:
-    """One decode token: every (digit bits, warps) launch, listing the kept features, against what tuning picks."""
-    from qsparse_hf.kernels.topk import _one_row_candidates, topk_sparsify_rows, tune_one_row
+    """One decode token: every (digit bits, warps) launch, listing the kept features, against the default."""
+    from qsparse_hf.kernels.topk import _launch_candidates, launch_config, topk_sparsify_rows
 
     rows, results = [], []
     for dim in (4096, 14336):
         for keep in (0.7, 0.5):
             k = keep_count(keep, dim)
             xs = [torch.randn(1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
-            chosen = tune_one_row(dim, k, torch.bfloat16, torch.device("cuda", torch.cuda.current_device()), True)
-            for config in _one_row_candidates(triton_next_power_of_2(dim)):
+            block = triton_next_power_of_2(dim)
+            chosen = launch_config(block, 1)
+            for config in _launch_candidates(block):
                 us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
                                    calls_per_graph=5)
                 results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[1], listed_us=us,
-                                    chosen=config == chosen))
+                                    default=config == chosen))
                 rows.append([dim, keep, config[0], config[1], f"{us:.1f}", "←" if config == chosen else ""])
-    print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "tuned choice"], rows,
+    print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "default"], rows,
                 title="One-token top-K launch configurations")
     return results
 
@@ -53,6 +54,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_topk needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
+    if "--one-row" in sys.argv[1:]:  # only the one-token launch sweep
+        write_json("topk_one_row.json", {"one_row_sweep": _one_row_sweep()})
+        return 0
     from qsparse_hf.kernels.topk import topk_sparsify_rows
 
     rows, results = [], []

@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QSparseConfig
 from .functional import keep_count
-from .layers import InputSparsifier, QSparseActivation, QSparseLinear
+from .layers import InputSparsifier, QSparseActivation, QSparseLinear, RealTokenTracker
 
 __all__ = [
     "ARCHITECTURES",
@@ -198,6 +198,7 @@ def convert_to_qsparse(
             "(e.g. GPT-2's Conv1D) are not supported."
         )
     model._qsparse_config = config
+    RealTokenTracker.attach(model)  # sparsity counted over real tokens, not padding
     _attach_to_transformers(model, config)
     _warn_dense_parts(model, config)
     return model
@@ -429,6 +430,7 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
     if model_config is not None and isinstance(getattr(model_config, "quantization_config", None), QSparseConfig):
         del model_config.quantization_config
         model_config._is_quantized = False
+    RealTokenTracker.detach(model)
     for attr in ("hf_quantizer", "quantization_method", "_qsparse_config"):
         if hasattr(model, attr):
             delattr(model, attr)

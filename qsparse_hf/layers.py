@@ -6,6 +6,8 @@ pass waits for the host; `qsparse_hf.stats.sparsity_report` reads the counters.
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 from typing import Callable
 
 import torch
@@ -15,7 +17,9 @@ from torch import nn
 from . import functional as QF
 from . import kernels
 
-__all__ = ["DecodeWeights", "InputSparsifier", "QSparseLinear", "QSparseActivation", "SparsityCounter"]
+__all__ = [
+    "DecodeWeights", "InputSparsifier", "QSparseLinear", "QSparseActivation", "RealTokenTracker", "SparsityCounter"
+]
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
@@ -26,6 +30,102 @@ def _kernel_ops():
     from .kernels import ops  # imports Triton: only once a kernel is actually wanted
 
     return ops
+
+
+# The real (non-padding) tokens of the forward pass in progress: (flat bool mask over its tokens, how many are
+# real), or None when every token is real or no attention mask was given. Set by `RealTokenTracker`.
+_REAL_TOKENS: contextvars.ContextVar[tuple[torch.Tensor, int] | None] = contextvars.ContextVar(
+    "qsparse_real_tokens", default=None
+)
+
+
+class RealTokenTracker:
+    """Forward hooks on a converted model that tell the sparsity counters which tokens are padding.
+
+    Before the forward it reads the 2-D ``attention_mask`` (the columns of the tokens being processed: the last
+    ``seq`` of them when a KV cache holds the rest); the counters then count zeros and elements over real tokens
+    only, so a padded batch and the same text unpadded report the same sparsity. It does nothing while the model is
+    compiled or captured in a CUDA graph (nothing is counted there), and costs one host synchronisation per
+    forward that has an attention mask.
+
+    Example:
+        >>> model = convert_to_qsparse(AutoModelForCausalLM.from_pretrained(path))  # doctest: +SKIP
+        >>> RealTokenTracker.attach(model) is not None    # done by convert_to_qsparse  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, forward: Callable) -> None:
+        parameters = list(inspect.signature(forward).parameters)
+        self._positions = {name: parameters.index(name) for name in ("input_ids", "attention_mask", "inputs_embeds")
+                           if name in parameters}
+        self._tokens: list[contextvars.Token | None] = []
+        self._handles: list = []
+
+    @classmethod
+    def attach(cls, model: nn.Module) -> "RealTokenTracker | None":
+        """Hook ``model`` (once) if its forward takes an ``attention_mask``; the tracker, or None."""
+        existing = model.__dict__.get("_qsparse_real_tokens")
+        if existing is not None:
+            return existing
+        try:
+            tracker = cls(model.forward)
+        except (TypeError, ValueError):  # no inspectable signature
+            return None
+        if "attention_mask" not in tracker._positions:
+            return None
+        tracker._handles = [
+            model.register_forward_pre_hook(tracker._enter, with_kwargs=True),
+            model.register_forward_hook(tracker._leave, always_call=True),
+        ]
+        model.__dict__["_qsparse_real_tokens"] = tracker
+        return tracker
+
+    @staticmethod
+    def detach(model: nn.Module) -> None:
+        """Remove the hooks `attach` added, if any."""
+        tracker = model.__dict__.pop("_qsparse_real_tokens", None)
+        for handle in tracker._handles if tracker is not None else ():
+            handle.remove()
+
+    def _argument(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        position = self._positions.get(name)
+        return args[position] if position is not None and position < len(args) else None
+
+    def _real_tokens(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int] | None:
+        mask = self._argument("attention_mask", args, kwargs)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.device.type == "meta":
+            return None
+        if torch.compiler.is_compiling() or (mask.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        tokens = self._argument("input_ids", args, kwargs)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = self._argument("inputs_embeds", args, kwargs)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or tokens.shape[0] != mask.shape[0]:
+            return None
+        seq = tokens.shape[1]
+        if seq > mask.shape[1]:
+            return None
+        real = mask[:, mask.shape[1] - seq:].reshape(-1) != 0
+        count = int(real.sum())
+        return None if count == real.numel() else (real, count)
+
+    def _enter(self, module, args, kwargs):
+        self._tokens.append(_REAL_TOKENS.set(self._real_tokens(args, kwargs)))
+
+    def _leave(self, module, args, output):
+        if self._tokens:
+            _REAL_TOKENS.reset(self._tokens.pop())
+
+
+def _real_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """The real-token mask of the forward in progress if ``tensor`` holds one row per token of it, else None."""
+    real = _REAL_TOKENS.get()
+    if real is None or tensor.dim() < 2 or tensor.numel() != real[0].numel() * tensor.shape[-1]:
+        return None
+    mask, count = real
+    return (mask if mask.device == tensor.device else mask.to(tensor.device)), count
 
 
 class SparsityCounter:
@@ -60,17 +160,28 @@ class SparsityCounter:
             zeros = self._zeros[training] = zeros.to(device)
         return zeros
 
-    def add(self, tensor: torch.Tensor, zeros: torch.Tensor | None = None, already_added: bool = False,
-            training: bool = False) -> None:
-        """Count the zeros of ``tensor`` (or take a precomputed count of them; ``already_added``: a kernel already
-        added them to `accumulator`, only the elements are left to count)."""
+    def kernel_accumulator(self, tensor: torch.Tensor, training: bool = False) -> torch.Tensor | None:
+        """The accumulator a kernel producing ``tensor`` may add all its zeros to, or None where this forward is
+        not counted or has padding tokens (their rows are left out of the count, by `add`)."""
+        if not self.active(tensor) or _real_rows(tensor) is not None:
+            return None
+        return self.accumulator(tensor.device, training)
+
+    def add(self, tensor: torch.Tensor, already_added: bool = False, training: bool = False) -> None:
+        """Count the zeros and elements of ``tensor``, over the real (non-padding) tokens when `RealTokenTracker`
+        knows them (``already_added``: a kernel already added the zeros to `kernel_accumulator`)."""
         if not self.active(tensor):
             return
+        real = None if already_added else _real_rows(tensor)
         if not already_added:
             with torch.no_grad():
-                count = (tensor == 0).sum() if zeros is None else zeros
+                zero = tensor == 0
+                if real is None:
+                    count = zero.sum()
+                else:
+                    count = torch.where(real[0], zero.reshape(real[0].numel(), -1).sum(-1), 0).sum()
                 self.accumulator(count.device, training).add_(count)
-        self._elements[training] += tensor.numel()
+        self._elements[training] += tensor.numel() if real is None else real[1] * tensor.shape[-1]
 
     def window(self, training: bool | None = None) -> tuple[list[torch.Tensor], int]:
         """The zero-count tensors (still on their device) and the element count, of one mode or of both."""
@@ -243,7 +354,7 @@ class InputSparsifier:
         out = self._cached(x, compiling)
         if out is None:
             counting = self.counter.active(x)
-            zeros = self.counter.accumulator(x.device, training) if counting else None
+            zeros = self.counter.kernel_accumulator(x, training) if counting else None
             select = self.publishes_kept and self._one_token_inference(x) and self._listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
             if self.publishes_kept:
@@ -281,16 +392,16 @@ class InputSparsifier:
         outputs = self._cached(x, compiling)
         if outputs is None:
             counting = self.counter.active(x)
-            zeros = self.counter.accumulator(x.device, linear.training) if counting else None
+            zeros = self.counter.kernel_accumulator(x, linear.training) if counting else None
             listable = self._listable(x)
             x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
             if listable and self.input_within_topk:
                 kept = self._take_source_kept(x)
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
-            gemv_zeros = zeros if counting and not counted else None
+            gemv_zeros = zeros if not counted else None
             outputs = self.decode_weights.multiply(x_sparse, gemv_zeros, kept)
             if counting:
-                self.counter.add(x_sparse, zeros, already_added=True, training=linear.training)
+                self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training)
             self._remember(x, outputs, compiling)
         return outputs[linear.decode_slot]
 
@@ -322,14 +433,10 @@ class DecodeWeights:
         self._pointers = self._storage_pointers()
         if weight_t.is_cuda:
             from .kernels.gemv import prepare_weight
-            from .kernels.topk import tune_one_row
 
             sparsifier = linears[0].sparsifier
             selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
-            width = weight_t.shape[0]
-            keep = None if selecting is None else selecting.keep(width)
-            if keep is not None and keep < width:  # the one-token selection that feeds this block
-                tune_one_row(width, keep, weight_t.dtype, weight_t.device, indices=width <= _MAX_LISTED_FEATURES)
+            keep = None if selecting is None else selecting.keep(weight_t.shape[0])
             prepare_weight(weight_t, rows=keep)
 
     def _storage_pointers(self) -> tuple:

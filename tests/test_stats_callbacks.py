@@ -142,3 +142,54 @@ def test_counts_are_summed_over_processes(monkeypatch):
     summed = collect_counts(model, across_processes=True)
     for name, count in local.items():
         assert (summed[name].zeros, summed[name].elements) == (2 * count.zeros, 2 * count.elements)
+
+
+def _padded_and_unpadded_reports(model, tokenizer, texts, padding_side):
+    from qsparse_hf.stats import reset_sparsity
+
+    reset_sparsity(model)
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    unpadded = sparsity_report(model)
+    tokenizer.padding_side = padding_side
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+    padded = sparsity_report(model, {**batch, "position_ids": positions})
+    return unpadded, padded, int((batch.attention_mask == 0).sum())
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_padding_tokens_do_not_count_as_sparsity(padding_side):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import fixture_path
+
+    path = fixture_path("mistral-tiny")  # its padding token embeds to a zero vector, as with padding_idx
+    model = convert_to_qsparse(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), topk=0.7).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    texts = ["A short line.", "A much longer line of English text, so that the first one needs plenty of padding "
+             "tokens to fill the batch up to the length of this one."]
+    unpadded, padded, pads = _padded_and_unpadded_reports(model, tokenizer, texts, padding_side)
+    assert pads >= 15 and padded.tokens == unpadded.tokens
+    for role, value in unpadded.per_projection.items():
+        assert padded.per_projection[role] == pytest.approx(value, abs=0.005), role
+    assert padded.overall == pytest.approx(unpadded.overall, abs=0.005)
+    # Counting every row (as before padding was known) would report the zero padding vectors as sparsity.
+    qsparse_hf.layers.RealTokenTracker.detach(model)
+    _, counted_all, _ = _padded_and_unpadded_reports(model, tokenizer, texts, padding_side)
+    assert counted_all.per_projection["q"] > unpadded.per_projection["q"] + 0.02
+
+
+def test_real_token_tracking_survives_deepcopy_and_revert():
+    import copy
+
+    model = convert_to_qsparse(tiny_model(), topk=0.5)
+    assert model._forward_pre_hooks
+    twin = copy.deepcopy(model)
+    ids = torch.randint(3, 128, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    assert sparsity_report(twin, {"input_ids": ids, "attention_mask": mask}).tokens == 10
+    qsparse_hf.revert_qsparse(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["topk_sparsify_rows", "tune_one_row", "MAX_LISTED_FEATURES"]
+__all__ = ["topk_sparsify_rows", "launch_config", "MAX_LISTED_FEATURES"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
 MAX_LISTED_FEATURES = 32768
@@ -81,14 +81,13 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, st
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
 
-# One-row (one decode token) launch configurations chosen by timing, keyed by (padded width, k, listing, dtype,
-# device). A single row is bound by the reductions' barriers, not by bandwidth, so the best digit width and warp
-# count depend on the GPU; `tune_one_row` fills this once per sparsifier, outside graph capture.
-_ONE_ROW_CHOSEN: dict[tuple, tuple[int, int]] = {}
-
-
 def launch_config(block: int, rows: int) -> tuple[int, int]:
-    """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features (before any tuning).
+    """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features.
+
+    One bit per reduction step and at most 1024 keys per warp: on an H200 this was within 0.5 µs of the best of
+    every (digit bits, warps) pair for one decode token of 4096 and 14336 features (``bench_topk.py --one-row``),
+    and timing the candidates at conversion picked worse launches than this rule (the differences are below the
+    noise of one-shot timing).
 
     Example:
         >>> launch_config(4096, 4096)
@@ -97,36 +96,9 @@ def launch_config(block: int, rows: int) -> tuple[int, int]:
     return 1, max(4, min(16, block // 1024))
 
 
-def _one_row_candidates(block: int) -> list[tuple[int, int]]:
-    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block]
-
-
-def tune_one_row(width: int, k: int, dtype: torch.dtype, device: torch.device, indices: bool) -> tuple[int, int]:
-    """Time the one-row launch configurations for a ``width``-wide row keeping ``k`` and remember the fastest.
-
-    Runs on CUDA outside graph capture and compilation (elsewhere it returns the default); later one-row calls
-    with the same width, k, dtype and ``indices`` use the result. The output never depends on the choice.
-
-    Example:
-        >>> tune_one_row(4096, 2048, torch.bfloat16, torch.device("cpu"), indices=True)
-        (1, 4)
-    """
-    block = triton.next_power_of_2(width)
-    key = (block, k, indices, dtype, device)
-    if key in _ONE_ROW_CHOSEN:
-        return _ONE_ROW_CHOSEN[key]
-    default = launch_config(block, 1)
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        return default
-    sample = torch.randn(1, width, device=device).to(dtype)
-    best, best_ms = default, float("inf")
-    for config in _one_row_candidates(block):
-        ms = triton.testing.do_bench(lambda: topk_sparsify_rows(sample, k, indices=indices, config=config),
-                                     warmup=5, rep=20, return_mode="median")
-        if ms < best_ms:
-            best, best_ms = config, ms
-    _ONE_ROW_CHOSEN[key] = best
-    return best
+def _launch_candidates(block: int) -> list[tuple[int, int]]:
+    # at most 64 keys per thread: more spills registers (and takes long to compile)
+    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps]
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -140,7 +112,7 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
-    ``config`` (``(digit_bits, num_warps)``) overrides the tuned or default launch; the result is the same.
+    ``config`` (``(digit_bits, num_warps)``) overrides the default launch (`launch_config`); the result is the same.
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
@@ -161,8 +133,6 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     kept = torch.empty(rows.shape[0], k, dtype=torch.int32, device=x.device) if indices else None
     if rows.shape[0]:
         block = triton.next_power_of_2(dim)
-        if config is None and rows.shape[0] == 1:
-            config = _ONE_ROW_CHOSEN.get((block, k, indices, x.dtype, x.device))
         digit_bits, num_warps = config or launch_config(block, rows.shape[0])
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
