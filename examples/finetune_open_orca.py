@@ -14,7 +14,7 @@
 Paper defaults (7B models): global batch 128, learning rate one of {3e-6, 5e-6, 7e-6}, one epoch of Open-Orca.
 Small models need a much larger learning rate (1e-4 to 1e-3 for the 10M-parameter fixtures) and a smaller batch;
 keep one epoch. ``--dense`` trains the dense baseline with the same script; ``--lora`` trains LoRA adapters (peft)
-on top of the frozen sparse model. The output directory is a complete Q-Sparse checkpoint (weights, tokenizer,
+on top of the frozen sparse model (reading the same top-K inputs) and merges them at the end. The output directory is a complete Q-Sparse checkpoint (weights, tokenizer,
 config with the qsparse quantization config, model card) that ``from_pretrained`` reloads after ``import
 qsparse_hf``; ``eval_results.json`` / ``all_results.json`` hold the metrics. Runs resume from the last checkpoint
 in ``--output_dir``.
@@ -178,11 +178,12 @@ def build_model(args: ModelArguments):
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
-        # The frozen base linears see the top-K input; the LoRA branch sees the dense input (see README).
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         present = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} & set(targets))
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=present,
                                                  task_type="CAUSAL_LM"))
+        # The LoRA branch reads the same top-K input as the frozen base, so the merged model is the trained one.
+        qsparse_hf.sparsify_adapter_inputs(model)
     return model
 
 
@@ -232,16 +233,20 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)  # eval_results.json and all_results.json
     if trainer.is_world_process_zero():
+        # LoRA: adapters merged into the sparse model (exact, see build_model), so the output reloads as trained.
+        final = trainer.model.merge_and_unload() if model_args.lora else trainer.model
         # Weights + config (+ quantization_config) + tokenizer, all-or-nothing over an earlier save.
-        save_pretrained_atomic(trainer.model, training_args.output_dir, tokenizer=tokenizer)
-        if not model_args.dense and not model_args.lora:
+        save_pretrained_atomic(final, training_args.output_dir, tokenizer=tokenizer)
+        if not model_args.dense:
             hyper = {k: getattr(training_args, k) for k in ("learning_rate", "num_train_epochs",
                                                             "per_device_train_batch_size",
                                                             "gradient_accumulation_steps", "lr_scheduler_type",
                                                             "warmup_steps", "weight_decay", "seed")}
             hyper["max_seq_length"] = data_args.max_seq_length
             hyper["train_samples"] = len(tokenized["train"])
-            save_model_card(training_args.output_dir, trainer.model, base_model=model_args.model_name_or_path,
+            if model_args.lora:
+                hyper.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora="merged")
+            save_model_card(training_args.output_dir, final, base_model=model_args.model_name_or_path,
                             report=report, datasets=[data_args.train_file or data_args.dataset_name],
                             training={k: str(v) for k, v in hyper.items()},
                             eval_results={"eval_loss": metrics["eval_loss"], "perplexity": metrics["perplexity"]})

@@ -7,7 +7,7 @@
 
 from .callbacks import QSparseCallback
 from .config import QSparseConfig
-from .convert import convert_to_qsparse, is_qsparse_model, revert_qsparse
+from .convert import convert_to_qsparse, is_qsparse_model, revert_qsparse, sparsify_adapter_inputs
 from .integration import register as _register
 from .layers import QSparseActivation, QSparseLinear
 from .stats import SparsityReport, reset_sparsity, set_sparsity_tracking, sparsity_report
@@ -26,6 +26,7 @@ __all__ = [
     "reset_sparsity",
     "revert_qsparse",
     "set_sparsity_tracking",
+    "sparsify_adapter_inputs",
     "sparsity_report",
 ]
 

@@ -23,6 +23,7 @@ __all__ = [
     "qsparse_modules",
     "layout_for",
     "dense_matmul_modules",
+    "sparsify_adapter_inputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def convert_to_qsparse(
             "(e.g. GPT-2's Conv1D) are not supported."
         )
     model._qsparse_config = config
+    sparsify_adapter_inputs(model)
     RealTokenTracker.attach(model)  # sparsity counted over real tokens, not padding
     _attach_to_transformers(model, config)
     _warn_dense_parts(model, config)
@@ -217,6 +219,41 @@ def _adapter_module_names(model: nn.Module) -> set[str]:
                 if sub and not sub.startswith("base_layer"):
                     names.add(f"{name}.{sub}")
     return names
+
+
+def _sparsified_adapter_input(adapter: nn.Module, args: tuple, kwargs: dict):
+    base = adapter.get_base_layer()
+    if not args or getattr(adapter, "merged", False) or getattr(adapter, "disable_adapters", False):
+        return None
+    return (base.sparsifier(args[0], base.training), *args[1:]), kwargs
+
+
+def sparsify_adapter_inputs(model: nn.Module) -> int:
+    """Let peft adapter layers (LoRA, ...) on converted linears read the top-K input too, and return how many.
+
+    By default peft's LoRA branch reads the layer's dense input while the converted base layer reads its top-K
+    input, so merging the adapter (``merge_and_unload``) changes the outputs. After this call both branches read
+    the same sparse input (computed once, counted once): the model stays fully sparsely activated and merging is
+    exact. Call it after ``get_peft_model``; `convert_to_qsparse` calls it itself on a model that already has
+    adapters. Calling it again does nothing.
+
+    Example:
+        >>> model = get_peft_model(convert_to_qsparse(base, topk=0.7), LoraConfig(r=8))  # doctest: +SKIP
+        >>> sparsify_adapter_inputs(model)                                                 # doctest: +SKIP
+        28
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return 0
+    hooked = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and isinstance(module.get_base_layer(), QSparseLinear):
+            if not module.__dict__.get("_qsparse_input_hook"):
+                module.register_forward_pre_hook(_sparsified_adapter_input, with_kwargs=True)
+                module.__dict__["_qsparse_input_hook"] = True
+            hooked += 1
+    return hooked
 
 
 def dense_matmul_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import weakref
 from typing import Callable
 
 import torch
@@ -269,6 +270,9 @@ class InputSparsifier:
         self.kept: torch.Tensor | None = None
         self._kept_width = 0
         self.decode_weights: DecodeWeights | None = None
+        # The last sparse tensor returned (weakly, with its version): handed back to the sparsifier by a peft
+        # adapter layer that sparsified the input for both its branches (`convert.sparsify_adapter_inputs`).
+        self._produced: tuple[weakref.ref, int] | None = None
         self._clear()
 
     def settings(self) -> tuple:
@@ -347,9 +351,17 @@ class InputSparsifier:
             if not compiling:
                 self._version = x._version
 
+    def produced(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the sparse tensor this sparsifier returned last, unmodified (outside compilation)."""
+        produced = self._produced
+        return (produced is not None and not torch.compiler.is_compiling() and produced[0]() is x
+                and produced[1] == x._version)
+
     def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
         with the other members."""
+        if self.produced(x):  # already sparse: an adapter layer sparsified it for its base layer and itself
+            return x
         compiling = torch.compiler.is_compiling()
         out = self._cached(x, compiling)
         if out is None:
@@ -362,6 +374,8 @@ class InputSparsifier:
             if counting:
                 self.counter.add(out, already_added=counted, training=training)
             self._remember(x, out, compiling)
+            if not compiling:
+                self._produced = (weakref.ref(out), out._version)
         return out
 
     # -- decode path -------------------------------------------------------------------------------------------
@@ -379,6 +393,8 @@ class InputSparsifier:
             return False
         if self._input is x and isinstance(self._output, tuple):  # a sibling already ran this input's decode step
             return True
+        if self.produced(x):  # sparsified by an adapter layer for both its branches: a plain product
+            return False
         weights = self.decode_weights
         if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             if weights is None or not weights.current():

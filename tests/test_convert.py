@@ -288,6 +288,41 @@ def test_nn_linear_subclasses_are_converted_and_peft_adapters_skipped():
     assert not any("lora_" in n for n in names)
 
 
+@pytest.mark.parametrize("convert_first", [True, False])
+def test_adapters_read_the_sparse_input_so_merging_is_exact(convert_first):
+    peft = pytest.importorskip("peft")
+    from qsparse_hf.stats import collect_counts
+
+    ids = torch.randint(3, 128, (2, 9))
+    base = tiny_model("llama")
+    if convert_first:
+        convert_to_qsparse(base, topk=0.5)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:  # as if trained (peft starts B at zero)
+            torch.nn.init.normal_(param, std=0.5)
+    if convert_first:
+        with torch.no_grad():  # dense LoRA branch: merging would change the outputs
+            unhooked = lora(ids).logits
+        assert qsparse_hf.sparsify_adapter_inputs(lora) == 2 * 3
+    else:
+        convert_to_qsparse(lora.base_model.model, topk=0.5)  # hooks the adapters itself
+    assert qsparse_hf.sparsify_adapter_inputs(lora) == 2 * 3  # idempotent
+    qsparse_hf.reset_sparsity(lora)
+    with torch.no_grad():
+        trained = lora(ids).logits
+    counts = collect_counts(lora)
+    q_counts = [c.elements for key, c in counts.items() if "q_proj" in key]
+    assert q_counts == [2 * 9 * 64] * 2, counts  # counted once per token, not again by the adapter
+    merged = lora.merge_and_unload()
+    assert qsparse_hf.is_qsparse_model(merged)
+    with torch.no_grad():
+        after = merged(ids).logits
+    torch.testing.assert_close(after, trained, atol=1e-5, rtol=1e-5)
+    if convert_first:
+        assert (unhooked - trained).abs().max() > 1e-3
+
+
 def test_right_padding_and_batch_neighbours_do_not_change_a_tokens_output():
     model = convert_to_qsparse(tiny_model("llama"), topk=0.5)
     ids = torch.randint(3, 128, (2, 7))

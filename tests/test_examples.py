@@ -133,12 +133,30 @@ def test_finetune_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
     assert seen["resume"] == str(out / "checkpoint-2")
 
 
-def test_finetune_lora_on_the_sparse_model(tmp_path):
-    from examples.finetune_open_orca import main
+def test_finetune_lora_saves_the_merged_sparse_model_it_trained(tmp_path, monkeypatch):
+    import torch
+    from examples import finetune_open_orca
 
+    saved = {}
+    original_save = finetune_open_orca.save_pretrained_atomic
+
+    def capture(model, directory, **kwargs):
+        saved["model"] = model
+        return original_save(model, directory, **kwargs)
+
+    monkeypatch.setattr(finetune_open_orca, "save_pretrained_atomic", capture)
     out = tmp_path / "lora"
-    metrics = main(_sft_args(out, "--topk", "0.7", "--lora", "True", "--lora_r", "4", steps=3))
-    assert (out / "adapter_config.json").exists() and metrics["eval_loss"] > 0
+    metrics = finetune_open_orca.main(_sft_args(out, "--topk", "0.7", "--lora", "True", "--lora_r", "4", steps=3))
+    assert metrics["eval_loss"] > 0 and not (out / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert qsparse_hf.is_qsparse_model(reloaded) and not any("lora" in n for n, _ in reloaded.named_modules())
+    base = AutoModelForCausalLM.from_pretrained(fixture_path("mistral-tiny"), dtype=torch.float32)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(reloaded.state_dict()[name], base.state_dict()[name])  # the adapter was merged in
+    ids = torch.randint(3, 200, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, saved["model"].eval()(ids).logits)
+    assert "lora" in (out / "README.md").read_text()
 
 
 def test_continue_pretraining_packs_text_and_saves(tmp_path):
