@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import tempfile
 from pathlib import Path
 
 __all__ = ["TASK_NAME", "TASK_DIR", "build_definitions_task", "task_include_path"]
@@ -48,15 +47,11 @@ def build_definitions_task(validation_jsonl: str | Path, output: str | Path, row
 
 
 def task_include_path() -> str:
-    """A folder for lm-eval's ``TaskManager(include_path=...)`` holding the task YAML with its data file resolved to
-    this installation (lm-eval resolves relative data paths against the working directory, not the YAML).
+    """The folder to give lm-eval (``TaskManager(include_path=...)`` or its CLI's ``--include_path``) for the tasks
+    shipped here; they find their data from any working directory.
 
     Example:
         >>> (Path(task_include_path()) / "openorca_definitions.yaml").exists()
         True
     """
-    folder = Path(tempfile.mkdtemp(prefix="qsparse_tasks_"))
-    data = TASK_DIR / f"{TASK_NAME}.jsonl"
-    template = (TASK_DIR / f"{TASK_NAME}.yaml").read_text()
-    (folder / f"{TASK_NAME}.yaml").write_text(template.replace(f"{TASK_NAME}.jsonl", str(data)))
-    return str(folder)
+    return str(TASK_DIR)
