@@ -210,6 +210,21 @@ class SparsityReport:
         cells += [f"{100 * self.overall:.1f}%", f"{_human(self.activated_params)} ({100 * self.activated_fraction:.1f}%)"]
         return "\n".join([head, rule, "| " + " | ".join(cells) + " |"])
 
+    def _repr_markdown_(self) -> str:
+        """Jupyter renders a report as its tables (projections, then layers), with what was left dense."""
+        lines = [f"**Q-Sparse sparsity** (fraction of zeros in each projection's input, over {self.tokens} tokens)",
+                 "", self.markdown()]
+        if self.per_layer:
+            roles = list(self.per_projection)
+            lines += ["", "| layer | " + " | ".join(roles) + " |", "|" + "---|" * (len(roles) + 1)]
+            for layer, values in self.per_layer.items():
+                cells = [f"{100 * values[r]:.1f}%" if r in values else "–" for r in roles]
+                lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+        if self.dense_parts:
+            parts = ", ".join(f"{kind} {_human(n)}" for kind, n in sorted(self.dense_parts.items()))
+            lines += ["", f"Left dense (counted in full): {parts}"]
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         lines = ["Q-Sparse sparsity (fraction of zeros in each projection's input)", self.markdown()]
         if self.per_layer:
