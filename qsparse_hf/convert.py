@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QSparseConfig
 from .functional import keep_count
-from .layers import InputSparsifier, QSparseActivation, QSparseLinear, RealTokenTracker
+from .layers import InputSparsifier, QSparseActivation, QSparseExpertInput, QSparseLinear, RealTokenTracker
 
 __all__ = [
     "ARCHITECTURES",
@@ -113,11 +113,26 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def qsparse_modules(model: nn.Module) -> Iterator[tuple[str, QSparseLinear | QSparseActivation]]:
-    """Yield ``(name, module)`` for every Q-Sparse module of a model (linears and FFN activations)."""
+def qsparse_modules(model: nn.Module) -> Iterator[tuple[str, QSparseLinear | QSparseActivation | QSparseExpertInput]]:
+    """Yield ``(name, module)`` for every Q-Sparse module of a model (linears, FFN activations, MoE experts' inputs)."""
     for name, module in model.named_modules():
-        if isinstance(module, (QSparseLinear, QSparseActivation)):
+        if isinstance(module, (QSparseLinear, QSparseActivation, QSparseExpertInput)):
             yield name, module
+
+
+def fused_expert_weights(module: nn.Module) -> tuple[int, int] | None:
+    """``(input-side, down-projection)`` weight counts of a fused MoE experts module (all experts' weights as 3-D
+    parameters, with an activation as ``act_fn`` or a gating method ``_apply_gate``), or None for other modules.
+
+    Example:
+        >>> fused_expert_weights(nn.Linear(4, 4)) is None
+        True
+    """
+    stacked = [(name, p.numel()) for name, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    if not stacked or not (hasattr(module, "act_fn") or hasattr(module, "_apply_gate")):
+        return None
+    down = sum(n for name, n in stacked if name.startswith("down"))
+    return sum(n for _, n in stacked) - down, down
 
 
 def is_qsparse_model(model: nn.Module) -> bool:
@@ -270,6 +285,8 @@ def dense_matmul_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     for name, module in model.named_modules():
         if isinstance(module, (QSparseLinear, nn.Embedding)) or name in adapter_parts:
             continue
+        if isinstance(getattr(module, "qsparse_input", None), QSparseExpertInput):  # converted fused experts
+            continue
         weights = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
         if weights:
             found.append((name, module, weights))
@@ -292,12 +309,24 @@ def _warn_dense_parts(model: nn.Module, config: QSparseConfig) -> None:
         m.weight.numel() for _, m in qsparse_modules(model) if isinstance(m, QSparseLinear))
     share = sum(n for _, _, n in dense) / total if total else 0.0
     listed = "; ".join(f"{kind} x{len(names)} (e.g. {names[0]})" for kind, names in kinds.items())
+    routers = sum(_is_router(model, name) for name, _, _ in dense)
+    linears = sum(isinstance(module, nn.Linear) for _, module, _ in dense)
+    why = (("Linears among them were left out by target_modules/exclude_modules; the others are not nn.Linear"
+            if linears else "They are not nn.Linear") + ", so Q-Sparse does not sparsify their inputs"
+           + (f" ({routers} of them route tokens to sparsified MoE experts: routers are kept dense on purpose, the "
+              "routing decision reads the whole hidden state)" if routers else ""))
     warnings.warn(
         f"convert_to_qsparse left {len(dense)} matmul module(s) of {type(model).__name__} dense "
-        f"({100 * share:.1f}% of its matrix weights): {listed}. They are not nn.Linear, so Q-Sparse does not "
-        f"sparsify their inputs; sparsity_report counts them as dense.",
+        f"({100 * share:.1f}% of its matrix weights): {listed}. {why}; sparsity_report counts them as dense.",
         stacklevel=3,
     )
+
+
+def _is_router(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` sits beside fused experts that were converted (the MoE block's router)."""
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return any(isinstance(getattr(child, "qsparse_input", None), QSparseExpertInput) for child in parent.children())
 
 
 def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
@@ -379,6 +408,7 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
     ffn_topk = config.effective_ffn_topk
     if config.activation == "relu2" or ffn_topk != 1.0:
         replacements.extend(_swap_ffn_activations(model, config, layout, ffn_topk))
+    replacements.extend(_sparsify_fused_experts(model, config, used_excludes, used_targets))
 
     for kind, patterns, used in (("exclude_modules", config.exclude_modules, used_excludes),
                                  ("target_modules", config.target_modules or [], used_targets)):
@@ -413,6 +443,64 @@ def _swap_ffn_activations(model, config, layout, ffn_topk) -> list[tuple[str, nn
             f"{'/'.join(layout.gate)} linear with an {'/'.join(layout.activation)} attribute"
         )
     return swapped
+
+
+_GATE_CHILD = "qsparse_gate"  # the QSparseActivation wrapping fused experts' `_apply_gate` method
+
+
+def _sparsify_fused_experts(model, config, used_excludes, used_targets) -> list[tuple[str, nn.Module]]:
+    """Q-Sparse for fused MoE experts: top-K of the routed hidden state (gate/up input) and after the experts'
+    activation (so the down projections read K features per row). The routers stay dense (see README)."""
+    attached = []
+    quantized: list[str] = []
+    for name, module in list(model.named_modules()):
+        weights = fused_expert_weights(module)
+        if weights is None or isinstance(getattr(module, "qsparse_input", None), QSparseExpertInput):
+            continue
+        excluded = config.matches(name, config.exclude_modules)
+        if excluded:
+            used_excludes.add(excluded)
+            continue
+        if config.target_modules is not None:
+            target = config.matches(name, config.target_modules)
+            if target is None:
+                continue
+            used_targets.add(target)
+        num_experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
+        layer = _layer_index(name + ".x")
+        sparsifier = InputSparsifier(config.topk_for(name), block_size=config.block_size, ste=config.ste,
+                                     rescale=config.rescale, activation_bits=config.activation_bits)
+        expert_input = QSparseExpertInput.attach(module, sparsifier, weight_params=weights[0],
+                                                 num_experts=num_experts, layer_index=layer)
+        expert_input.counter.enabled = config.track_sparsity
+        # The activation: `act_fn` where the experts have one (top-K of act(gate), as in a dense gated FFN), else
+        # the gating method's output (GPT-OSS's clamped GLU), which is what the down projections read.
+        attr = "act_fn" if hasattr(module, "act_fn") else "_apply_gate"
+        act = QSparseActivation(
+            getattr(module, attr),
+            InputSparsifier(config.effective_ffn_topk, block_size=config.block_size, ste=config.ste,
+                            rescale=config.rescale),
+            relu2=config.activation == "relu2" and attr == "act_fn",
+            layer_index=layer,
+        )
+        act.feeds_experts(weights[1], expert_input)
+        act.counter.enabled = config.track_sparsity
+        if attr == "act_fn":
+            setattr(module, attr, act)
+        else:  # a method: the instance attribute must shadow it, and the child makes it a visible submodule
+            attr = _GATE_CHILD
+            module.add_module(attr, act)
+            module.__dict__["_apply_gate"] = act
+        if config.weight_bits is not None:
+            quantized.append(name)
+        attached += [(f"{name}.qsparse_input", expert_input), (f"{name}.{attr}", act)]
+    if quantized:
+        warnings.warn(
+            f"weight_bits={config.weight_bits}: the fused MoE experts ({len(quantized)}, e.g. {quantized[0]}) keep "
+            "their full-precision weights; only their inputs are sparsified (and quantized with activation_bits)",
+            stacklevel=4,
+        )
+    return attached
 
 
 def _skip_redundant_down_topk(ffn: nn.Module, layout, act_sparsifier: InputSparsifier) -> None:
@@ -457,11 +545,16 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
         'Linear'
     """
     for name, module in list(qsparse_modules(model)):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(module, QSparseLinear):
             model.set_submodule(name, module.to_linear())
+        elif isinstance(module, QSparseExpertInput):
+            module.detach(parent)
+        elif attr == _GATE_CHILD:  # the experts' own gating method again
+            del parent._modules[attr]
+            parent.__dict__.pop("_apply_gate", None)
         else:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, attr, module.act if not module.relu2 else _Relu2())
     model_config = getattr(model, "config", None)
     if model_config is not None and isinstance(getattr(model_config, "quantization_config", None), QSparseConfig):

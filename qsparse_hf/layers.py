@@ -19,7 +19,8 @@ from . import functional as QF
 from . import kernels
 
 __all__ = [
-    "DecodeWeights", "InputSparsifier", "QSparseLinear", "QSparseActivation", "RealTokenTracker", "SparsityCounter"
+    "DecodeWeights", "InputSparsifier", "QSparseActivation", "QSparseExpertInput", "QSparseLinear",
+    "RealTokenTracker", "SparsityCounter",
 ]
 
 
@@ -113,10 +114,12 @@ class RealTokenTracker:
         return None if count == real.numel() else (real, count)
 
     def _enter(self, module, args, kwargs):
+        if torch.compiler.is_compiling():  # nothing is counted in compiled code (and Dynamo cannot trace this)
+            return
         self._tokens.append(_REAL_TOKENS.set(self._real_tokens(args, kwargs)))
 
     def _leave(self, module, args, output):
-        if self._tokens:
+        if self._tokens and not torch.compiler.is_compiling():
             _REAL_TOKENS.reset(self._tokens.pop())
 
 
@@ -661,11 +664,26 @@ class QSparseActivation(nn.Module):
         sparsifier.members += 1
         self.role = "act"
         self.layer_index = layer_index
+        #: The weights that multiply this output when no converted linear does (fused MoE experts' down
+        #: projections), and where the share of them one token touches comes from (its experts' input).
+        self.weight_params = 0
+        self.share_source: QSparseExpertInput | None = None
 
     @property
     def counter(self) -> SparsityCounter:
         """The sparsity counter of the activation output."""
         return self.sparsifier.counter
+
+    @property
+    def weight_share(self) -> float:
+        """Share of `weight_params` one token touches (its routed experts of all experts; 1 otherwise)."""
+        return 1.0 if self.share_source is None else self.share_source.weight_share
+
+    def feeds_experts(self, weight_params: int, expert_input: "QSparseExpertInput") -> None:
+        """Mark this as fused experts' activation: its output multiplies ``weight_params`` down-projection weights,
+        of which a token touches its routed experts' share (read from ``expert_input``)."""
+        self.role, self.weight_params = "expert_act", weight_params
+        object.__setattr__(self, "share_source", expert_input)  # a reference, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sparsifier(QF.relu2(x) if self.relu2 else self.act(x), self.training)
@@ -673,3 +691,72 @@ class QSparseActivation(nn.Module):
     def extra_repr(self) -> str:
         act = "relu2" if self.relu2 else type(self.act).__name__
         return f"activation={act}, keep={self.sparsifier.topk}"
+
+
+class QSparseExpertInput(nn.Module):
+    """Top-K of the routed hidden state read by a fused MoE experts module (transformers 5 stores all experts'
+    weights as 3-D parameters: ``MixtralExperts``, ``Qwen3MoeExperts``, ``GptOssExperts``, ...).
+
+    Attached to the experts module as a child without parameters (so the state dict does not change) and applied
+    by a forward pre-hook to the experts' input, whichever expert implementation (eager loop, batched or grouped
+    matmul) then runs: every expert a token is routed to reads the same K features of it. For activated
+    parameters it records how many experts each token was routed to.
+
+    Example:
+        >>> experts = model.model.layers[0].mlp.experts      # doctest: +SKIP
+        >>> QSparseExpertInput.attach(experts, InputSparsifier(0.5), weight_params=..., num_experts=8)  # doctest: +SKIP
+    """
+
+    def __init__(self, sparsifier: InputSparsifier, *, weight_params: int, num_experts: int,
+                 layer_index: int | None = None) -> None:
+        super().__init__()
+        self.sparsifier = sparsifier
+        sparsifier.members += 1
+        self.role = "expert_in"
+        self.layer_index = layer_index
+        self.weight_params = weight_params
+        self.num_experts = num_experts
+        self.experts_per_token: int | None = None
+        self._handle = None
+
+    @property
+    def counter(self) -> SparsityCounter:
+        """The sparsity counter of the experts' input."""
+        return self.sparsifier.counter
+
+    @property
+    def weight_share(self) -> float:
+        """Share of the experts' input-side weights one token touches: its routed experts of all experts."""
+        return (self.experts_per_token or 0) / self.num_experts
+
+    @classmethod
+    def attach(cls, experts: nn.Module, sparsifier: InputSparsifier, **kwargs) -> "QSparseExpertInput":
+        """Add the top-K to ``experts`` (as ``experts.qsparse_input``) and hook it in front of its forward."""
+        module = cls(sparsifier, **kwargs)
+        experts.qsparse_input = module
+        module._handle = experts.register_forward_pre_hook(_sparsify_expert_input, with_kwargs=True)
+        return module
+
+    def detach(self, experts: nn.Module) -> None:
+        """Undo `attach`."""
+        if self._handle is not None:
+            self._handle.remove()
+        del experts.qsparse_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sparsifier(x, self.training)
+
+    def extra_repr(self) -> str:
+        return f"keep={self.sparsifier.topk}, experts={self.num_experts}"
+
+
+def _sparsify_expert_input(experts: nn.Module, args: tuple, kwargs: dict):
+    topk = experts.qsparse_input
+    routing = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    if isinstance(routing, torch.Tensor) and routing.dim() >= 1:
+        topk.experts_per_token = routing.shape[-1]
+    if args:
+        return (topk(args[0]), *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": topk(kwargs["hidden_states"])}
+    return None

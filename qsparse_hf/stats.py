@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: Column order of reports: attention, then FFN (``act`` is the top-K after the FFN activation).
-ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "act", "down")
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "act", "down", "expert_in", "expert_act")
 
 NOT_CONVERTED_HINT = (
     "This model has no Q-Sparse modules. If it was saved by qsparse_hf, it was loaded without the plugin: "
@@ -41,6 +41,9 @@ class ModuleCount:
     elements: int
     weight_params: int  # 0 for the FFN activation, which has no weight
     features: int = 0  # input width of a linear (0 for the FFN activation)
+    #: Share of ``weight_params`` one token multiplies: 1 for a linear; for fused MoE experts, its routed experts
+    #: of all experts (measured: the router's top-k of the experts seen).
+    weight_share: float = 1.0
 
     @property
     def sparsity(self) -> float:
@@ -78,8 +81,9 @@ def collect_counts(model: nn.Module, reset: bool = False, training: bool | None 
             module.layer_index,
             int(zeros),
             int(elements),
-            module.weight.numel() if is_linear else 0,
+            module.weight.numel() if is_linear else module.weight_params,
             module.in_features if is_linear else 0,
+            1.0 if is_linear else module.weight_share,
         )
     if reset:
         for counter in counters:
@@ -155,7 +159,7 @@ class SparsityReport:
                 by_layer[count.layer][count.role][1] += count.elements
             if count.weight_params:
                 converted += count.weight_params
-                activated += count.weight_params * (1.0 - count.sparsity)
+                activated += count.weight_params * count.weight_share * (1.0 - count.sparsity)
                 if not tokens and count.features:
                     tokens = count.elements // count.features
         if not by_role:
@@ -245,7 +249,8 @@ class SparsityReport:
 
 
 _PROJ_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-               "down": "down_proj", "act": "ffn_act", "qkv": "qkv_proj", "gate_up": "gate_up_proj"}
+               "down": "down_proj", "act": "ffn_act", "qkv": "qkv_proj", "gate_up": "gate_up_proj",
+               "expert_in": "experts_input", "expert_act": "experts_act"}
 
 
 def _metric_name(role: str) -> str:

@@ -251,25 +251,6 @@ def test_a_forward_on_the_meta_device_counts_nothing():
     assert report.per_projection["q"] == pytest.approx(0.5)
 
 
-def test_moe_experts_left_dense_are_named_and_counted_in_full():
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    from qsparse_hf import sparsity_report
-
-    model = AutoModelForCausalLM.from_config(MixtralConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=64, num_local_experts=4))
-    with pytest.warns(UserWarning, match=r"left 2 matmul module\(s\).*MixtralExperts.*mlp\.experts"):
-        convert_to_qsparse(model, topk=0.5)
-    report = sparsity_report(model, torch.randint(0, 64, (1, 8)))
-    experts = model.model.layers[0].mlp.experts
-    assert report.dense_parts["MixtralExperts"] == sum(p.numel() for p in experts.parameters())
-    converted = sum(m.weight.numel() for m in model.modules() if isinstance(m, QSparseLinear))
-    dense = sum(report.dense_parts.values())
-    assert report.activated_params == pytest.approx(dense + 0.5 * converted, abs=1)
-    assert "left dense" in str(report) and "MixtralExperts" in str(report)
-
-
 def test_nn_linear_subclasses_are_converted_and_peft_adapters_skipped():
     peft = pytest.importorskip("peft")
 
