@@ -329,6 +329,23 @@ def _is_router(model: nn.Module, name: str) -> bool:
     return any(isinstance(getattr(child, "qsparse_input", None), QSparseExpertInput) for child in parent.children())
 
 
+def _selected(config: QSparseConfig, name: str, used_excludes: set, used_targets: set, is_head: bool = False) -> bool:
+    """Whether module ``name`` is to be converted under ``exclude_modules`` / ``target_modules`` (noting which
+    patterns matched, so that unused ones can be reported)."""
+    excluded = config.matches(name, config.exclude_modules)
+    if excluded is None and is_head and "lm_head" in config.exclude_modules:
+        excluded = "lm_head"  # the output head, whatever this architecture calls it
+    if excluded:
+        used_excludes.add(excluded)
+        return False
+    if config.target_modules is not None:
+        target = config.matches(name, config.target_modules)
+        if target is None:
+            return False
+        used_targets.add(target)
+    return True
+
+
 def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
     layout = layout_for(model)
     used_excludes: set[str] = set()
@@ -359,17 +376,8 @@ def _swap_modules(model: nn.Module, config: QSparseConfig) -> int:
         # A/B linears, which belong to the adapter, not to the model being sparsified.
         if not isinstance(module, nn.Linear) or isinstance(module, QSparseLinear) or name in adapter_parts:
             continue
-        excluded = config.matches(name, config.exclude_modules)
-        if excluded is None and module is output_head and "lm_head" in config.exclude_modules:
-            excluded = "lm_head"
-        if excluded:
-            used_excludes.add(excluded)
+        if not _selected(config, name, used_excludes, used_targets, is_head=module is output_head):
             continue
-        if config.target_modules is not None:
-            target = config.matches(name, config.target_modules)
-            if target is None:
-                continue
-            used_targets.add(target)
         topk = config.topk_for(name)
         width = config.block_size or module.in_features
         if isinstance(topk, int) and topk > width:
@@ -457,15 +465,8 @@ def _sparsify_fused_experts(model, config, used_excludes, used_targets) -> list[
         weights = fused_expert_weights(module)
         if weights is None or isinstance(getattr(module, "qsparse_input", None), QSparseExpertInput):
             continue
-        excluded = config.matches(name, config.exclude_modules)
-        if excluded:
-            used_excludes.add(excluded)
+        if not _selected(config, name, used_excludes, used_targets):
             continue
-        if config.target_modules is not None:
-            target = config.matches(name, config.target_modules)
-            if target is None:
-                continue
-            used_targets.add(target)
         num_experts = next(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3)
         layer = _layer_index(name + ".x")
         sparsifier = InputSparsifier(config.topk_for(name), block_size=config.block_size, ste=config.ste,
