@@ -267,6 +267,7 @@ def sparsify_adapter_inputs(model: nn.Module) -> int:
             if not module.__dict__.get("_qsparse_input_hook"):
                 module.register_forward_pre_hook(_sparsified_adapter_input, with_kwargs=True)
                 module.__dict__["_qsparse_input_hook"] = True
+                module.get_base_layer().sparsifier.feeds_adapters = True
             hooked += 1
     return hooked
 

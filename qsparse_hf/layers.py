@@ -273,8 +273,10 @@ class InputSparsifier:
         self.kept: torch.Tensor | None = None
         self._kept_width = 0
         self.decode_weights: DecodeWeights | None = None
-        # The last sparse tensor returned (weakly, with its version): handed back to the sparsifier by a peft
-        # adapter layer that sparsified the input for both its branches (`convert.sparsify_adapter_inputs`).
+        #: Set by `convert.sparsify_adapter_inputs`: peft adapter layers sparsify the input for both their branches
+        #: and hand the result back to this sparsifier, which then recognises it (the last sparse tensor returned,
+        #: held weakly with its version). Off otherwise, so plain forwards do none of this bookkeeping.
+        self.feeds_adapters = False
         self._produced: tuple[weakref.ref, int] | None = None
         self._clear()
 
@@ -357,8 +359,8 @@ class InputSparsifier:
     def produced(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the sparse tensor this sparsifier returned last, unmodified (outside compilation)."""
         produced = self._produced
-        return (produced is not None and not torch.compiler.is_compiling() and produced[0]() is x
-                and produced[1] == x._version)
+        return (self.feeds_adapters and produced is not None and not torch.compiler.is_compiling()
+                and produced[0]() is x and produced[1] == x._version)
 
     def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
@@ -377,7 +379,7 @@ class InputSparsifier:
             if counting:
                 self.counter.add(out, already_added=counted, training=training)
             self._remember(x, out, compiling)
-            if not compiling:
+            if self.feeds_adapters and not compiling:
                 self._produced = (weakref.ref(out), out._version)
         return out
 
