@@ -135,6 +135,16 @@ def fused_expert_weights(module: nn.Module) -> tuple[int, int] | None:
     return sum(n for _, n in stacked) - down, down
 
 
+def converted_weights(model: nn.Module) -> int:
+    """Matrix weights whose inputs Q-Sparse sparsifies: converted linears' and converted fused MoE experts'.
+
+    Example:
+        >>> converted_weights(convert_to_qsparse(nn.Sequential(nn.Linear(4, 3)), topk=0.5))
+        12
+    """
+    return sum(m.weight.numel() if isinstance(m, QSparseLinear) else m.weight_params for _, m in qsparse_modules(model))
+
+
 def is_qsparse_model(model: nn.Module) -> bool:
     """True when the model holds at least one Q-Sparse module.
 
@@ -306,8 +316,7 @@ def _warn_dense_parts(model: nn.Module, config: QSparseConfig) -> None:
     kinds: dict[str, list[str]] = {}
     for name, module, _ in dense:
         kinds.setdefault(type(module).__name__, []).append(name)
-    total = sum(n for _, _, n in dense_matmul_modules(model)) + sum(
-        m.weight.numel() for _, m in qsparse_modules(model) if isinstance(m, QSparseLinear))
+    total = sum(n for _, _, n in dense_matmul_modules(model)) + converted_weights(model)
     share = sum(n for _, _, n in dense) / total if total else 0.0
     listed = "; ".join(f"{kind} x{len(names)} (e.g. {names[0]})" for kind, names in kinds.items())
     routers = sum(_is_router(model, name) for name, _, _ in dense)

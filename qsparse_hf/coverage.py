@@ -110,7 +110,7 @@ def check_model_type(model_type: str) -> dict[str, Any]:
         >>> check_model_type("llama")["outcome"]
         'full'
     """
-    from .convert import _is_router, convert_to_qsparse, dense_matmul_modules, qsparse_modules
+    from .convert import _is_router, convert_to_qsparse, converted_weights, dense_matmul_modules, qsparse_modules
     from .layers import QSparseLinear
 
     try:
@@ -134,8 +134,7 @@ def check_model_type(model_type: str) -> dict[str, Any]:
             routers += weights
             continue
         dense[type(module).__name__] = dense.get(type(module).__name__, 0) + weights
-    converted = sum(m.weight.numel() for _, m in qsparse_modules(model) if isinstance(m, QSparseLinear))
-    converted += sum(getattr(m, "weight_params", 0) for _, m in qsparse_modules(model) if not isinstance(m, QSparseLinear))
+    converted = converted_weights(model)
     total = converted + routers + sum(dense.values())
     result = {
         "outcome": "partial" if dense else "full",
