@@ -169,6 +169,13 @@ def check_registry(types: list[str] | None = None, seconds_each: int = 60, progr
 
     from tqdm.auto import tqdm
 
+    if seconds_each < 1:
+        raise ValueError(f"seconds_each must be at least 1 (a time limit per model type), got {seconds_each}")
+    known = registry_types()
+    unknown = sorted(set(types or ()) - set(known))
+    if unknown:
+        raise ValueError(f"not causal-LM model types of this transformers: {unknown}; see registry_types()")
+
     def alarm(signum, frame):
         raise _TookTooLong
 
@@ -176,7 +183,7 @@ def check_registry(types: list[str] | None = None, seconds_each: int = 60, progr
     previous = signal.signal(signal.SIGALRM, alarm) if can_alarm else None
     results = {}
     try:
-        for model_type in tqdm(types or registry_types(), desc="model types", disable=not progress):
+        for model_type in tqdm(known if types is None else types, desc="model types", disable=not progress):
             if can_alarm:
                 signal.alarm(seconds_each)
             try:

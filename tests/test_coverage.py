@@ -17,6 +17,13 @@ def test_a_tiny_model_of_a_supported_family_converts_fully():
     assert result["outcome"] == "full" and result["converted_share"] == 1.0 and result["bypassed"] == []
 
 
+def test_registry_check_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="seconds_each"):
+        check_registry(["llama"], seconds_each=0)
+    with pytest.raises(ValueError, match="no_such_type"):
+        check_registry(["llama", "no_such_type"])
+
+
 def test_no_model_type_regresses_and_nothing_dense_goes_unnamed():
     expected = json.loads(MATRIX.read_text())
     same_version = expected["transformers"] == transformers.__version__
