@@ -28,10 +28,16 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_LISTED_FEATURES = 32768  # kernels.topk.MAX_LISTED_FEATURES, without importing Triton here
 
 
-def _kernel_ops():
-    from .kernels import ops  # imports Triton: only once a kernel is actually wanted
+_OPS = None
 
-    return ops
+
+def _kernel_ops():
+    global _OPS
+    if _OPS is None:
+        from .kernels import ops  # imports Triton: only once a kernel is actually wanted
+
+        _OPS = ops
+    return _OPS
 
 
 # The real (non-padding) tokens of the forward pass in progress: (flat bool mask over its tokens, how many are
@@ -164,17 +170,21 @@ class SparsityCounter:
             zeros = self._zeros[training] = zeros.to(device)
         return zeros
 
-    def kernel_accumulator(self, tensor: torch.Tensor, training: bool = False) -> torch.Tensor | None:
+    def kernel_accumulator(self, tensor: torch.Tensor, training: bool = False, *,
+                           checked: bool = False) -> torch.Tensor | None:
         """The accumulator a kernel producing ``tensor`` may add all its zeros to, or None where this forward is
-        not counted or has padding tokens (their rows are left out of the count, by `add`)."""
-        if not self.active(tensor) or _real_rows(tensor) is not None:
+        not counted or has padding tokens (their rows are left out of the count, by `add`). ``checked``: the
+        caller has just found `active` true for this forward (eager decode skips asking again)."""
+        if not (checked or self.active(tensor)) or _real_rows(tensor) is not None:
             return None
         return self.accumulator(tensor.device, training)
 
-    def add(self, tensor: torch.Tensor, already_added: bool = False, training: bool = False) -> None:
+    def add(self, tensor: torch.Tensor, already_added: bool = False, training: bool = False, *,
+            checked: bool = False) -> None:
         """Count the zeros and elements of ``tensor``, over the real (non-padding) tokens when `RealTokenTracker`
-        knows them (``already_added``: a kernel already added the zeros to `kernel_accumulator`)."""
-        if not self.active(tensor):
+        knows them (``already_added``: a kernel already added the zeros to `kernel_accumulator`; ``checked``: as
+        there)."""
+        if not (checked or self.active(tensor)):
             return
         real = None if already_added else _real_rows(tensor)
         if not already_added:
@@ -286,7 +296,21 @@ class InputSparsifier:
 
     def keep(self, dim: int) -> int:
         """Entries kept per token (per block with ``block_size``) for an input of ``dim`` features."""
-        return QF.keep_count(self.topk, self.block_size or dim)
+        width = self.block_size or dim
+        count = self._kept_counts.get(width)
+        if count is None:  # remembered per width (until `topk` changes): this runs on every forward
+            count = self._kept_counts[width] = QF.keep_count(self._topk, width)
+        return count
+
+    @property
+    def topk(self) -> float | int:
+        """The keep setting: a fraction of the features (float) or K itself (int)."""
+        return self._topk
+
+    @topk.setter
+    def topk(self, value: float | int) -> None:
+        self._topk = value
+        self._kept_counts: dict[int, int] = {}
 
     def _clear(self) -> None:
         self._input: torch.Tensor | None = None
@@ -371,13 +395,13 @@ class InputSparsifier:
         out = self._cached(x, compiling)
         if out is None:
             counting = self.counter.active(x)
-            zeros = self.counter.kernel_accumulator(x, training) if counting else None
+            zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
             select = self.publishes_kept and self._one_token_inference(x) and self._listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
             if self.publishes_kept:
                 self.kept, self._kept_width = kept, x.shape[-1]
             if counting:
-                self.counter.add(out, already_added=counted, training=training)
+                self.counter.add(out, already_added=counted, training=training, checked=True)
             self._remember(x, out, compiling)
             if self.feeds_adapters and not compiling:
                 self._produced = (weakref.ref(out), out._version)
@@ -385,45 +409,47 @@ class InputSparsifier:
 
     # -- decode path -------------------------------------------------------------------------------------------
 
+    def decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The members' outputs that a sibling's decode step computed for this very input, else None."""
+        if self._input is x and type(self._output) is tuple:
+            return self._cached(x, torch.compiler.is_compiling())
+        return None
+
     def decodes(self, x: torch.Tensor, linear: "QSparseLinear") -> bool:
         """Whether ``linear(x)`` runs on the decode path: inference, at most `MAX_DECODE_TOKENS` tokens, a kernel
         dtype on a kernel device, and the members' weights stored for the sparse GEMV (done here, lazily, in
-        eager mode: a compiled or captured graph must find it done, e.g. by the eager prefill)."""
+        eager mode, prefill included: a compiled or captured graph must find it done, e.g. by the eager prefill)."""
+        # Cheapest tests first: eager decode is bound by the host time of calls like this one.
         if (
             x.dtype not in _KERNEL_DTYPES
             or linear.weight_bits is not None
             or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
             or not kernels.kernels_available(x)
+            or self.produced(x)  # sparsified by an adapter layer for both its branches: a plain product
         ):
             return False
-        if self._input is x and isinstance(self._output, tuple):  # a sibling already ran this input's decode step
-            return True
-        if self.produced(x):  # sparsified by an adapter layer for both its branches: a plain product
-            return False
         weights = self.decode_weights
-        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            if weights is None or not weights.current():
-                weights = self.decode_weights = DecodeWeights.build(self.linears)
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            pass  # a traced or captured step uses the layout as it is (set up by an eager forward)
+        elif weights is None or not weights.current():
+            weights = self.decode_weights = DecodeWeights.build(self.linears)
         return weights is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
 
     def decode(self, x: torch.Tensor, linear: "QSparseLinear") -> torch.Tensor:
-        """``linear(x)`` on the decode path: one top-K and one sparse GEMV for all members, outputs from the
-        cache for the members after the first."""
+        """``linear(x)`` on the decode path: one top-K and one sparse GEMV for all members; the members after the
+        first take their outputs from the cache (`decoded`)."""
         compiling = torch.compiler.is_compiling()
-        outputs = self._cached(x, compiling)
-        if outputs is None:
-            counting = self.counter.active(x)
-            zeros = self.counter.kernel_accumulator(x, linear.training) if counting else None
-            listable = self._listable(x)
-            x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
-            if listable and self.input_within_topk:
-                kept = self._take_source_kept(x)
-            # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
-            gemv_zeros = zeros if not counted else None
-            outputs = self.decode_weights.multiply(x_sparse, gemv_zeros, kept)
-            if counting:
-                self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training)
-            self._remember(x, outputs, compiling)
+        counting = self.counter.active(x)
+        zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
+        listable = self._listable(x)
+        x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
+        if listable and self.input_within_topk:
+            kept = self._take_source_kept(x)
+        # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
+        outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
+        if counting:
+            self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training, checked=True)
+        self._remember(x, outputs, compiling)
         return outputs[linear.decode_slot]
 
 
@@ -626,6 +652,9 @@ class QSparseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sparsifier = self.sparsifier
+        outputs = sparsifier.decoded(x)
+        if outputs is not None:  # a sibling's decode step already computed this output
+            return outputs[self.decode_slot]
         if sparsifier.decodes(x, self):
             return sparsifier.decode(x, self)
         return F.linear(sparsifier(x, self.training), self.effective_weight(), self.bias)

@@ -40,8 +40,10 @@ def _rel_err(out, ref):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim,k", [(37, 5), (64, 32), (300, 210), (1000, 1), (1000, 999), (513, 400)])
-@pytest.mark.parametrize("config", [(1, 4), (2, 4)])
+@pytest.mark.parametrize("config", [(1, 4), (2, 4), (8, 4)])
 def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
+    if config[0] == 8 and dim <= 128:
+        pytest.skip("the binned select takes rows of at least 129 features")
     x = torch.randn(6, dim, device=DEV).to(dtype)
     x[0] = x[0, 0]  # every magnitude tied: ties must go to the lowest indices
     x[1, ::3] = 0  # many exact zeros
@@ -58,15 +60,16 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("digit_bits", [1, 2])
+@pytest.mark.parametrize("digit_bits", [1, 2, 8])
 def test_topk_kernel_on_extreme_magnitudes(dtype, digit_bits):
     # The radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
     # only in the low digit, and a K-th value alone in its high-digit bin.
     info = torch.finfo(dtype)
     values = [info.tiny / 4, info.tiny, info.max, float("inf"), -float("inf"), 1.0, 1.0078125, -1.015625, 2.0, 0.0]
-    x = torch.tensor(values * 30, device=DEV).to(dtype).reshape(3, 100)
+    x = torch.tensor(values * 90, device=DEV).to(dtype).reshape(3, 300)
     x[1] = x[1].flip(0)
-    for k in (1, 3, 17, 50, 99, 100):
+    x[2, 7] = 3.0  # alone in its high-digit bin
+    for k in (1, 3, 17, 50, 99, 100, 121, 299, 300):
         expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
         assert torch.equal(topk_sparsify_rows(x, k, config=(digit_bits, 4)), expected), k
 
@@ -458,3 +461,35 @@ def test_every_launch_configuration_gives_the_same_result():
     for candidate in _launch_candidates(4096):
         out, kept = topk_sparsify_rows(x, 1500, indices=True, config=candidate)
         assert torch.equal(out, expected) and torch.equal(kept, expected_kept), candidate
+
+@requires_cuda
+def test_repeated_launches_go_straight_to_the_compiled_kernel_with_the_same_result():
+    from qsparse_hf.kernels.launch import direct_launches
+
+    x = torch.randn(3, 1000, device="cuda", dtype=torch.bfloat16)
+    weight_t = torch.randn(1000, 700, device="cuda", dtype=torch.bfloat16)
+    first, kept = topk_sparsify_rows(x, 300, indices=True)
+    first_product = sparse_gemv(first[:1], weight_t, kept=kept[:1])
+    before = direct_launches()
+    again, kept_again = topk_sparsify_rows(x, 300, indices=True)
+    product = sparse_gemv(again[:1], weight_t, kept=kept_again[:1])
+    assert direct_launches() == before + 2
+    assert torch.equal(again, first) and torch.equal(kept_again, kept) and torch.equal(product, first_product)
+    # Triton specializes on 16-byte alignment: a misaligned view must not reuse the aligned kernel
+    shifted = torch.empty(3 * 1000 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(3, 1000)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    assert torch.equal(topk_sparsify_rows(x, 300), first) and torch.equal(topk_sparsify_rows(x, 300), first)
+    assert torch.equal(topk_sparsify_rows(shifted, 300), first)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_launch_on_the_device_of_their_tensors():
+    x = torch.randn(2, 500, device="cuda:1", dtype=torch.bfloat16)
+    weight_t = torch.randn(500, 300, device="cuda:1", dtype=torch.bfloat16)
+    assert torch.cuda.current_device() == 0
+    for _ in range(2):  # Triton's path, then the direct one
+        out = topk_sparsify_rows(x, 100)
+        assert torch.equal(out, x * topk_mask(x, 100))
+        product = sparse_gemv(out, weight_t)
+        assert _rel_err(product, out.double() @ weight_t.double()) < 1e-2

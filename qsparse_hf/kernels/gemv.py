@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
+from .launch import KernelLaunch
 
 __all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
 
@@ -123,7 +124,7 @@ def _candidates(n_out: int, n_in: int) -> list[GemvConfig]:
     found = []
     for block_n, block_k, num_warps in _TILES:
         for split in (1, 2, 4, 8, 16, 32):
-            programs = triton.cdiv(n_out, block_n) * split
+            programs = _cdiv(n_out, block_n) * split
             if 132 <= programs <= 1056 and n_in // split >= 2 * block_k:
                 found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
     return found or [_default_config(n_out, n_in)]
@@ -136,7 +137,7 @@ def _default_config(n_out: int, n_in: int) -> GemvConfig:
     # Enough programs to cover 132 SMs a few times over, with 128-byte weight segments.
     block_n = 64
     split = 1
-    while triton.cdiv(n_out, block_n) * split < 256 and n_in // (split * 2) >= 512:
+    while _cdiv(n_out, block_n) * split < 256 and n_in // (split * 2) >= 512:
         split *= 2
     return GemvConfig(block_n, 64, split)
 
@@ -152,7 +153,7 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, x.shape[0], x.dtype, str(x.device), rows)
+    key = (n_in, n_out, x.shape[0], x.dtype, x.device, rows)
     if key in _CHOSEN:
         return _CHOSEN[key]
     length = n_in if rows is None else rows
@@ -200,7 +201,7 @@ def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     the split-K tickets and tune the one-token launch configurations, with ``rows`` listed kept features and with
     a plain sparse input (CUDA graph pools must not own either)."""
     n_in, n_out = weight_t.shape
-    _semaphores(weight_t.device, triton.cdiv(n_out, 32))
+    _semaphores(weight_t.device, _cdiv(n_out, 32))
     sample = torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device)
     choose_config(sample, weight_t)
     if rows is not None and rows < n_in:
@@ -211,29 +212,54 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)  # triton.cdiv is a constexpr function: microseconds per host call
+
+
+class _Launch:
+    """One sparse-GEMV launch shape (weight layout, tokens, listed rows, config) with its grid and constants worked
+    out, so that a decode step pays one dictionary lookup on top of Triton's own launch."""
+
+    def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
+                 count_zeros: bool, gather: bool) -> None:
+        block_n, block_k, split, num_warps, num_stages = config
+        self.tokens, self.n_in, self.n_out, self.n_rows, self.split = tokens, n_in, n_out, n_rows, split
+        self.col_blocks = _cdiv(n_out, block_n)
+        self.grid = (self.col_blocks, split)
+        self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
+            ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, TOKENS_PAD=1 if tokens == 1 else 16,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
+            COUNT_ZEROS=count_zeros, GATHER=gather, num_warps=num_warps,
+        ))
+
+    def __call__(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                 zeros: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(self.tokens, self.n_out, dtype=x.dtype, device=x.device)
+        if self.split > 1:
+            partials = torch.empty(self.split, self.tokens, self.n_out, dtype=torch.float32, device=x.device)
+            tickets = _semaphores(x.device, self.col_blocks)
+        else:
+            partials = tickets = out
+        self.launch(
+            self.grid, x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
+            x if kept is None else kept, self.tokens, self.n_out, self.n_in, self.n_rows, x.stride(0),
+            weight_t.stride(0), out.stride(0),
+        )
+        return out
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+
+
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
             zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
-    block_n, block_k, split, num_warps, num_stages = config
-    tokens = x.shape[0]
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
-    out = torch.empty(tokens, n_out, dtype=x.dtype, device=x.device)
-    tokens_pad = 1 if tokens == 1 else 16
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, split), block_k) * block_k
-    col_blocks = triton.cdiv(n_out, block_n)
-    if split > 1:
-        partials = torch.empty(split, tokens, n_out, dtype=torch.float32, device=x.device)
-        tickets = _semaphores(x.device, col_blocks)
-    else:
-        partials = tickets = out
-    _sparse_gemv_kernel[(col_blocks, split)](
-        x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
-        x if kept is None else kept, tokens, n_out, n_in, n_rows, x.stride(0), weight_t.stride(0), out.stride(0),
-        ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=tokens_pad, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-        NUM_STAGES=num_stages, HAS_BIAS=bias is not None, COUNT_ZEROS=zeros is not None, GATHER=kept is not None,
-        num_warps=num_warps,
-    )
-    return out
+    key = (x.shape[0], n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES[key] = _Launch(*key)
+    return launch(x, weight_t, bias, zeros, kept)
 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,

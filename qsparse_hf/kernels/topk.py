@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import KernelLaunch
+
 __all__ = ["topk_sparsify_rows", "launch_config", "MAX_LISTED_FEATURES"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
@@ -52,6 +54,27 @@ def _kth_largest_key(key, k, DIGIT_BITS: tl.constexpr):
 
 
 @triton.jit
+def _kth_largest_key_binned(key, k):
+    """The k-th largest of non-negative 15-bit keys and how many keys are strictly larger, from two histograms: of
+    the high 8 bits (the bin holding the k-th key: the highest bin that at least k keys reach), then of the low 7
+    bits of the keys in that bin. Six block-wide steps (two histograms, two scans, two packed reductions) instead
+    of fifteen reductions."""
+    high = key >> 7
+    hist = tl.histogram(high, 256)
+    bins = tl.arange(0, 256)
+    reach = tl.cumsum(hist, 0, reverse=True)  # keys in this bin or above; bin 0 holds them all, so one qualifies
+    # The highest qualifying bin and the count above it, packed in one max (counts < 2**17: rows <= 65536)
+    best = tl.max(tl.where(reach >= k, (bins << 17) | (reach - hist), 0), 0)
+    bin_of_kth, above = best >> 17, best & 0x1FFFF
+    low_hist = tl.histogram(key & 0x7F, 128, mask=high == bin_of_kth)
+    lows = tl.arange(0, 128)
+    low_reach = tl.cumsum(low_hist, 0, reverse=True)
+    wanted = k - above  # the k-th key is the wanted-th largest of its bin: low bin 0 holds them all
+    best_low = tl.max(tl.where(low_reach >= wanted, (lows << 17) | (low_reach - low_hist), 0), 0)
+    return (bin_of_kth << 7) | (best_low >> 17), above + (best_low & 0x1FFFF)
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, stride_out, INF_KEY: tl.constexpr,
                       BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -61,9 +84,13 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, st
     # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it. Every NaN
     # pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by index), as in the reference.
     key = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
-    threshold = _kth_largest_key(key, k, DIGIT_BITS)
+    if DIGIT_BITS == 8:
+        threshold, greater_count = _kth_largest_key_binned(key, k)
+    else:
+        threshold = _kth_largest_key(key, k, DIGIT_BITS)
+        greater_count = tl.sum((key > threshold).to(tl.int32), 0)
     greater = key > threshold
-    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
+    ties_kept = k - greater_count
     at_threshold = key == threshold
     if WRITE_INDICES:
         # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
@@ -98,10 +125,46 @@ def launch_config(block: int, rows: int) -> tuple[int, int]:
 
 def _launch_candidates(block: int) -> list[tuple[int, int]]:
     # at most 64 keys per thread: more spills registers (and takes long to compile)
-    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps]
+    return [(bits, warps) for bits in (1, 2, 8) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps
+            and (bits < 8 or block >= 256)]
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
+class _RowLaunch:
+    """One (row width, k, dtype, outputs) launch of the kernel with everything but the tensors worked out, so that a
+    call costs one dictionary lookup on top of Triton's own launch (eager decode runs four of these per layer)."""
+
+    def __init__(self, dim: int, k: int, dtype: torch.dtype, indices: bool, count_zeros: bool,
+                 config: tuple[int, int] | None) -> None:
+        if dtype not in _INF_KEY:
+            raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {dtype}")
+        if not 1 <= k <= dim:
+            raise ValueError(f"k must be in [1, {dim}], got {k}")
+        if indices and dim > MAX_LISTED_FEATURES:
+            raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, "
+                             f"got {dim}")
+        block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
+        digit_bits, num_warps = config or launch_config(block, 1)
+        if digit_bits not in (1, 2, 8) or (digit_bits == 8 and not 256 <= block <= 65536):
+            raise ValueError(f"digit_bits must be 1, 2 or 8 (8: rows 129 to 65536 wide), got {digit_bits} for "
+                             f"rows of {dim}")
+        self.dim, self.k, self.indices = dim, k, indices
+        self.launch = KernelLaunch(_topk_rows_kernel, dict(
+            INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
+            WRITE_INDICES=indices, num_warps=num_warps))
+
+    def __call__(self, rows: torch.Tensor, zeros: torch.Tensor | None):
+        out = torch.empty_like(rows)
+        kept = torch.empty(rows.shape[0], self.k, dtype=torch.int32, device=rows.device) if self.indices else None
+        if rows.shape[0]:
+            self.launch((rows.shape[0],), rows, out, rows if zeros is None else zeros, out if kept is None else kept,
+                        self.dim, self.k, rows.stride(0), out.stride(0))
+        return out, kept
+
+
+_ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
 
 
 def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *,
@@ -119,27 +182,14 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
         >>> topk_sparsify_rows(torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16), 2)  # doctest: +SKIP
         tensor([[ 0., -2.,  1.,  0.]], dtype=torch.bfloat16)
     """
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {x.dtype}")
     dim = x.shape[-1]
-    if not 1 <= k <= dim:
-        raise ValueError(f"k must be in [1, {dim}], got {k}")
-    if indices and dim > MAX_LISTED_FEATURES:
-        raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, got {dim}")
+    key = (dim, k, x.dtype, indices, zeros is not None, config)
+    launch = _ROW_LAUNCHES.get(key)
+    if launch is None:
+        launch = _ROW_LAUNCHES[key] = _RowLaunch(dim, k, x.dtype, indices, zeros is not None, config)
     rows = x.reshape(-1, dim)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty_like(rows)
-    kept = torch.empty(rows.shape[0], k, dtype=torch.int32, device=x.device) if indices else None
-    if rows.shape[0]:
-        block = triton.next_power_of_2(dim)
-        digit_bits, num_warps = config or launch_config(block, rows.shape[0])
-        if digit_bits not in (1, 2):
-            raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
-        _topk_rows_kernel[(rows.shape[0],)](
-            rows, out, rows if zeros is None else zeros, out if kept is None else kept, dim, k, rows.stride(0),
-            out.stride(0), INF_KEY=_INF_KEY[x.dtype], BLOCK=block, DIGIT_BITS=digit_bits,
-            COUNT_ZEROS=zeros is not None, WRITE_INDICES=indices, num_warps=num_warps
-        )
+    out, kept = launch(rows, zeros)
     out = out.reshape(x.shape)
     return (out, kept) if indices else out
