@@ -40,10 +40,8 @@ def _rel_err(out, ref):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim,k", [(37, 5), (64, 32), (300, 210), (1000, 1), (1000, 999), (513, 400)])
-@pytest.mark.parametrize("config", [(1, 4), (2, 4), (8, 4)])
+@pytest.mark.parametrize("config", [(1, 4), (2, 4)])
 def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
-    if config[0] == 8 and dim <= 128:
-        pytest.skip("the binned select takes rows of at least 129 features")
     x = torch.randn(6, dim, device=DEV).to(dtype)
     x[0] = x[0, 0]  # every magnitude tied: ties must go to the lowest indices
     x[1, ::3] = 0  # many exact zeros
@@ -60,7 +58,7 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("digit_bits", [1, 2, 8])
+@pytest.mark.parametrize("digit_bits", [1, 2])
 def test_topk_kernel_on_extreme_magnitudes(dtype, digit_bits):
     # The radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
     # only in the low digit, and a K-th value alone in its high-digit bin.

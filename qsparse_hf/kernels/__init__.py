@@ -6,7 +6,8 @@ with the straight-through gradient) and the sparse GEMV for decode steps of at m
 `MAX_DECODE_TOKENS` tokens once the weights are stored for it (`prepare_for_decode`, or lazily at the first eager
 inference forward on the GPU: q/k/v and gate/up side by side, one launch per group). Everything falls back to the reference path of `qsparse_hf.functional` elsewhere: on CPU, without
 Triton, with ``QSPARSE_KERNELS=0``, or for options the kernels do not cover (block top-K, re-scaling, ste=False,
-quantized variants).
+quantized variants). Launches go through `launch.KernelLaunch`: on the tensors' own GPU, and after the first call of
+a shape straight to the compiled kernel (eager decode is bound by host time per launch).
 """
 
 from __future__ import annotations

@@ -241,9 +241,10 @@ class _Launch:
         else:
             partials = tickets = out
         self.launch(
-            self.grid, x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
-            x if kept is None else kept, self.tokens, self.n_out, self.n_in, self.n_rows, x.stride(0),
-            weight_t.stride(0), out.stride(0),
+            self.grid,
+            (x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
+             x if kept is None else kept),
+            (self.tokens, self.n_out, self.n_in, self.n_rows, x.stride(0), weight_t.stride(0), out.stride(0)),
         )
         return out
 

@@ -3,9 +3,9 @@
 An eager decode step is bound by host time: a 7B model runs ~250 of our launches per token, and Triton's generic
 launch path (binding arguments, computing their specialization, hashing the cache key) costs several times the C
 launch itself. `KernelLaunch` fixes a kernel's grid and compile-time constants once; after the first launch for a
-given argument *signature* (tensor dtypes and 16-byte alignment, and for integers the ``== 1`` / ``% 16`` / width
-properties, everything Triton specializes on) it calls the compiled kernel's launcher directly. Anything it does
-not recognise (a new signature, launch hooks set, Triton's interpreter) goes through Triton's own path.
+given argument signature (tensor dtypes and 16-byte alignment, scalar values: everything Triton specializes on)
+it calls the compiled kernel's launcher directly. Anything else (a new signature, launch hooks installed, e.g. by a
+profiler, Triton's interpreter) goes through Triton's own path.
 
 It also launches on the device that holds the tensors: Triton launches on the *current* CUDA device, which is not
 the tensors' device when a model is spread over several GPUs (``device_map="auto"``).
@@ -16,13 +16,18 @@ from __future__ import annotations
 import os
 
 import torch
-from triton import knobs
 from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:  # Triton before 3.4: no direct launches (its launcher signature differs too)
+    knobs = None
 
 __all__ = ["KernelLaunch", "direct_launches"]
 
 # Set QSPARSE_DIRECT_LAUNCH=0 to send every launch through Triton's generic path (to rule this module out).
-_DIRECT = os.environ.get("QSPARSE_DIRECT_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_DIRECT = (knobs is not None and os.environ.get("QSPARSE_DIRECT_LAUNCH", "1") != "0"
+           and os.environ.get("TRITON_INTERPRET") != "1")
 
 #: How many launches went straight to a compiled kernel (read by the tests that check this path is taken).
 _DIRECT_COUNT = [0]
@@ -38,26 +43,23 @@ def direct_launches() -> int:
     return _DIRECT_COUNT[0]
 
 
-def _signature(args: tuple) -> tuple:
-    """What Triton specializes a launch on, per argument (at least as fine: equal signatures, same compiled kernel)."""
-    out = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            out.append((arg.dtype, arg.data_ptr() % 16 == 0))
-        elif isinstance(arg, bool) or not isinstance(arg, int):
-            out.append((type(arg), arg if arg is None or isinstance(arg, bool) else None))
-        else:
-            out.append((arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, 0 <= arg < 2**64))
-    return tuple(out)
+def _no_launch_hooks() -> bool:
+    # Triton >= 3.5 keeps launch hooks in (normally empty) chains; older versions use None
+    return all(hook is None or getattr(hook, "calls", None) == []
+               for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook))
 
 
 class KernelLaunch:
     """A Triton kernel with its ``constants`` (constexpr arguments and launch options such as ``num_warps``)
-    fixed; calling it with a grid and the runtime arguments launches it on their device.
+    fixed; calling it with a grid, the tensor arguments and the scalar arguments (the kernel takes them in that
+    order) launches it on the tensors' device.
+
+    The direct launch keys compiled kernels on the tensors' dtypes and 16-byte alignment and on the scalars' exact
+    values: at least as fine as Triton's specialization, so equal keys always mean the same compiled kernel.
 
     Example:
         >>> launch = KernelLaunch(my_kernel, dict(BLOCK=128, num_warps=4))  # doctest: +SKIP
-        >>> launch((4,), x, out, x.numel())  # doctest: +SKIP
+        >>> launch((4,), (x, out), (x.numel(),))  # doctest: +SKIP
     """
 
     def __init__(self, kernel, constants: dict) -> None:
@@ -69,33 +71,26 @@ class KernelLaunch:
         self._runtime_args = None if names is None else sum(1 for n in names if n not in constants)
         self._compiled: dict[tuple, object] = {}
 
-    def _device(self, args: tuple) -> torch.device | None:
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                return arg.device
-        return None
-
-    def __call__(self, grid: tuple[int, ...], *args) -> None:
-        device = self._device(args)
-        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+    def __call__(self, grid: tuple[int, ...], tensors: tuple, scalars: tuple) -> None:
+        device = tensors[0].device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):
-                return self._launch(grid, args)
-        return self._launch(grid, args)
+                return self._launch(grid, tensors, scalars)
+        return self._launch(grid, tensors, scalars)
 
-    def _launch(self, grid: tuple[int, ...], args: tuple) -> None:
-        if not (_DIRECT and self._constexprs is not None and len(args) == self._runtime_args):
+    def _launch(self, grid: tuple[int, ...], tensors: tuple, scalars: tuple) -> None:
+        args = tensors + scalars
+        if not (_DIRECT and self._constexprs is not None and len(args) == self._runtime_args and _no_launch_hooks()):
             self.kernel.run(*args, grid=grid, warmup=False, **self.constants)
             return
-        plain = knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
-        signature = _signature(args)
-        compiled = self._compiled.get(signature) if plain else None
+        key = (tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors), scalars)
+        compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self.kernel.run(*args, grid=grid, warmup=False, **self.constants)
-            if plain and hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-                self._compiled[signature] = compiled
+            if hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
+                self._compiled[key] = compiled
             return
-        grid_y = grid[1] if len(grid) > 1 else 1
         stream = driver.active.get_current_stream(driver.active.get_current_device())
-        compiled.run(grid[0], grid_y, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *self._constexprs)
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *self._constexprs)
         _DIRECT_COUNT[0] += 1

@@ -54,27 +54,6 @@ def _kth_largest_key(key, k, DIGIT_BITS: tl.constexpr):
 
 
 @triton.jit
-def _kth_largest_key_binned(key, k):
-    """The k-th largest of non-negative 15-bit keys and how many keys are strictly larger, from two histograms: of
-    the high 8 bits (the bin holding the k-th key: the highest bin that at least k keys reach), then of the low 7
-    bits of the keys in that bin. Six block-wide steps (two histograms, two scans, two packed reductions) instead
-    of fifteen reductions."""
-    high = key >> 7
-    hist = tl.histogram(high, 256)
-    bins = tl.arange(0, 256)
-    reach = tl.cumsum(hist, 0, reverse=True)  # keys in this bin or above; bin 0 holds them all, so one qualifies
-    # The highest qualifying bin and the count above it, packed in one max (counts < 2**17: rows <= 65536)
-    best = tl.max(tl.where(reach >= k, (bins << 17) | (reach - hist), 0), 0)
-    bin_of_kth, above = best >> 17, best & 0x1FFFF
-    low_hist = tl.histogram(key & 0x7F, 128, mask=high == bin_of_kth)
-    lows = tl.arange(0, 128)
-    low_reach = tl.cumsum(low_hist, 0, reverse=True)
-    wanted = k - above  # the k-th key is the wanted-th largest of its bin: low bin 0 holds them all
-    best_low = tl.max(tl.where(low_reach >= wanted, (lows << 17) | (low_reach - low_hist), 0), 0)
-    return (bin_of_kth << 7) | (best_low >> 17), above + (best_low & 0x1FFFF)
-
-
-@triton.jit
 def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, stride_out, INF_KEY: tl.constexpr,
                       BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -84,13 +63,9 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, dim, k, stride_x, st
     # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it. Every NaN
     # pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by index), as in the reference.
     key = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
-    if DIGIT_BITS == 8:
-        threshold, greater_count = _kth_largest_key_binned(key, k)
-    else:
-        threshold = _kth_largest_key(key, k, DIGIT_BITS)
-        greater_count = tl.sum((key > threshold).to(tl.int32), 0)
+    threshold = _kth_largest_key(key, k, DIGIT_BITS)
     greater = key > threshold
-    ties_kept = k - greater_count
+    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
     if WRITE_INDICES:
         # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
@@ -125,8 +100,7 @@ def launch_config(block: int, rows: int) -> tuple[int, int]:
 
 def _launch_candidates(block: int) -> list[tuple[int, int]]:
     # at most 64 keys per thread: more spills registers (and takes long to compile)
-    return [(bits, warps) for bits in (1, 2, 8) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps
-            and (bits < 8 or block >= 256)]
+    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps]
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -147,9 +121,8 @@ class _RowLaunch:
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
         digit_bits, num_warps = config or launch_config(block, 1)
-        if digit_bits not in (1, 2, 8) or (digit_bits == 8 and not 256 <= block <= 65536):
-            raise ValueError(f"digit_bits must be 1, 2 or 8 (8: rows 129 to 65536 wide), got {digit_bits} for "
-                             f"rows of {dim}")
+        if digit_bits not in (1, 2):
+            raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         self.dim, self.k, self.indices = dim, k, indices
         self.launch = KernelLaunch(_topk_rows_kernel, dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
@@ -159,8 +132,8 @@ class _RowLaunch:
         out = torch.empty_like(rows)
         kept = torch.empty(rows.shape[0], self.k, dtype=torch.int32, device=rows.device) if self.indices else None
         if rows.shape[0]:
-            self.launch((rows.shape[0],), rows, out, rows if zeros is None else zeros, out if kept is None else kept,
-                        self.dim, self.k, rows.stride(0), out.stride(0))
+            self.launch((rows.shape[0],), (rows, out, rows if zeros is None else zeros, out if kept is None else kept),
+                        (self.dim, self.k, rows.stride(0), out.stride(0)))
         return out, kept
 
 
