@@ -429,9 +429,9 @@ class InputSparsifier:
         ):
             return False
         weights = self.decode_weights
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            pass  # a traced or captured step uses the layout as it is (set up by an eager forward)
-        elif weights is None or not weights.current():
+        # A traced or captured step uses the layout as it is (set up by an eager forward).
+        traced = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        if not traced and (weights is None or not weights.current()):
             weights = self.decode_weights = DecodeWeights.build(self.linears)
         return weights is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
 
