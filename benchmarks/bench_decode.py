@@ -103,6 +103,30 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
     return (time.perf_counter() - start) * 1000 / new_tokens
 
 
+def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, top: int = 25) -> str:
+    """cProfile of one eager ``model.generate`` (after a warm-up call): where the host time of a decode step goes.
+    Returns the report (functions by own time), also written to ``host_profile_<label>.txt`` beside the JSON."""
+    import cProfile
+    import io
+    import pstats
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        model.generate(prompt, **kwargs)
+        torch.cuda.synchronize()
+        profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    report = stream.getvalue()
+    write_json(f"host_profile_{label.replace(' ', '_')}.json", {"model": label, "tokens": new_tokens,
+                                                                  "report": report})
+    return report
+
+
 def kernels_per_layer(model, prompt: torch.Tensor) -> float:
     """CUDA kernels launched by one eager decode step (static cache), divided by the number of decoder layers."""
     from torch.profiler import ProfilerActivity, profile
@@ -131,6 +155,8 @@ def main(argv=None) -> int:
                         help="comma-separated subset of graph, compile (decode step), eager, static (model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="print where the host time of eager generate() goes (cProfile, own time per function)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU; none found.", file=sys.stderr)
@@ -162,6 +188,8 @@ def main(argv=None) -> int:
             print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
         if args.count_kernels:
             entry["kernels_per_layer"] = kernels_per_layer(model, prompt)
+        if args.profile_host:
+            print(profile_host(model, prompt, 32, label), flush=True)
         return entry
 
     dense = measure("dense")

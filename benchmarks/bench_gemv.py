@@ -3,7 +3,8 @@
 Prints a Markdown table and writes gemv.json. Each timing is the median over CUDA-graph replays, rotating through
 enough weight copies that nothing is served from L2. "sparse" includes the top-K selection; "gemv only" is the
 sparse GEMV on an already sparse input. With one token both go the way the model's decode path does: the top-K
-kernel also lists the kept features and the GEMV reads exactly those weight rows. GB/s counts the bytes actually touched (kept weight rows, x, y).
+kernel starts from the last threshold (a hint), lists the kept features, and the GEMV reads exactly those rows.
+GB/s counts the bytes actually touched (kept weight rows, x, y).
 
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
 """
@@ -39,12 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--tokens", type=int, default=1)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of the shape names")
+    parser.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="comma-separated keep fractions")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gemv needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
     from qsparse_hf.kernels.gemv import choose_config, sparse_gemv
-    from qsparse_hf.kernels.topk import topk_sparsify_rows
+    from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
     results, rows = [], []
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         xs = [torch.randn(args.tokens, n_in, device="cuda", dtype=dtype) for _ in range(copies)]
         dense_us = graph_time_us(lambda i: F.linear(xs[i % copies], weights[i % copies]))
         dense_gbs = (weight_bytes + 2 * args.tokens * (n_in + n_out)) / dense_us / 1e3
-        for keep in KEEPS:
+        for keep in [float(k) for k in args.keeps.split(",") if k]:
             k = keep_count(keep, n_in)
             gather = args.tokens == 1 and k < n_in
             selected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
@@ -72,8 +74,10 @@ def main(argv=None) -> int:
             if k >= n_in:  # keep 1.0: the model skips the top-K (it is the identity), so the GEMV is all there is
                 full_us = gemv_us
             elif gather:
+                hint = new_hint("cuda", 1)  # as in the model: each selection starts from the last threshold
+
                 def step(i):
-                    x_sparse, rows = topk_sparsify_rows(xs[i % copies], k, indices=True)
+                    x_sparse, rows = topk_sparsify_rows(xs[i % copies], k, indices=True, hint=hint)
                     return sparse_gemv(x_sparse, weights_t[i % copies], config=config, kept=rows)
 
                 full_us = graph_time_us(step)

@@ -283,6 +283,9 @@ class InputSparsifier:
         self.kept: torch.Tensor | None = None
         self._kept_width = 0
         self.decode_weights: DecodeWeights | None = None
+        #: Slot of the threshold hint that one-token selections start from (`kernels.ops.register_hint`), -1: none.
+        self.hint_slot = -1
+        self._hint_device: torch.device | None = None
         #: Set by `convert.sparsify_adapter_inputs`: peft adapter layers sparsify the input for both their branches
         #: and hand the result back to this sparsifier, which then recognises it (the last sparse tensor returned,
         #: held weakly with its version). Off otherwise, so plain forwards do none of this bookkeeping.
@@ -340,10 +343,20 @@ class InputSparsifier:
             return x, False, None
         if self.uses_kernel(x):
             if select:
-                out, kept = _kernel_ops().topk_select(x, k, zeros)
+                out, kept = _kernel_ops().topk_select(x, k, zeros, self.hint_slot)
                 return out, zeros is not None, kept
             return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None, None
         return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale), False, None
+
+    def ensure_hint(self, device: torch.device) -> None:
+        """Give this sparsifier's decode selections a threshold hint on ``device`` (done with the decode layout,
+        outside any graph capture): each one-token top-K then starts its search from the last token's threshold.
+        A hint is registered once per device and kept for the process, as captured graphs hold its address."""
+        if self._hint_device != device and kernels._triton_importable():
+            from .kernels.topk import new_hint
+
+            self.hint_slot = _kernel_ops().register_hint(new_hint(device, kernels.MAX_DECODE_TOKENS))
+            self._hint_device = device
 
     @staticmethod
     def _one_token_inference(x: torch.Tensor) -> bool:
@@ -478,11 +491,13 @@ class DecodeWeights:
         self.bias = bias
         self.widths = widths
         self._pointers = self._storage_pointers()
+        sparsifier = linears[0].sparsifier
+        selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
+        if selecting is not None:
+            selecting.ensure_hint(weight_t.device)
         if weight_t.is_cuda:
             from .kernels.gemv import prepare_weight
 
-            sparsifier = linears[0].sparsifier
-            selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
             keep = None if selecting is None else selecting.keep(weight_t.shape[0])
             prepare_weight(weight_t, rows=keep)
 

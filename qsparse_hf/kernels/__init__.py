@@ -93,10 +93,11 @@ def prepare_for_decode(model: torch.nn.Module) -> int:
 
     Each Parameter keeps its ``[out, in]`` shape, name and values (it becomes a view of the block; no second copy
     stays alive). Dense matmuls (prefill, training) read that layout at the same speed, and ``state_dict`` /
-    ``save_pretrained`` write ordinary contiguous weights. In eager mode the first inference forward on the GPU
-    does this lazily (so ``model.generate`` with transformers' compiled static cache finds it done by the eager
-    prefill); call it yourself before capturing a CUDA graph or compiling a forward that never ran eagerly.
-    Returns the number of weights re-laid (0 when everything is already in place).
+    ``save_pretrained`` write ordinary contiguous weights. Each selecting sparsifier also gets its threshold hint
+    (one-token top-Ks start from the last token's threshold) on the weights' device. In eager mode the first
+    inference forward on the GPU does this lazily (so ``model.generate`` with transformers' compiled static cache
+    finds it done by the eager prefill); call it yourself before capturing a CUDA graph or compiling a forward
+    that never ran eagerly. Returns the number of weights re-laid (0 when everything is already in place).
 
     Example:
         >>> from qsparse_hf import QSparseLinear

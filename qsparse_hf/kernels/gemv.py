@@ -116,16 +116,26 @@ class GemvConfig(tuple):
         return super().__new__(cls, (block_n, block_k, split, num_warps, num_stages))
 
 
-# (block_n, block_k, num_warps): tiles of 8-16K fp32 accumulators, 128-512-byte weight segments.
-_TILES = ((64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (64, 128, 8), (256, 64, 8))
+# (block_n, block_k, num_warps). Narrow tiles (128-512-byte row segments) suit few output columns; the wide ones
+# (1-4 KB of each weight row per program, deep split-K) keep long contiguous runs of memory in flight, which is what
+# a scattered set of kept rows needs to stream near the memory's bandwidth.
+_TILES = ((64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (64, 128, 8), (256, 64, 8),
+          (512, 16, 8), (1024, 8, 8), (2048, 4, 8), (1024, 16, 16), (1024, 32, 16), (2048, 16, 16))
+#: Several tokens go through ``tl.dot``, which needs row blocks of at least this many rows.
+_MIN_DOT_BLOCK_K = 16
+_SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _candidates(n_out: int, n_in: int) -> list[GemvConfig]:
+def _candidates(n_out: int, n_in: int, tokens: int = 1) -> list[GemvConfig]:
+    """Launches worth timing: a few waves of programs over the SMs, at least two row blocks per split, and split-K
+    partials that stay small next to the weight bytes read."""
     found = []
     for block_n, block_k, num_warps in _TILES:
-        for split in (1, 2, 4, 8, 16, 32):
+        if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
+            continue
+        for split in _SPLITS:
             programs = _cdiv(n_out, block_n) * split
-            if 132 <= programs <= 1056 and n_in // split >= 2 * block_k:
+            if 132 <= programs <= 1056 and n_in // split >= 2 * block_k and split * 16 <= n_in:
                 found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
     return found or [_default_config(n_out, n_in)]
 
@@ -169,7 +179,7 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     else:
         kept = torch.randperm(n_in, device=x.device)[:rows].sort().values.to(torch.int32).reshape(1, rows)
     best, best_ms = default, float("inf")
-    for config in _candidates(n_out, length):
+    for config in _candidates(n_out, length, x.shape[0]):
         try:
             ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config, kept=kept), warmup=5,
                                          rep=20, return_mode="median")
@@ -223,6 +233,9 @@ class _Launch:
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
                  count_zeros: bool, gather: bool) -> None:
         block_n, block_k, split, num_warps, num_stages = config
+        if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
+            raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
+                             f"{config}")
         self.tokens, self.n_in, self.n_out, self.n_rows, self.split = tokens, n_in, n_out, n_rows, split
         self.col_blocks = _cdiv(n_out, block_n)
         self.grid = (self.col_blocks, split)

@@ -2,7 +2,8 @@
 shape-known node each instead of tracing into Triton launches, and autograd sees the straight-through estimator.
 
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
-- ``qsparse::topk_select(x, k)``: the same sparse tensor and the kept positions of each row (inference only).
+- ``qsparse::topk_select(x, k, hint_slot)``: the same sparse tensor and the kept positions of each row (inference
+  only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 
@@ -19,7 +20,32 @@ import torch
 from .gemv import MAX_DECODE_TOKENS, sparse_gemv
 from .topk import topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "sparse_linear"]
+__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "register_hint"]
+
+# Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
+# hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
+# replay). A hint, once registered, lives as long as the process, since captured graphs keep its address.
+_HINTS: list[torch.Tensor] = []
+
+
+def register_hint(hint: torch.Tensor) -> int:
+    """Keep ``hint`` (from `topk.new_hint`) for `topk_select` under ``torch.compile``; returns its slot.
+
+    Example:
+        >>> from qsparse_hf.kernels.topk import new_hint
+        >>> slot = register_hint(new_hint("cpu", 8)); slot >= 0
+        True
+    """
+    _HINTS.append(hint)
+    return len(_HINTS) - 1
+
+
+def _hint_for(slot: int, x: torch.Tensor) -> torch.Tensor | None:
+    """The hint in ``slot`` if it serves ``x`` (same device, an entry per row), else None (then no hint is used)."""
+    if slot < 0:
+        return None
+    hint = _HINTS[slot]
+    return hint if hint.device == x.device and hint.numel() >= x.numel() // x.shape[-1] else None
 
 
 @torch.library.custom_op("qsparse::topk_sparsify", mutates_args=())
@@ -44,12 +70,12 @@ _topk_sparsify.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
 @torch.library.custom_op("qsparse::topk_select", mutates_args=())
-def _topk_select(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return topk_sparsify_rows(x, k, indices=True)
+def _topk_select(x: torch.Tensor, k: int, hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_sparsify_rows(x, k, indices=True, hint=_hint_for(hint_slot, x))
 
 
 @_topk_select.register_fake
-def _(x, k):
+def _(x, k, hint_slot):
     return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
 
 
@@ -96,9 +122,12 @@ def topk_sparsify(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) ->
     return topk_sparsify_rows(x, k, zeros)
 
 
-def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
+                hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference top-K that also lists what it kept: ``(sparse, kept)``, ``kept`` the int32 ``[rows, k]`` ascending
     positions of each row (what `sparse_linear` gathers). ``qsparse::topk_select`` under ``torch.compile``.
+    ``hint_slot`` (from `register_hint`) lets the kernel start from the last threshold of the same rows (faster
+    one-token selections, same result); it is used when it has an entry per row on ``x``'s device.
 
     Example:
         >>> x = torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16)  # doctest: +SKIP
@@ -106,8 +135,8 @@ def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) -> t
         tensor([[1, 2]], device='cuda:0', dtype=torch.int32)
     """
     if torch.compiler.is_compiling():
-        return _topk_select(x, k)
-    return topk_sparsify_rows(x, k, zeros, indices=True)
+        return _topk_select(x, k, hint_slot)
+    return topk_sparsify_rows(x, k, zeros, indices=True, hint=_hint_for(hint_slot, x))
 
 
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
