@@ -105,7 +105,7 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
 
 def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, top: int = 25) -> str:
     """cProfile of one eager ``model.generate`` (after a warm-up call): where the host time of a decode step goes.
-    Returns the report (functions by own time), also written to ``host_profile_<label>.txt`` beside the JSON."""
+    Returns the report (functions by own time), also written to ``host_profile_<label>.json`` beside the results."""
     import cProfile
     import io
     import pstats
