@@ -8,7 +8,8 @@ The dense baseline is the faster of the two; every sparse number is divided by i
 own mode, shown beside it). ``--generate`` adds ``model.generate()`` exactly as users call it: eager with the
 dynamic cache (``eager``), and ``cache_implementation="static"`` (``static``: transformers compiles the decode
 forward), each against dense called the same way (``--ways`` picks; sparsity tracking stays on, as users have it).
-``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer.
+``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-kernels``
+lists the kernels of the compiled step by time, per layer.
 
     python benchmarks/bench_decode.py --arch mistral --new-tokens 256 --ways graph,compile,eager,static --count-kernels
 """
@@ -127,6 +128,50 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, top: 
     return report
 
 
+def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> list[str]:
+    """Per-kernel time of the compiled decode step (reduce-overhead, replays profiled), per decoder layer: where a
+    step's time goes. Returns the report lines (kernels by time), also written to ``kernels_<label>.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    layers = model.config.num_hidden_layers
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 32)
+    forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True)
+    steps = 4
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device="cuda"))
+        token = prompt[:, -1:].clone()
+        position = torch.tensor([prompt.shape[1]], device="cuda")
+
+        def step():
+            out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            token.copy_(out[:, -1:].argmax(-1))
+            position.add_(1)
+
+        for _ in range(8):  # compile, warm-up and recording
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time
+    per_step = sum(t for _, t in kernels.values()) / steps
+    count = sum(c for c, _ in kernels.values()) / steps
+    lines = [f"{label}: compiled step, {count / layers:.1f} kernels and {per_step / layers:.1f} µs of kernel time "
+             f"per layer ({per_step:.0f} µs per step)"]
+    for name, (calls, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{calls / steps / layers:6.2f}/layer {total / steps / layers:8.2f} µs/layer "
+                     f"{total / calls:7.2f} µs/call  {name}")
+    write_json(f"kernels_{label.replace(' ', '_')}.json", {"model": label, "layers": layers, "lines": lines})
+    return lines
+
+
 def kernels_per_layer(model, prompt: torch.Tensor) -> float:
     """CUDA kernels launched by one eager decode step (static cache), divided by the number of decoder layers."""
     from torch.profiler import ProfilerActivity, profile
@@ -157,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
     parser.add_argument("--profile-host", action="store_true",
                         help="print where the host time of eager generate() goes (cProfile, own time per function)")
+    parser.add_argument("--profile-kernels", action="store_true",
+                        help="print the kernels of the compiled decode step by time, per layer (torch.profiler)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU; none found.", file=sys.stderr)
@@ -190,6 +237,8 @@ def main(argv=None) -> int:
             entry["kernels_per_layer"] = kernels_per_layer(model, prompt)
         if args.profile_host:
             print(profile_host(model, prompt, 32, label), flush=True)
+        if args.profile_kernels:
+            print("\n".join(kernel_profile(model, prompt, label)), flush=True)
         return entry
 
     dense = measure("dense")
