@@ -236,7 +236,7 @@ def push_to_hub_with_card(model, repo_id: str, *, commit_message: str = "Upload 
         >>> tiny = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         ...                      num_key_value_heads=1, vocab_size=64)
         >>> model = convert_to_qsparse(AutoModelForCausalLM.from_config(tiny), topk=0.5)
-        >>> model.push_to_hub.__func__ is push_to_hub_with_card
+        >>> model.push_to_hub.func is push_to_hub_with_card
         True
     """
     base_model = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None

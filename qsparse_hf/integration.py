@@ -6,7 +6,7 @@ The quantizer is a thin lifecycle shell: everything it does is `convert_to_qspar
 
 from __future__ import annotations
 
-import types
+import functools
 
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -54,7 +54,9 @@ class QSparseHfQuantizer(HfQuantizer):
         if hasattr(model, "push_to_hub"):  # upload the Q-Sparse card, not transformers' generic template
             from .hub import push_to_hub_with_card
 
-            model.push_to_hub = types.MethodType(push_to_hub_with_card, model)
+            # A partial rather than a bound method: it pickles by reference to the function, so a whole converted
+            # model survives torch.save / torch.load (a bound method is looked up by its name on the model).
+            model.push_to_hub = functools.partial(push_to_hub_with_card, model)
 
     def _dequantize(self, model, dtype=None):
         from .convert import revert_qsparse

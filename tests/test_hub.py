@@ -93,6 +93,24 @@ def test_model_push_to_hub_uploads_the_qsparse_card_naming_the_repo(monkeypatch)
     assert "push_to_hub" not in model.__dict__  # a dense model goes back to transformers' own upload
 
 
+def test_a_whole_converted_model_survives_torch_save_and_load(tmp_path, monkeypatch):
+    # torch.save(model) pickles the model object, with the card upload installed on it; loading it back must give
+    # the same model, still uploading the Q-Sparse card.
+    import huggingface_hub
+    import torch
+
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    ids = torch.randint(3, 128, (1, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    _FakeHub.uploads.clear()
+    loaded.push_to_hub("me/tiny-qsparse")
+    [(_, files)] = _FakeHub.uploads
+    assert "import qsparse_hf" in files["README.md"].decode()
+
+
 def test_push_checkpoint_puts_the_repo_id_into_a_saved_card(tmp_path, monkeypatch):
     import huggingface_hub
     from qsparse_hf.hub import save_model_card
