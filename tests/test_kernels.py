@@ -279,6 +279,22 @@ def test_sparse_gemv_one_launch_split_k_on_a_column_slice_counts_zeros(tokens, s
     assert int(zeros) == 5 + int((x == 0).sum())
 
 
+def test_outgrown_split_k_tickets_stay_allocated():
+    # A CUDA graph captured before a wider launch grew the tickets keeps the old buffer's address: freeing it would
+    # let the allocator hand that memory to something else under the graph.
+    import weakref
+
+    from qsparse_hf.kernels import gemv
+
+    device = torch.device(DEV)
+    current = gemv._semaphores(device, 1)
+    old = weakref.ref(current)
+    grown = gemv._semaphores(device, current.numel() + 1)
+    del current
+    assert old() is not None and old() is not grown and grown.numel() > old().numel()
+    assert gemv._semaphores(device, 1) is grown and int(grown.abs().sum()) == 0
+
+
 def _count_kernel_calls(monkeypatch):
     from qsparse_hf.kernels import ops
 

@@ -192,6 +192,9 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
 
 
 _SEMAPHORES: dict[torch.device, torch.Tensor] = {}
+# Ticket buffers outgrown by a wider launch: CUDA graphs captured earlier still hold their addresses, so they are
+# kept for the life of the process rather than freed (and reused by the allocator under a graph's feet).
+_OUTGROWN: list[torch.Tensor] = []
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
@@ -201,6 +204,8 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     if tickets is None or tickets.numel() < count:
         if _capturing(device):
             raise RuntimeError("the sparse GEMV must run once before CUDA-graph capture (it allocates its tickets)")
+        if tickets is not None:
+            _OUTGROWN.append(tickets)
         tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _SEMAPHORES[device] = tickets
     return tickets
