@@ -437,11 +437,9 @@ class InputSparsifier:
         return None
 
     def _remember(self, x: torch.Tensor, output, compiling: bool) -> None:
-        if compiling:
+        if compiling:  # (a single member never stores an entry, so none can be stale)
             if self.members > 1:
                 _TRACED_SHARED[self.key] = (x, output, 1)
-            else:
-                _TRACED_SHARED.pop(self.key, None)
             return
         self._clear()
         if self.members > 1:
