@@ -416,19 +416,21 @@ class InputSparsifier:
             kept, width, source.kept = source.kept, source._kept_width, None
         return kept if kept is not None and width == x.shape[-1] and kept.device == x.device else None
 
-    def _cached(self, x: torch.Tensor, compiling: bool):
+    def _cached(self, x: torch.Tensor, compiling: bool, decoded_only: bool = False):
+        """The shared result for this very input (counted as one more use), else None; ``decoded_only``: only
+        the members' outputs of a decode step, not a sparse input."""
         if compiling:
             # The identity test is traced, so one op serves q/k/v in a compiled graph too; the graph never mutates
             # its own activations, so no version check is needed.
             entry = _TRACED_SHARED.get(self.key)
-            if entry is None or entry[0] is not x:
+            if entry is None or entry[0] is not x or (decoded_only and type(entry[1]) is not tuple):
                 return None
             if entry[2] + 1 >= self.members:
                 del _TRACED_SHARED[self.key]
             else:
                 _TRACED_SHARED[self.key] = (x, entry[1], entry[2] + 1)
             return entry[1]
-        if self._input is x and self._version == x._version:
+        if self._input is x and self._version == x._version and not (decoded_only and type(self._output) is not tuple):
             output = self._output
             self._uses += 1
             if self._uses >= self.members:
@@ -477,12 +479,7 @@ class InputSparsifier:
 
     def decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The members' outputs that a sibling's decode step computed for this very input, else None."""
-        if torch.compiler.is_compiling():
-            entry = _TRACED_SHARED.get(self.key)
-            return self._cached(x, True) if entry is not None and entry[0] is x and type(entry[1]) is tuple else None
-        if self._input is x and type(self._output) is tuple:
-            return self._cached(x, False)
-        return None
+        return self._cached(x, torch.compiler.is_compiling(), decoded_only=True)
 
     def decodes(self, x: torch.Tensor, linear: "QSparseLinear") -> bool:
         """Whether ``linear(x)`` runs on the decode path: inference, at most `MAX_DECODE_TOKENS` tokens, a kernel
