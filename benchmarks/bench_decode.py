@@ -43,24 +43,32 @@ CONFIGS = {
 }
 
 
+def greedy_step(model, prompt: torch.Tensor, max_cache_len: int, compiled: bool):
+    """Prefill ``prompt`` eagerly into a fresh static cache; returns ``(step, position)``: ``step()`` runs one greedy
+    decode step in place (forward, compiled with reduce-overhead when ``compiled``, argmax, position + 1).
+    Call both under ``torch.no_grad()``."""
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True)
+               if compiled else model.forward)
+    logits = model(prompt, past_key_values=cache, use_cache=True,
+                   cache_position=torch.arange(prompt.shape[1], device=prompt.device)).logits
+    token = logits[:, -1:].argmax(-1)
+    position = torch.tensor([prompt.shape[1]], device=prompt.device)
+
+    def step():
+        out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        token.copy_(out[:, -1:].argmax(-1))
+        position.add_(1)
+
+    return step, position
+
+
 def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
     """Prefill eagerly, then time ``new_tokens`` greedy steps: replayed from one captured CUDA graph (``graph``) or
     through ``torch.compile`` reduce-overhead (``compile``)."""
     torch._dynamo.reset()
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 16)
-    forward = (torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True)
-               if mode == "compile" else model.forward)
     with torch.no_grad():
-        logits = model(prompt, past_key_values=cache, use_cache=True,
-                       cache_position=torch.arange(prompt.shape[1], device="cuda")).logits
-        token = logits[:, -1:].argmax(-1)
-        position = torch.tensor([prompt.shape[1]], device="cuda")
-
-        def step():
-            out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
-            token.copy_(out[:, -1:].argmax(-1))
-            position.add_(1)
-
+        step, position = greedy_step(model, prompt, prompt.shape[1] + new_tokens + 16, mode == "compile")
         if mode == "compile":
             for _ in range(6):  # Inductor's compile, its CUDA-graph warm-up and recording happen here
                 step()
@@ -135,19 +143,9 @@ def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> li
 
     torch._dynamo.reset()
     layers = model.config.num_hidden_layers
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + 32)
-    forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False, fullgraph=True)
     steps = 4
     with torch.no_grad():
-        model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device="cuda"))
-        token = prompt[:, -1:].clone()
-        position = torch.tensor([prompt.shape[1]], device="cuda")
-
-        def step():
-            out = forward(token, past_key_values=cache, cache_position=position, use_cache=True).logits
-            token.copy_(out[:, -1:].argmax(-1))
-            position.add_(1)
-
+        step, _ = greedy_step(model, prompt, prompt.shape[1] + 32, compiled=True)
         for _ in range(8):  # compile, warm-up and recording
             step()
         torch.cuda.synchronize()
