@@ -573,6 +573,58 @@ def test_repeated_launches_go_straight_to_the_compiled_kernel_with_the_same_resu
     assert torch.equal(topk_sparsify_rows(shifted, 300), first)
 
 
+def test_direct_launch_hands_the_c_launcher_integer_pointers_and_never_caches_cpu_tensors(monkeypatch):
+    # Stand-ins for Triton's objects (the real ones need a GPU): the first launch of a signature goes through
+    # Triton; later ones call the C launch function with Triton >= 3.5's argument layout.
+    from qsparse_hf.kernels import launch as launch_module
+
+    calls = []
+
+    class CLauncher:  # Triton's CudaLauncher: the C launch function and the launch options it passes
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+
+        def launch(self, *args):
+            calls.append(("c", args))
+
+    class Compiled:
+        run, function, packed_metadata = CLauncher(), 7, (4, 1, 0)
+
+    class Kernel:
+        arg_names = ["x_ptr", "n", "BLOCK"]
+
+        def run(self, *args, grid, warmup, **constants):
+            calls.append(("triton", args))
+            return Compiled()
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 99
+
+    class CudaTensor:
+        dtype, is_cuda = torch.bfloat16, True
+
+        def data_ptr(self):
+            return 4096
+
+    monkeypatch.setattr(launch_module, "_DIRECT", True)
+    monkeypatch.setattr(launch_module, "driver", type("D", (), {"active": Driver()})())
+    kernel = launch_module.KernelLaunch(Kernel(), dict(BLOCK=64, num_warps=4))
+    tensor = CudaTensor()
+    for _ in range(2):
+        kernel._launch((3,), (tensor,), (10,))
+    assert calls[0] == ("triton", (tensor, 10))
+    assert calls[1] == ("c", (3, 1, 1, 99, 7, False, True, None, None, (4, 1, 0), None, None, None, 4096, 10, 64))
+    calls.clear()
+    cpu = torch.zeros(4, dtype=torch.bfloat16)
+    for _ in range(2):  # Triton's own path every time: it is the one that rejects CPU tensors
+        kernel._launch((3,), (cpu,), (10,))
+    assert [kind for kind, _ in calls] == ["triton", "triton"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_kernels_launch_on_the_device_of_their_tensors():
     x = torch.randn(2, 500, device="cuda:1", dtype=torch.bfloat16)

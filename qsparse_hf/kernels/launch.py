@@ -4,7 +4,8 @@ An eager decode step is bound by host time: a 7B model runs ~250 of our launches
 launch path (binding arguments, computing their specialization, hashing the cache key) costs several times the C
 launch itself. `KernelLaunch` fixes a kernel's grid and compile-time constants once; after the first launch for a
 given argument signature (tensor dtypes and 16-byte alignment, scalar values: everything Triton specializes on)
-it calls the compiled kernel's launcher directly. Anything else (a new signature, launch hooks installed, e.g. by a
+it calls the compiled kernel's C launch function directly, with the tensors' addresses as integers (Triton's
+launcher would otherwise ask the driver about every pointer argument, at every launch). Anything else (a new signature, launch hooks installed, e.g. by a
 profiler, Triton's interpreter) goes through Triton's own path.
 
 It also launches on the device that holds the tensors: Triton launches on the *current* CUDA device, which is not
@@ -83,14 +84,35 @@ class KernelLaunch:
         if not (_DIRECT and self._constexprs is not None and len(args) == self._runtime_args and _no_launch_hooks()):
             self.kernel.run(*args, grid=grid, warmup=False, **self.constants)
             return
-        key = (tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors), scalars)
-        compiled = self._compiled.get(key)
-        if compiled is None:
+        pointers = tuple([t.data_ptr() for t in tensors])
+        # is_cuda in the key: a CPU tensor never reaches a cached launcher (Triton's own path rejects it), since the
+        # launcher takes the pointers as plain integers and no longer checks them with the driver.
+        key = (tuple([(t.dtype, t.is_cuda, p % 16 == 0) for t, p in zip(tensors, pointers)]), scalars)
+        cached = self._compiled.get(key)
+        if cached is None:
             compiled = self.kernel.run(*args, grid=grid, warmup=False, **self.constants)
-            if hasattr(compiled, "packed_metadata") and hasattr(compiled, "function"):
-                self._compiled[key] = compiled
+            if all(t.is_cuda for t in tensors):
+                self._compiled[key] = _launcher(compiled)
             return
+        launch, function, metadata, cooperative, pdl = cached
         stream = driver.active.get_current_stream(driver.active.get_current_device())
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, compiled.function, compiled.packed_metadata,
-                     None, None, None, *args, *self._constexprs)
+        if cooperative is None:  # Triton's launcher object, for a layout `_launcher` does not know
+            launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, metadata, None, None, None,
+                   *pointers, *scalars, *self._constexprs)
+        else:
+            launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, cooperative, pdl, None, None,
+                   metadata, None, None, None, *pointers, *scalars, *self._constexprs)
         _DIRECT_COUNT[0] += 1
+
+
+def _launcher(compiled) -> tuple | None:
+    """``(launch, function, packed metadata, cooperative, pdl)`` of a compiled kernel: its C launch function when it
+    needs no scratch memory (Triton >= 3.5 layout; ``cooperative`` None otherwise: the Python launcher object, which
+    allocates scratch itself), or None for an object that is not a compiled kernel."""
+    run = getattr(compiled, "run", None)
+    if run is None or not hasattr(compiled, "packed_metadata") or not hasattr(compiled, "function"):
+        return None
+    if (getattr(run, "global_scratch_size", None) == 0 and getattr(run, "profile_scratch_size", None) == 0
+            and hasattr(run, "launch") and hasattr(run, "launch_pdl")):
+        return run.launch, compiled.function, compiled.packed_metadata, run.launch_cooperative_grid, run.launch_pdl
+    return run, compiled.function, compiled.packed_metadata, None, None
