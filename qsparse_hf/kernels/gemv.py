@@ -22,6 +22,25 @@ __all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
 
 
 @triton.jit
+def _count_zeros(x_ptr, index_ptr, start, tokens, n_in, n_rows, stride_x, ROWS_PER_SPLIT: tl.constexpr,
+                 TOKENS_PAD: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
+    """Zeros among one split's inputs: its listed features (``GATHER``) or its rows of every token."""
+    counts = tl.zeros([TOKENS_PAD, BLOCK_K], dtype=tl.int32)
+    toks = tl.arange(0, TOKENS_PAD)
+    for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K):
+        slots = start + k0 + tl.arange(0, BLOCK_K)
+        if GATHER:
+            ok = slots[None, :] < n_rows
+            rows = tl.load(index_ptr + slots[None, :], mask=ok, other=0)
+            x = tl.load(x_ptr + rows, mask=ok, other=1.0)
+        else:
+            ok = (toks[:, None] < tokens) & (slots[None, :] < n_in)
+            x = tl.load(x_ptr + toks[:, None] * stride_x + slots[None, :], mask=ok, other=1.0)
+        counts += ((x == 0) & ok).to(tl.int32)
+    return tl.sum(tl.sum(counts, axis=1), axis=0)
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, tokens, n_out, n_in, n_rows, stride_x,
     stride_w, stride_out, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -35,7 +54,6 @@ def _sparse_gemv_kernel(
     toks = tl.arange(0, TOKENS_PAD)
     tok_ok = toks < tokens
     start = pid_s * ROWS_PER_SPLIT  # ROWS_PER_SPLIT is a multiple of BLOCK_K: splits never overlap
-    zeros = 0
     if GATHER:
         # One token with its kept features listed (ascending): the loop runs over the n_rows listed rows only, so
         # every load moves data -- no predicated-off rows holding the memory pipeline.
@@ -48,11 +66,6 @@ def _sparse_gemv_kernel(
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
             tile += x.to(tl.float32)[:, None] * w.to(tl.float32)
-            if COUNT_ZEROS:
-                zeros += tl.sum(((x == 0) & slot_ok).to(tl.int32))
-        if COUNT_ZEROS:
-            if pid_s == 0:  # the features not listed are zero
-                zeros += n_in - n_rows
         acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
     elif TOKENS_PAD == 1:
         # One token: accumulate elementwise into a [BLOCK_K, BLOCK_N] tile and reduce once at the end, so the loop
@@ -65,8 +78,6 @@ def _sparse_gemv_kernel(
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=(x != 0) & col_ok[None, :], other=0.0)
             tile += x.to(tl.float32) * w.to(tl.float32)
-            if COUNT_ZEROS:
-                zeros += tl.sum(((x == 0) & row_ok).to(tl.int32))
         acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
     else:
         acc = tl.zeros([TOKENS_PAD, BLOCK_N], dtype=tl.float32)
@@ -80,10 +91,15 @@ def _sparse_gemv_kernel(
             # bf16/fp16 values are exact in tf32, so the fp32 dot loses nothing (and Triton's CPU interpreter
             # mishandles bf16 dots).
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
-            if COUNT_ZEROS:
-                zeros += tl.sum(tl.sum(((x == 0) & x_ok).to(tl.int32), axis=1), axis=0)
     if COUNT_ZEROS:
-        if pid_n == 0:  # every column block reads the same inputs: one of them counts
+        if pid_n == 0:
+            # Every column block reads the same inputs, so one counts their zeros, in a pass of its own after its
+            # products: a count inside the product loops would put a block-wide reduction in every program's loop.
+            zeros = _count_zeros(x_ptr, index_ptr, start, tokens, n_in, n_rows, stride_x, ROWS_PER_SPLIT,
+                                 TOKENS_PAD, BLOCK_K, GATHER)
+            if GATHER:
+                if pid_s == 0:  # the features not listed are zero
+                    zeros += n_in - n_rows
             tl.atomic_add(zeros_ptr, zeros.to(tl.int64))
     out_mask = tok_ok[:, None] & col_ok[None, :]
     out_ptrs = out_ptr + toks[:, None] * stride_out + cols[None, :]
