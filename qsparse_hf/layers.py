@@ -556,8 +556,8 @@ class DecodeWeights:
             keep = None if selecting is None else selecting.keep(weight_t.shape[0])
             prepare_weight(weight_t, rows=keep)
 
-    def _storage_pointers(self) -> tuple:
-        return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in self.linears)
+    def _storage_pointers(self) -> list:
+        return [(_data_ptr(m, "weight"), _data_ptr(m, "bias")) for m in self.linears]
 
     def current(self) -> bool:
         """Whether every member still reads its weight (and bias) from this block."""
@@ -611,6 +611,14 @@ class DecodeWeights:
         if len(self.widths) == 1:
             return (out,)
         return tuple(out.split(self.widths, dim=-1))
+
+
+def _data_ptr(module: nn.Module, name: str) -> int | None:
+    """Address of ``module``'s parameter ``name`` (None: no such tensor). Read from ``_parameters`` first: going
+    through ``nn.Module.__getattr__`` costs microseconds, on every eager decode call (`DecodeWeights.current`)."""
+    params = module._parameters
+    tensor = params[name] if name in params else getattr(module, name, None)
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _owns_storage(tensor: torch.Tensor) -> bool:

@@ -168,9 +168,31 @@ def test_sparse_gemv_really_skips_zero_rows():
     assert _rel_err(out, x[:, :30].double() @ weight_t[:30].double()) < 1e-2
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 200), (2, 3, 200)])
+def test_sparse_gemv_and_topk_take_leading_dimensions_without_reshaping(shape):
+    # Decode calls them on [batch, tokens, features]: same values as on the flattened rows, in the input's shape.
+    x = torch.randn(*shape, device=DEV).to(torch.bfloat16)
+    weight_t = torch.randn(200, 72, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(72, device=DEV, dtype=torch.bfloat16)
+    config = GemvConfig(32, 32, 2)
+    rows = x.reshape(-1, 200)
+    sparse = topk_sparsify_rows(x, 50)
+    assert sparse.shape == x.shape and torch.equal(sparse.reshape(-1, 200), topk_sparsify_rows(rows, 50))
+    out = sparse_gemv(sparse, weight_t, bias, config=config)
+    assert out.shape == (*shape[:-1], 72)
+    assert torch.equal(out.reshape(-1, 72), sparse_gemv(sparse.reshape(-1, 200), weight_t, bias, config=config))
+    # a view whose rows are not evenly spaced is copied first, with the same result
+    gapped = torch.randn(shape[0], shape[1] + 1, 200, device=DEV).to(torch.bfloat16)[:, 1:]
+    gapped.copy_(sparse)
+    assert torch.equal(sparse_gemv(gapped, weight_t, bias, config=config), out)
+    assert torch.equal(topk_sparsify_rows(gapped, 50), sparse)
+
+
 def test_sparse_gemv_rejects_bad_input():
-    with pytest.raises(ValueError, match="tokens <= 8"):
+    with pytest.raises(ValueError, match="at most 8 tokens"):
         sparse_gemv(torch.zeros(9, 16, device=DEV), torch.zeros(16, 4, device=DEV))
+    with pytest.raises(ValueError, match="at most 8 tokens"):
+        sparse_gemv(torch.zeros(3, 3, 16, device=DEV), torch.zeros(16, 4, device=DEV))
     with pytest.raises(ValueError, match="row-major"):
         sparse_gemv(torch.zeros(1, 16, device=DEV), torch.zeros(4, 16, device=DEV).t())
     with pytest.raises(ValueError, match="at most 8 tokens"):
@@ -375,6 +397,24 @@ def test_decode_weights_rebuilt_after_the_model_moves():
         out = model(ids).logits
     assert q.sparsifier.decode_weights is not weights and q.sparsifier.decode_weights.current()
     assert q.sparsifier.decode_weights.weight_t.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_decode_weights_notice_one_member_weight_or_bias_replaced():
+    # A member whose Parameter is swapped (one of q/k/v, as a user or a library may do) no longer reads the block.
+    model = tiny_model("llama").to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    prepare_for_decode(model)
+    attention = model.model.layers[0].self_attn
+    weights = attention.q_proj.sparsifier.decode_weights
+    assert weights.current()
+    attention.k_proj.weight = torch.nn.Parameter(attention.k_proj.weight.detach().clone())
+    assert not weights.current()
+    prepare_for_decode(model)
+    rebuilt = attention.q_proj.sparsifier.decode_weights
+    assert rebuilt.current()
+    attention.v_proj.bias = torch.nn.Parameter(torch.ones(attention.v_proj.out_features, device=DEV,
+                                                          dtype=torch.bfloat16))
+    assert not rebuilt.current()
 
 
 @pytest.mark.parametrize("keep", [0.5, 1.0])

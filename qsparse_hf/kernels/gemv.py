@@ -11,6 +11,8 @@ are served by one launch over the whole block, or by one launch per member over 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -179,7 +181,7 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, x.shape[0], x.dtype, x.device, rows)
+    key = (n_in, n_out, _tokens(x), x.dtype, x.device, rows)
     if key in _CHOSEN:
         return _CHOSEN[key]
     length = n_in if rows is None else rows
@@ -195,7 +197,7 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     else:
         kept = torch.randperm(n_in, device=x.device)[:rows].sort().values.to(torch.int32).reshape(1, rows)
     best, best_ms = default, float("inf")
-    for config in _candidates(n_out, length, x.shape[0]):
+    for config in _candidates(n_out, length, _tokens(x)):
         try:
             ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config, kept=kept), warmup=5,
                                          rep=20, return_mode="median")
@@ -266,9 +268,10 @@ class _Launch:
             COUNT_ZEROS=count_zeros, GATHER=gather, num_warps=num_warps,
         ))
 
-    def __call__(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+    def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
                  zeros: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor:
-        out = torch.empty(self.tokens, self.n_out, dtype=x.dtype, device=x.device)
+        """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``."""
+        out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
         if self.split > 1:
             partials = torch.empty(self.split, self.tokens, self.n_out, dtype=torch.float32, device=x.device)
             tickets = _semaphores(x.device, self.col_blocks)
@@ -278,7 +281,7 @@ class _Launch:
             self.grid,
             (x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
              x if kept is None else kept),
-            (self.tokens, self.n_out, self.n_in, self.n_rows, x.stride(0), weight_t.stride(0), out.stride(0)),
+            (self.tokens, self.n_out, self.n_in, self.n_rows, stride_x, weight_t.stride(0), self.n_out),
         )
         return out
 
@@ -287,14 +290,23 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 
 
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
-            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None):
+    """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
+    stride)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
-    key = (x.shape[0], n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None)
+    if tokens is None:
+        tokens = _tokens(x)
+    key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
-    return launch(x, weight_t, bias, zeros, kept)
+    return launch(x, n_in if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept)
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Token rows of ``[..., features]`` (all leading dimensions)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
@@ -303,7 +315,8 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
     """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
 
     Args:
-        x: ``[tokens, in_features]`` (tokens <= `MAX_DECODE_TOKENS`), bf16 or fp16, usually top-K sparse.
+        x: ``[..., in_features]`` with at most `MAX_DECODE_TOKENS` tokens (all leading dimensions), bf16 or fp16,
+            usually top-K sparse. The result is ``[..., out_features]``.
         weight_t: ``[in_features, out_features]`` contiguous: the transposed ``nn.Linear`` weight.
         bias: optional ``[out_features]``.
         config: launch configuration; by default `choose_config` picks (and caches) one.
@@ -319,13 +332,16 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         >>> torch.allclose(sparse_gemv(x, w), x @ w)  # needs CUDA or TRITON_INTERPRET=1  # doctest: +SKIP
         True
     """
-    if x.dim() != 2 or x.shape[0] > MAX_DECODE_TOKENS:
-        raise ValueError(f"sparse_gemv takes [tokens <= {MAX_DECODE_TOKENS}, in_features], got {tuple(x.shape)}")
-    if weight_t.stride(-1) != 1 or x.shape[1] != weight_t.shape[0]:
+    tokens = _tokens(x) if x.dim() else MAX_DECODE_TOKENS + 1
+    if tokens > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_gemv takes [..., in_features] with at most {MAX_DECODE_TOKENS} tokens, got "
+                         f"{tuple(x.shape)}")
+    if weight_t.stride(-1) != 1 or x.shape[-1] != weight_t.shape[0]:
         raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
-    if kept is not None and (x.shape[0] != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
+    if kept is not None and (tokens != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
         raise ValueError(f"kept must be an int32 [1, n] list for a one-token x, got {tuple(kept.shape)} for "
                          f"x {tuple(x.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    if not (x.is_contiguous() or (x.dim() == 2 and x.stride(-1) == 1)):
+        x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
     rows = None if kept is None else kept.shape[1]
-    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept)
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens)

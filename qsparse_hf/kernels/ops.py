@@ -82,8 +82,7 @@ def _(x, k, hint_slot):
 @torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
 def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
                    kept: Optional[torch.Tensor]) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    return sparse_gemv(rows, weight_t, bias, kept=kept).reshape(*x.shape[:-1], weight_t.shape[1])
+    return sparse_gemv(x, weight_t, bias, kept=kept)
 
 
 @_sparse_linear.register_fake
@@ -158,5 +157,4 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
         raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
     if torch.compiler.is_compiling():
         return _sparse_linear(x, weight_t, bias, kept)
-    rows = x.reshape(-1, x.shape[-1])
-    return sparse_gemv(rows, weight_t, bias, zeros=zeros, kept=kept).reshape(*x.shape[:-1], weight_t.shape[1])
+    return sparse_gemv(x, weight_t, bias, zeros=zeros, kept=kept)

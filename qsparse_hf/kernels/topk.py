@@ -167,13 +167,16 @@ class _RowLaunch:
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), num_warps=num_warps))
 
-    def __call__(self, rows: torch.Tensor, zeros: torch.Tensor | None, hint: torch.Tensor | None):
-        out = torch.empty_like(rows)
-        kept = torch.empty(rows.shape[0], self.k, dtype=torch.int32, device=rows.device) if self.indices else None
-        if rows.shape[0]:
-            self.launch((rows.shape[0],), (rows, out, rows if zeros is None else zeros, out if kept is None else kept,
-                                           out if hint is None else hint),
-                        (self.dim, self.k, rows.stride(0), out.stride(0)))
+    def __call__(self, x: torch.Tensor, rows: int, stride: int, zeros: torch.Tensor | None,
+                 hint: torch.Tensor | None):
+        """Launch over ``x``: ``rows`` rows ``stride`` elements apart, unit stride within a row (a contiguous
+        tensor of any shape, or a 2-D view); the sparse result has ``x``'s shape."""
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        kept = torch.empty(rows, self.k, dtype=torch.int32, device=x.device) if self.indices else None
+        if rows:
+            self.launch((rows,), (x, out, x if zeros is None else zeros, out if kept is None else kept,
+                                  out if hint is None else hint),
+                        (self.dim, self.k, stride, self.dim))
         return out, kept
 
 
@@ -213,12 +216,17 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     launch = _ROW_LAUNCHES.get(key)
     if launch is None:
         launch = _ROW_LAUNCHES[key] = _RowLaunch(dim, k, x.dtype, indices, zeros is not None, config, hint is not None)
-    rows = x.reshape(-1, dim)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < rows.shape[0] or hint.device != x.device):
-        raise ValueError(f"hint must be an int32 tensor with one entry per row ({rows.shape[0]}) on {x.device}, got "
+    if x.is_contiguous():  # the common case: no reshaped views (eager decode runs this four times per layer)
+        source, rows, stride = x, x.numel() // dim, dim
+    else:
+        source = x.reshape(-1, dim)
+        if source.stride(-1) != 1:
+            source = source.contiguous()
+        rows, stride = source.shape[0], source.stride(0)
+    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < rows or hint.device != x.device):
+        raise ValueError(f"hint must be an int32 tensor with one entry per row ({rows}) on {x.device}, got "
                          f"{hint.dtype} with {hint.numel()} on {hint.device}")
-    out, kept = launch(rows, zeros, hint)
-    out = out.reshape(x.shape)
+    out, kept = launch(source, rows, stride, zeros, hint)
+    if out.shape != x.shape:
+        out = out.reshape(x.shape)
     return (out, kept) if indices else out
