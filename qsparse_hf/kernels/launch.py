@@ -5,8 +5,8 @@ launch path (binding arguments, computing their specialization, hashing the cach
 launch itself. `KernelLaunch` fixes a kernel's grid and compile-time constants once; after the first launch for a
 given argument signature (tensor dtypes and 16-byte alignment, scalar values: everything Triton specializes on)
 it calls the compiled kernel's C launch function directly, with the tensors' addresses as integers (Triton's
-launcher would otherwise ask the driver about every pointer argument, at every launch). Anything else (a new signature, launch hooks installed, e.g. by a
-profiler, Triton's interpreter) goes through Triton's own path.
+launcher would otherwise ask the driver about every pointer argument, at every launch). Anything else (a new
+signature, launch hooks installed, e.g. by a profiler, Triton's interpreter) goes through Triton's own path.
 
 It also launches on the device that holds the tensors: Triton launches on the *current* CUDA device, which is not
 the tensors' device when a model is spread over several GPUs (``device_map="auto"``).
