@@ -27,6 +27,7 @@ __all__ = [
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_LISTED_FEATURES = 32768  # kernels.topk.MAX_LISTED_FEATURES, without importing Triton here
+_MAX_SELECT_FEATURES = 8192  # kernels.gemv.MAX_SELECT_FEATURES, likewise
 
 
 _OPS = None
@@ -501,18 +502,39 @@ class InputSparsifier:
             weights = self.decode_weights = DecodeWeights.build(self.linears)
         return weights is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
 
+    def selects_in_gemv(self, x: torch.Tensor, compiling: bool) -> bool:
+        """Whether this decode step finds the top-K inside the GEMV launch: eager (not compiled, not captured:
+        there the separate selection, run once, is faster on the GPU), one token, a plain per-token top-K that
+        actually drops features, an input no wider than the in-launch selection takes."""
+        return (
+            kernels.SELECT_IN_GEMV
+            and not compiling
+            and x.numel() == x.shape[-1] <= _MAX_SELECT_FEATURES
+            and not self.input_within_topk
+            and self.activation_bits is None
+            and self.block_size is None
+            and not self.rescale
+            and self.keep(x.shape[-1]) < x.shape[-1]
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        )
+
     def decode(self, x: torch.Tensor, linear: "QSparseLinear") -> torch.Tensor:
-        """``linear(x)`` on the decode path: one top-K and one sparse GEMV for all members; the members after the
-        first take their outputs from the cache (`decoded`)."""
+        """``linear(x)`` on the decode path: one top-K and one sparse GEMV for all members (in one launch for an
+        eager one-token step, `selects_in_gemv`); the members after the first take their outputs from the cache
+        (`decoded`)."""
         compiling = torch.compiler.is_compiling()
         counting = self.counter.active(x)
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
-        listable = self._listable(x)
-        x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
-        if listable and self.input_within_topk:
-            kept = self._take_source_kept(x)
-        # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
-        outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
+        if self.selects_in_gemv(x, compiling):
+            outputs = self.decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros, self.hint_slot)
+            x_sparse = x  # never built: counted below only when it is a padding token (no zeros, no elements)
+        else:
+            listable = self._listable(x)
+            x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
+            if listable and self.input_within_topk:
+                kept = self._take_source_kept(x)
+            # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
+            outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
         if counting:
             self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training, checked=True)
         self._remember(x, outputs, compiling)
@@ -607,10 +629,15 @@ class DecodeWeights:
                  kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Every member's output for an already sparse input (with ``kept``, the list of its kept features: only
         those weight rows are read): one GEMV, split into per-member views."""
-        out = _kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros, kept)
-        if len(self.widths) == 1:
-            return (out,)
-        return tuple(out.split(self.widths, dim=-1))
+        return self._members(_kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros, kept))
+
+    def multiply_selecting(self, x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
+                           hint_slot: int = -1) -> tuple[torch.Tensor, ...]:
+        """Every member's output for the top-``k`` of a dense one-token ``x``, selected inside the GEMV launch."""
+        return self._members(_kernel_ops().select_linear(x, k, self.weight_t, self.bias, zeros, hint_slot))
+
+    def _members(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (out,) if len(self.widths) == 1 else tuple(out.split(self.widths, dim=-1))
 
 
 def _data_ptr(module: nn.Module, name: str) -> int | None:

@@ -17,9 +17,9 @@ from conftest import KERNEL_DEVICE, requires_cuda, tiny_model  # noqa: E402
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
 from qsparse_hf.functional import keep_count, topk_mask  # noqa: E402
 from qsparse_hf.kernels import is_input_major, kernels_available, prepare_for_decode, set_kernels_enabled  # noqa: E402
-from qsparse_hf.kernels.gemv import GemvConfig, sparse_gemv  # noqa: E402
+from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv  # noqa: E402
 from qsparse_hf.kernels.ops import sparse_linear, topk_sparsify  # noqa: E402
-from qsparse_hf.kernels.topk import topk_sparsify_rows  # noqa: E402
+from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows  # noqa: E402
 from qsparse_hf.layers import QSparseLinear  # noqa: E402
 
 DEV = KERNEL_DEVICE
@@ -188,6 +188,40 @@ def test_sparse_gemv_and_topk_take_leading_dimensions_without_reshaping(shape):
     assert torch.equal(topk_sparsify_rows(gapped, 50), sparse)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [GemvConfig(32, 32, 1), GemvConfig(64, 16, 3), GemvConfig(32, 64, 8)])
+def test_select_gemv_equals_top_k_then_sparse_gemv_bit_for_bit(dtype, config):
+    # One launch that selects inside every program must read exactly the top-K's rows and add them in the same
+    # order as the two-launch path: ties at the threshold (to the lowest index), exact zeros, NaN, any hint.
+    n_in, n_out, k = 300, 80, 110
+    weight_t = torch.randn(n_in, n_out, device=DEV).to(dtype)
+    bias = torch.randn(n_out, device=DEV).to(dtype)
+    x = torch.randn(1, 1, n_in, device=DEV).to(dtype)
+    x[..., 40:160] = x[..., 39]  # 121 equal magnitudes straddle the cut
+    x[..., 200:230] = 0
+    x[..., 7] = -x[..., 39]
+    cases = [(x, None), (x, new_hint(DEV, 1)), (x, torch.full((1,), 0x3F00, dtype=torch.int32, device=DEV))]
+    with_nan = x.clone()
+    with_nan[..., 250] = float("nan")
+    cases.append((with_nan, new_hint(DEV, 1)))
+    for case, hint in cases:
+        zeros, reference_zeros = (torch.zeros((), dtype=torch.int64, device=DEV) for _ in range(2))
+        sparse = topk_sparsify_rows(case, k, reference_zeros)
+        expected = sparse_gemv(sparse, weight_t, bias, config=config)
+        for _ in range(2):  # the second call starts from the hint the first one left
+            out = select_gemv(case, k, weight_t, bias, zeros=zeros, hint=hint, config=config)
+            assert out.shape == (1, 1, n_out)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+        assert int(zeros) == 2 * int(reference_zeros)
+        if hint is not None:  # the first program left the threshold it found: the magnitude key of the K-th largest
+            kth = case.reshape(-1).float().abs().nan_to_num(float("inf")).sort(descending=True).values[k - 1]
+            assert int(hint[0]) == int(kth.to(dtype).view(torch.int16)) & 0x7FFF
+    with pytest.raises(ValueError, match="one bf16/fp16 token"):
+        select_gemv(x.expand(2, 1, n_in), k, weight_t)
+    with pytest.raises(ValueError, match="1 <= k"):
+        select_gemv(x, n_in + 1, weight_t)
+
+
 def test_sparse_gemv_rejects_bad_input():
     with pytest.raises(ValueError, match="at most 8 tokens"):
         sparse_gemv(torch.zeros(9, 16, device=DEV), torch.zeros(16, 4, device=DEV))
@@ -335,13 +369,19 @@ def _count_kernel_calls(monkeypatch):
         return plain_gemv(*args, kept=kept, **kwargs)
 
     calls["gathered"] = 0
+    calls["select_gemv"] = 0
     monkeypatch.setattr(ops, "topk_sparsify_rows", counted("topk", ops.topk_sparsify_rows))
     monkeypatch.setattr(ops, "sparse_gemv", counted("gemv", gemv))
+    monkeypatch.setattr(ops, "select_gemv", counted("select_gemv", ops.select_gemv))
     return calls
 
 
+@pytest.mark.parametrize("select_in_gemv", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
-def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, monkeypatch):
+def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, select_in_gemv, monkeypatch):
+    from qsparse_hf import kernels
+
+    monkeypatch.setattr(kernels, "SELECT_IN_GEMV", select_in_gemv)
     model = tiny_model(arch).to(DEV, torch.bfloat16)
     convert_to_qsparse(model, topk=0.5)
     ids = torch.randint(3, 128, (1, 1), device=DEV)
@@ -352,8 +392,12 @@ def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, monkeypatch
     layers = model.config.num_hidden_layers
     # q/k/v input, o input, FFN input, activation output: 4 selections (down's is skipped: its input is already
     # top-K sparse); GEMVs: q/k/v as one (or phi3's fused qkv), o, gate/up as one, down -- each reading only the
-    # listed kept rows (down reads the activation's list).
-    assert calls == {"topk": 4 * layers, "gemv": 4 * layers, "gathered": 4 * layers}
+    # listed kept rows (down reads the activation's list). Eager steps select inside the GEMV launch where the
+    # GEMV's own input is selected: q/k/v, o, gate/up; the activation keeps its launch (down reads its list).
+    if select_in_gemv:
+        assert calls == {"topk": layers, "gemv": layers, "gathered": layers, "select_gemv": 3 * layers}
+    else:
+        assert calls == {"topk": 4 * layers, "gemv": 4 * layers, "gathered": 4 * layers, "select_gemv": 0}
     # Each selection starts from its own last threshold: a hint per selecting sparsifier, filled by the steps.
     from qsparse_hf.kernels.ops import _HINTS
 
@@ -469,7 +513,8 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
         compiled(ids)
         calls = _count_kernel_calls(monkeypatch)
         out = compiled(ids).logits
-    assert calls == {"topk": 8, "gemv": 8, "gathered": 8}
+    # (the selection inside the GEMV launch is for eager steps only: compiled, the selection runs once per input)
+    assert calls == {"topk": 8, "gemv": 8, "gathered": 8, "select_gemv": 0}
     assert _rel_err(out, eager) < 2e-2
 
 

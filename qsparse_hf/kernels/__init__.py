@@ -24,6 +24,9 @@ MAX_DECODE_TOKENS = 8
 _ENABLED = os.environ.get("QSPARSE_KERNELS", "1") != "0"
 # CPU tensors go through Triton's interpreter only when asked (it is a debugging aid, orders of magnitude slower).
 _ON_CPU = os.environ.get("QSPARSE_KERNELS") == "interpret"
+#: Eager one-token decode selects inside the GEMV launch (`gemv.select_gemv`: one launch per projection group instead
+#: of two; eager decode waits on host time, not on the GPU). ``QSPARSE_SELECT_IN_GEMV=0`` keeps two launches.
+SELECT_IN_GEMV = os.environ.get("QSPARSE_SELECT_IN_GEMV", "1") != "0"
 
 
 _TRITON_IMPORTABLE: bool | None = None

@@ -19,8 +19,10 @@ import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
 from .launch import KernelLaunch
+from .topk import _INF_KEY, HINT_RADIUS, _kth_largest_key, _kth_largest_key_near
 
-__all__ = ["GemvConfig", "sparse_gemv", "choose_config", "prepare_weight"]
+__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "choose_config", "prepare_weight",
+           "MAX_SELECT_FEATURES"]
 
 
 @triton.jit
@@ -43,11 +45,44 @@ def _count_zeros(x_ptr, index_ptr, start, tokens, n_in, n_rows, stride_x, ROWS_P
 
 
 @triton.jit
+def _magnitude_key(x, INF_KEY: tl.constexpr):
+    # bf16/fp16 magnitude bits order like the magnitudes; NaN clamps to infinity's key (see topk.py)
+    return tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
+
+
+@triton.jit
+def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
+                USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr):
+    """The exact top-K of one token's ``|x|``, as ``(threshold key, last kept index among the ties, kept non-zeros)``:
+    a feature is kept when its key is above the threshold, or equal to it at an index up to the cut (ties to the
+    lowest index, exactly K kept: `topk.py`'s mask). ``write_hint``: this program stores the threshold as the next
+    search's hint (other programs may read either value: any hint gives the same threshold)."""
+    offs = tl.arange(0, SELECT_BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n_in, other=0.0)
+    key = _magnitude_key(x, INF_KEY)  # padding reads 0.0 and sits after every real index: ties never pick it
+    if USE_HINT:
+        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), 1, HINT_RADIUS, HINT_STEPS)
+        if write_hint:
+            tl.store(hint_ptr, threshold)
+    else:
+        threshold = _kth_largest_key(key, k, 1)
+    greater = key > threshold
+    at_threshold = key == threshold
+    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
+    tie_rank = tl.cumsum(at_threshold.to(tl.int32), 0)
+    cut = tl.max(tl.where(at_threshold & (tie_rank <= ties_kept), offs, -1), 0)
+    keep = greater | (at_threshold & (offs <= cut))
+    return threshold, cut, tl.sum((keep & (x != 0)).to(tl.int32), 0)
+
+
+@triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, tokens, n_out, n_in, n_rows, stride_x,
-    stride_w, stride_out, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr,
-    COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr,
+    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, hint_ptr, tokens, n_out, n_in, n_rows,
+    stride_x, stride_w, stride_out, k_select, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr, SELECT: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
+    HINT_STEPS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -72,11 +107,19 @@ def _sparse_gemv_kernel(
     elif TOKENS_PAD == 1:
         # One token: accumulate elementwise into a [BLOCK_K, BLOCK_N] tile and reduce once at the end, so the loop
         # body has no cross-thread reduction; x is loaded in the tile's own layout (no shuffles).
+        if SELECT:
+            # The top-K of the dense input, found by every program (eager decode: one launch instead of a
+            # selection launch and a GEMV launch, whose host cost is what an eager step waits on).
+            threshold, cut, kept_nonzero = _select_row(x_ptr, hint_ptr, n_in, k_select, (pid_n == 0) & (pid_s == 0),
+                                                       SELECT_BLOCK, INF_KEY, USE_HINT, HINT_RADIUS, HINT_STEPS)
         tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
             rows = start + k0 + tl.arange(0, BLOCK_K)
             row_ok = rows[:, None] < n_in
             x = tl.load(x_ptr + rows[:, None], mask=row_ok, other=0.0)
+            if SELECT:
+                key = _magnitude_key(x, INF_KEY)
+                x = tl.where((key > threshold) | ((key == threshold) & (rows[:, None] <= cut)), x, 0.0)
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=(x != 0) & col_ok[None, :], other=0.0)
             tile += x.to(tl.float32) * w.to(tl.float32)
@@ -93,7 +136,10 @@ def _sparse_gemv_kernel(
             # bf16/fp16 values are exact in tf32, so the fp32 dot loses nothing (and Triton's CPU interpreter
             # mishandles bf16 dots).
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="tf32")
-    if COUNT_ZEROS:
+    if COUNT_ZEROS and SELECT:
+        if (pid_n == 0) & (pid_s == 0):  # zeros of the sparse input, which exists only here
+            tl.atomic_add(zeros_ptr, (n_in - kept_nonzero).to(tl.int64))
+    elif COUNT_ZEROS:
         if pid_n == 0:
             # Every column block reads the same inputs, so one counts their zeros, in a pass of its own after its
             # products: a count inside the product loops would put a block-wide reduction in every program's loop.
@@ -254,7 +300,7 @@ class _Launch:
     out, so that a decode step pays one dictionary lookup on top of Triton's own launch."""
 
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
-                 count_zeros: bool, gather: bool) -> None:
+                 count_zeros: bool, gather: bool, select: tuple | None = None) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
@@ -262,14 +308,20 @@ class _Launch:
         self.tokens, self.n_in, self.n_out, self.n_rows, self.split = tokens, n_in, n_out, n_rows, split
         self.col_blocks = _cdiv(n_out, block_n)
         self.grid = (self.col_blocks, split)
+        # select: (k, dtype, hinted): the one-token top-K runs inside this launch (`select_gemv`)
+        k_select, dtype, hinted = select or (0, None, False)
+        self.k_select = k_select
         self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
             ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, TOKENS_PAD=1 if tokens == 1 else 16,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
-            COUNT_ZEROS=count_zeros, GATHER=gather, num_warps=num_warps,
+            COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None,
+            SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
+            HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
+            num_warps=num_warps,
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                 zeros: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor:
+                 zeros: torch.Tensor | None, kept: torch.Tensor | None, hint: torch.Tensor | None = None):
         """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``."""
         out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
         if self.split > 1:
@@ -280,8 +332,9 @@ class _Launch:
         self.launch(
             self.grid,
             (x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
-             x if kept is None else kept),
-            (self.tokens, self.n_out, self.n_in, self.n_rows, stride_x, weight_t.stride(0), self.n_out),
+             x if kept is None else kept, x if hint is None else hint),
+            (self.tokens, self.n_out, self.n_in, self.n_rows, stride_x, weight_t.stride(0), self.n_out,
+             self.k_select),
         )
         return out
 
@@ -345,3 +398,45 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
     rows = None if kept is None else kept.shape[1]
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens)
+
+
+#: Widest input whose top-K `select_gemv` finds inside the GEMV launch (every program holds the whole row).
+MAX_SELECT_FEATURES = 8192
+
+
+def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                zeros: torch.Tensor | None = None, hint: torch.Tensor | None = None,
+                config: GemvConfig | None = None) -> torch.Tensor:
+    """``topk(x, k) @ weight_t + bias`` for one token in one launch: every program finds the exact top-K of the
+    dense ``x`` itself (the same mask as `topk.topk_sparsify_rows`: ties to the lowest index, NaN ranked as
+    infinity) and reads only the kept weight rows. One launch instead of two is what an eager decode step, bound
+    by host time, gains; a captured or compiled step is faster with the separate selection, which runs once.
+
+    ``x``: ``[..., in_features]`` holding one token, bf16/fp16, ``in_features <= MAX_SELECT_FEATURES``. ``zeros``
+    (int64 scalar) receives the zeros of the sparse input; ``hint`` (int32, from `topk.new_hint`) is the threshold
+    the search starts from, updated in place (it never changes the result).
+
+    Example:
+        >>> w = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> torch.equal(select_gemv(x, 64, w, config=GemvConfig(64, 64, 1)),
+        ...             sparse_gemv(topk_sparsify_rows(x, 64), w, config=GemvConfig(64, 64, 1)))  # doctest: +SKIP
+        True
+    """
+    n_in = x.shape[-1]
+    if x.dtype not in _INF_KEY or x.numel() != n_in or not 1 <= k <= n_in or n_in > MAX_SELECT_FEATURES:
+        raise ValueError(f"select_gemv takes one bf16/fp16 token of at most {MAX_SELECT_FEATURES} features and "
+                         f"1 <= k <= features, got {x.dtype} {tuple(x.shape)} with k={k}")
+    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
+        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    if hint is not None and (hint.dtype != torch.int32 or hint.device != x.device):
+        raise ValueError(f"hint must be an int32 tensor on {x.device}, got {hint.dtype} on {hint.device}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    config = config or choose_config(x, weight_t)
+    n_out = weight_t.shape[1]
+    key = (1, n_in, n_out, n_in, config, bias is not None, zeros is not None, False, (k, x.dtype, hint is not None))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        launch = _LAUNCHES[key] = _Launch(*key)
+    return launch(x, n_in, weight_t, bias, zeros, None, hint)

@@ -17,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from .gemv import MAX_DECODE_TOKENS, sparse_gemv
+from .gemv import MAX_DECODE_TOKENS, select_gemv, sparse_gemv
 from .topk import topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "register_hint"]
+__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "select_linear", "register_hint"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -158,3 +158,17 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
     if torch.compiler.is_compiling():
         return _sparse_linear(x, weight_t, bias, kept)
     return sparse_gemv(x, weight_t, bias, zeros=zeros, kept=kept)
+
+
+def select_linear(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                  zeros: torch.Tensor | None = None, hint_slot: int = -1) -> torch.Tensor:
+    """``sparse_linear(topk(x, k), weight_t, bias)`` for one token in one launch (`gemv.select_gemv`), for eager
+    decode only: no custom op, since a compiled or captured step runs the selection once, separately, faster.
+    ``zeros`` receives the zeros of the sparse input; ``hint_slot`` as in `topk_select`.
+
+    Example:
+        >>> w = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> select_linear(torch.randn(1, 64, device="cuda", dtype=torch.bfloat16), 32, w).shape  # doctest: +SKIP
+        torch.Size([1, 16])
+    """
+    return select_gemv(x, k, weight_t, bias, zeros=zeros, hint=_hint_for(hint_slot, x))
