@@ -4,7 +4,8 @@ Prints a Markdown table and writes gemv.json. Each timing is the median over CUD
 enough weight copies that nothing is served from L2. "sparse" includes the top-K selection; "gemv only" is the
 sparse GEMV on an already sparse input. With one token both go the way the model's decode path does: the top-K
 kernel starts from the last threshold (a hint), lists the kept features, and the GEMV reads exactly those rows.
-GB/s counts the bytes actually touched (kept weight rows, x, y).
+"top-K inside the GEMV" is eager decode's single launch (`select_gemv`: every program selects; GPU time is spent
+to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y).
 
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
 """
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_gemv needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
-    from qsparse_hf.kernels.gemv import choose_config, sparse_gemv
+    from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
@@ -84,19 +85,28 @@ def main(argv=None) -> int:
             else:
                 full_us = graph_time_us(lambda i: sparse_gemv(topk_sparsify_rows(xs[i % copies], k),
                                                               weights_t[i % copies], config=config))
+            # The eager decode path's single launch (top-K inside every GEMV program): more GPU time, one launch less.
+            select_us = None
+            if gather and n_in <= MAX_SELECT_FEATURES:
+                select_config, select_hint = choose_config(xs[0], weights_t[0]), new_hint("cuda", 1)
+                select_us = graph_time_us(lambda i: select_gemv(xs[i % copies], k, weights_t[i % copies],
+                                                                hint=select_hint, config=select_config))
             # Rows touched: the union of kept features over the tokens.
             kept_rows = int(sparse_xs[0].ne(0).any(dim=0).sum())
             touched = kept_rows * n_out * 2 + 2 * args.tokens * (n_in + n_out)
             entry = dict(shape=name, keep=keep, k=k, dense_us=dense_us, sparse_us=full_us, gemv_only_us=gemv_us,
                          speedup=dense_us / full_us, gemv_speedup=dense_us / gemv_us, dense_gbs=dense_gbs,
-                         sparse_gbs=touched / gemv_us / 1e3, rel_err=err, config=list(config))
+                         sparse_gbs=touched / gemv_us / 1e3, rel_err=err, config=list(config),
+                         select_in_gemv_us=select_us)
             results.append(entry)
-            rows.append([name, keep, f"{dense_us:.1f}", f"{full_us:.1f}", f"{gemv_us:.1f}", f"{dense_us / full_us:.2f}×",
+            rows.append([name, keep, f"{dense_us:.1f}", f"{full_us:.1f}", f"{gemv_us:.1f}",
+                         "—" if select_us is None else f"{select_us:.1f}", f"{dense_us / full_us:.2f}×",
                          f"{dense_gbs:.0f}", f"{entry['sparse_gbs']:.0f}", f"{err:.1e}",
                          "/".join(map(str, config[:4]))])
         del weights, weights_t, xs
         torch.cuda.empty_cache()
-    print_table(["shape", "keep", "dense µs", "sparse µs (top-K + GEMV)", "GEMV only µs", "speedup",
+    print_table(["shape", "keep", "dense µs", "sparse µs (top-K + GEMV)", "GEMV only µs",
+                 "top-K inside the GEMV µs (eager path)", "speedup",
                  "dense GB/s", "sparse GB/s (touched)", "rel err", "BN/BK/split/warps"], rows,
                 title=f"Decode GEMV, {args.tokens} token(s), {args.dtype}, {torch.cuda.get_device_name()}")
     write_json(f"gemv_{args.dtype}_t{args.tokens}.json", {"tokens": args.tokens, "dtype": args.dtype,
