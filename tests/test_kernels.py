@@ -222,6 +222,43 @@ def test_select_gemv_equals_top_k_then_sparse_gemv_bit_for_bit(dtype, config):
         select_gemv(x, n_in + 1, weight_t)
 
 
+def test_single_launch_selection_is_exact_on_a_trained_model(monkeypatch):
+    # Real activations (a trained model's, not random ones): at every eager decode step, at every site that selects
+    # inside the GEMV launch, the product equals the reference top-K mask applied first (same tile, bit for bit),
+    # and the greedy tokens equal the two-launch path's. (The GPU test above compares with the reference path
+    # itself; on a CPU, torch's bf16 matmuls round differently from the kernels' fp32 sums.)
+    from conftest import EMBEDDED_MODEL
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import gemv, ops
+
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).to(DEV).eval()
+    convert_to_qsparse(model, topk=0.5)
+    text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
+    prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :24].to(DEV)
+    checked = []
+
+    def checking(x, k, weight_t, bias=None, zeros=None, hint=None, config=None):
+        config = config or gemv.choose_config(x, weight_t)
+        out = gemv.select_gemv(x, k, weight_t, bias, zeros=zeros, hint=hint, config=config)
+        reference = gemv.sparse_gemv(x * topk_mask(x, k), weight_t, bias, config=config)
+        assert torch.equal(out, reference)
+        checked.append(x.shape[-1])
+        return out
+
+    monkeypatch.setattr(ops, "select_gemv", checking)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        tokens = model.generate(prompt, **kwargs)
+        # q/k/v, o and gate/up of every layer, at each of the 5 one-token steps
+        assert len(checked) == 3 * model.config.num_hidden_layers * 5
+        monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)
+        two_launches = model.generate(prompt, **kwargs)
+    assert len(checked) == 3 * model.config.num_hidden_layers * 5  # (none more from the two-launch run)
+    assert torch.equal(tokens, two_launches)
+
+
 def test_sparse_gemv_rejects_bad_input():
     with pytest.raises(ValueError, match="at most 8 tokens"):
         sparse_gemv(torch.zeros(9, 16, device=DEV), torch.zeros(16, 4, device=DEV))
@@ -621,6 +658,9 @@ def test_layers_know_the_widest_row_the_kernel_lists():
     from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES
 
     assert layers._MAX_LISTED_FEATURES == MAX_LISTED_FEATURES
+    from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES
+
+    assert layers._MAX_SELECT_FEATURES == MAX_SELECT_FEATURES
     x = torch.zeros(1, MAX_LISTED_FEATURES + 1, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="rows up to"):
         topk_sparsify_rows(x, 3, indices=True)
