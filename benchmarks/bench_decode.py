@@ -8,6 +8,8 @@ The dense baseline is the faster of the two; every sparse number is divided by i
 own mode, shown beside it). ``--generate`` adds ``model.generate()`` exactly as users call it: eager with the
 dynamic cache (``eager``), and ``cache_implementation="static"`` (``static``: transformers compiles the decode
 forward), each against dense called the same way (``--ways`` picks; sparsity tracking stays on, as users have it).
+``eager2`` is eager ``generate()`` with the selection in a launch of its own (``QSPARSE_SELECT_IN_GEMV=0``), the
+A/B for eager steps' single launch; for dense it is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer.
 
@@ -31,6 +33,7 @@ from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, Stati
 
 import qsparse_hf  # noqa: E402
 from qsparse_hf import convert_to_qsparse, revert_qsparse  # noqa: E402
+from qsparse_hf import kernels  # noqa: E402
 from qsparse_hf.kernels import prepare_for_decode  # noqa: E402
 
 CONFIGS = {
@@ -195,7 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--keeps", default="1.0,0.9,0.7,0.5")
     parser.add_argument("--ways", default="graph,compile",
-                        help="comma-separated subset of graph, compile (decode step), eager, static (model.generate)")
+                        help="comma-separated subset of graph, compile (decode step), eager, eager2, static "
+                             "(model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
     parser.add_argument("--profile-host", action="store_true",
@@ -209,8 +213,8 @@ def main(argv=None) -> int:
     ways = [w for w in args.ways.split(",") if w] + (["eager", "static"] if args.generate else [])
     ways = list(dict.fromkeys(ways))
     modes = [w for w in ways if w in ("graph", "compile")]
-    if not modes or set(ways) - {"graph", "compile", "eager", "static"}:
-        print(f"--ways takes graph, compile, eager, static (graph or compile at least), got {args.ways!r}",
+    if not modes or set(ways) - {"graph", "compile", "eager", "eager2", "static"}:
+        print(f"--ways takes graph, compile, eager, eager2, static (graph or compile at least), got {args.ways!r}",
               file=sys.stderr)
         return 2
     keeps = [float(k) for k in args.keeps.split(",") if k]
@@ -229,7 +233,12 @@ def main(argv=None) -> int:
             if way in ("graph", "compile"):
                 entry[way] = decode_ms_per_token(model, prompt, args.new_tokens, way)
             else:
-                entry[way] = generate_ms_per_token(model, prompt, min(args.new_tokens, 128), way == "static")
+                single_launch = kernels.SELECT_IN_GEMV
+                kernels.SELECT_IN_GEMV = single_launch and way != "eager2"
+                try:
+                    entry[way] = generate_ms_per_token(model, prompt, min(args.new_tokens, 128), way == "static")
+                finally:
+                    kernels.SELECT_IN_GEMV = single_launch
             print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
         if args.count_kernels:
             entry["kernels_per_layer"] = kernels_per_layer(model, prompt)
@@ -252,7 +261,7 @@ def main(argv=None) -> int:
     baseline_way = min(modes, key=lambda m: dense[m])
     baseline = dense[baseline_way]
     names = {"graph": "step in CUDA graph", "compile": "step compiled", "eager": "generate()",
-             "static": "generate(static)"}
+             "eager2": "generate(), selection launched apart", "static": "generate(static)"}
     headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]
     headers += [f"{names[w]} vs dense" for w in ways] + (["kernels/layer"] if args.count_kernels else [])
     rows = []
