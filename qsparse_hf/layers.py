@@ -349,13 +349,16 @@ class InputSparsifier:
         self._output = None
         self._uses = 0
 
+    def _plain_topk(self) -> bool:
+        """A per-token top-K of the input as it is (no blocks, no rescaling): what the kernels compute."""
+        return self.block_size is None and not self.rescale
+
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether the Triton top-K kernel computes this input (CUDA bf16/fp16, plain per-token top-K, and the
         straight-through gradient or no gradient at all); otherwise `functional.sparsify` does."""
         return (
             x.dtype in _KERNEL_DTYPES
-            and self.block_size is None
-            and not self.rescale
+            and self._plain_topk()
             and (self.ste or not (torch.is_grad_enabled() and x.requires_grad))
             and kernels.kernels_available(x)
         )
@@ -512,8 +515,7 @@ class InputSparsifier:
             and x.numel() == x.shape[-1] <= _MAX_SELECT_FEATURES
             and not self.input_within_topk
             and self.activation_bits is None
-            and self.block_size is None
-            and not self.rescale
+            and self._plain_topk()
             and self.keep(x.shape[-1]) < x.shape[-1]
             and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
         )

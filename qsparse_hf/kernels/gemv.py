@@ -343,18 +343,19 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 
 
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
-            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None):
+            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
+            select: tuple | None = None, hint: torch.Tensor | None = None):
     """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
-    stride)."""
+    stride). ``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch top-K."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
         tokens = _tokens(x)
-    key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None)
+    key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
-    return launch(x, n_in if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept)
+    return launch(x, n_in if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint)
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -433,10 +434,5 @@ def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Ten
         raise ValueError(f"hint must be an int32 tensor on {x.device}, got {hint.dtype} on {hint.device}")
     if not x.is_contiguous():
         x = x.contiguous()
-    config = config or choose_config(x, weight_t)
-    n_out = weight_t.shape[1]
-    key = (1, n_in, n_out, n_in, config, bias is not None, zeros is not None, False, (k, x.dtype, hint is not None))
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        launch = _LAUNCHES[key] = _Launch(*key)
-    return launch(x, n_in, weight_t, bias, zeros, None, hint)
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros, tokens=1,
+                   select=(k, x.dtype, hint is not None), hint=hint)
