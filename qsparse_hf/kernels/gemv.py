@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
 from .launch import KernelLaunch
-from .topk import _INF_KEY, HINT_RADIUS, _kth_largest_key, _kth_largest_key_near
+from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
 __all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "choose_config", "prepare_weight",
            "MAX_SELECT_FEATURES"]
@@ -45,12 +45,6 @@ def _count_zeros(x_ptr, index_ptr, start, tokens, n_in, n_rows, stride_x, ROWS_P
 
 
 @triton.jit
-def _magnitude_key(x, INF_KEY: tl.constexpr):
-    # bf16/fp16 magnitude bits order like the magnitudes; NaN clamps to infinity's key (see topk.py)
-    return tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
-
-
-@triton.jit
 def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
                 USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr):
     """The exact top-K of one token's ``|x|``, as ``(threshold key, last kept index among the ties, kept non-zeros)``:
@@ -60,12 +54,7 @@ def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr
     offs = tl.arange(0, SELECT_BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n_in, other=0.0)
     key = _magnitude_key(x, INF_KEY)  # padding reads 0.0 and sits after every real index: ties never pick it
-    if USE_HINT:
-        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), 1, HINT_RADIUS, HINT_STEPS)
-        if write_hint:
-            tl.store(hint_ptr, threshold)
-    else:
-        threshold = _kth_largest_key(key, k, 1)
+    threshold = _row_threshold(key, k, hint_ptr, write_hint, 1, USE_HINT, HINT_RADIUS, HINT_STEPS)
     greater = key > threshold
     at_threshold = key == threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)

@@ -82,6 +82,27 @@ def _kth_largest_key_near(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: 
 
 
 @triton.jit
+def _magnitude_key(x, INF_KEY: tl.constexpr):
+    """The magnitude bits of bf16/fp16 ``x`` (their integer order is the magnitudes' order). Every NaN pattern lies
+    above infinity's: clamped to it, so NaN ranks as inf (ties by index), as in the reference."""
+    return tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
+
+
+@triton.jit
+def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_HINT: tl.constexpr,
+                   HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr):
+    """The k-th largest key of a row, searched from the hint at ``hint_ptr`` when ``USE_HINT`` (stored back there
+    as the next search's hint when ``write_hint``), else from scratch."""
+    if USE_HINT:
+        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
+        if write_hint:
+            tl.store(hint_ptr, threshold)
+    else:
+        threshold = _kth_largest_key(key, k, DIGIT_BITS)
+    return threshold
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_out,
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
@@ -90,14 +111,8 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, st
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    # Magnitude bits; padding reads as 0.0 and sits after every real index, so ties never pick it. Every NaN
-    # pattern lies above infinity's: clamp them to it, so NaN ranks as inf (ties by index), as in the reference.
-    key = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_KEY)
-    if USE_HINT:
-        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr + row), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
-        tl.store(hint_ptr + row, threshold)
-    else:
-        threshold = _kth_largest_key(key, k, DIGIT_BITS)
+    key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
+    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
     greater = key > threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
