@@ -61,11 +61,12 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         print("bench_topk needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
-    if "--one-row" in sys.argv[1:]:  # only the one-token launch sweep
+    if "--one-row" in argv:  # only the one-token launch sweep
         write_json("topk_one_row.json", {"one_row_sweep": _one_row_sweep()})
         return 0
     from qsparse_hf.kernels.topk import topk_sparsify_rows
