@@ -600,12 +600,12 @@ def test_greedy_decode_on_the_gpu_equals_the_reference_path_for_256_steps():
     _assert_same_greedy_tokens(model, prompt, {})
 
 
-def _assert_same_greedy_tokens(model, prompt, extra):
+def _assert_same_greedy_tokens(model, prompt, extra, reference_extra=None):
     kwargs = dict(max_new_tokens=256, min_new_tokens=256, do_sample=False, **extra)
     previous = set_kernels_enabled(False)
     try:
         torch._dynamo.reset()
-        reference = model.generate(prompt, **kwargs)
+        reference = model.generate(prompt, **kwargs, **(reference_extra or {}))
     finally:
         set_kernels_enabled(previous)
     torch._dynamo.reset()
@@ -613,9 +613,12 @@ def _assert_same_greedy_tokens(model, prompt, extra):
 
 
 @requires_cuda
-@pytest.mark.xfail(strict=False, reason="open (issue 11): on an H200 the compiled static-cache decode path and the "
-                   "compiled reference path drifted apart within 256 greedy steps on mistral-micro; eager matches")
-def test_greedy_static_cache_decode_equals_the_compiled_reference_path():
+def test_greedy_compiled_static_cache_decode_equals_the_eager_reference_path():
+    # generate(cache_implementation="static") compiles the decode forward. Inductor rounds fused bf16 intermediates
+    # fewer times than eager unless told otherwise, and one ulp can move a feature across a top-K cut-off, so
+    # compiled and eager greedy decoding part within a few tokens (the compiled reference path included). With
+    # emulate_precision_casts the compiled decode path must give the eager reference path's tokens.
+    import torch._inductor.config as inductor_config
     from conftest import EMBEDDED_MODEL
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -623,7 +626,39 @@ def test_greedy_static_cache_decode_equals_the_compiled_reference_path():
     convert_to_qsparse(model, topk=0.5)
     text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
     prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :48].cuda()
-    _assert_same_greedy_tokens(model, prompt, {"cache_implementation": "static"})
+    with inductor_config.patch(emulate_precision_casts=True):
+        _assert_same_greedy_tokens(model, prompt, {"cache_implementation": "static"}, {"disable_compile": True})
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_compiled_decode_steps_equal_eager_bit_for_bit_with_emulated_casts(arch, monkeypatch):
+    # What compiling changes is Inductor's rounding (see above), not the decode ops: with emulate_precision_casts a
+    # compiled step gives the eager step's logits bit for bit, step after step. (Eager one-token steps select inside
+    # the GEMV launch, whose tile a GPU may tune apart from the compiled step's GEMV over the kept list: the
+    # like-for-like eager step is the two-launch one.)
+    import torch._inductor.config as inductor_config
+    from transformers import StaticCache
+
+    from qsparse_hf import kernels
+
+    monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)
+    torch._dynamo.reset()
+    model = tiny_model(arch).to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    prompt = torch.randint(3, 128, (1, 12), device=DEV)
+    positions = torch.arange(16, device=DEV)
+    eager_cache, compiled_cache = (StaticCache(config=model.config, max_cache_len=16) for _ in range(2))
+    with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
+        for cache in (eager_cache, compiled_cache):
+            model(prompt, past_key_values=cache, cache_position=positions[:12])
+        step = torch.compile(model.forward, fullgraph=True)
+        token = prompt[:, -1:]
+        for position in range(12, 16):
+            eager = model(token, past_key_values=eager_cache, cache_position=positions[position:position + 1]).logits
+            compiled = step(token, past_key_values=compiled_cache,
+                            cache_position=positions[position:position + 1]).logits
+            assert torch.equal(compiled, eager), f"step {position - 12}"
+            token = eager[:, -1:].argmax(-1)
 
 
 @requires_cuda
