@@ -10,7 +10,8 @@ dynamic cache (``eager``), and ``cache_implementation="static"`` (``static``: tr
 forward), each against dense called the same way (``--ways`` picks; sparsity tracking stays on, as users have it).
 ``eager2`` is eager ``generate()`` with the selection in a launch of its own (``QSPARSE_SELECT_IN_GEMV=0``), the
 A/B for eager steps' single launch; for dense it is a second sample of the same call.
-``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-kernels``
+``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
+the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer.
 
     python benchmarks/bench_decode.py --arch mistral --new-tokens 256 --ways graph,compile,eager,static --count-kernels
@@ -115,16 +116,22 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
     return (time.perf_counter() - start) * 1000 / new_tokens
 
 
-def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, top: int = 25) -> str:
-    """cProfile of one eager ``model.generate`` (after a warm-up call): where the host time of a decode step goes.
-    Returns the report (functions by own time), also written to ``host_profile_<label>.json`` beside the results."""
+def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, static: bool = False,
+                 top: int = 25) -> str:
+    """cProfile of one ``model.generate`` (after warm-up calls; ``static``: ``cache_implementation="static"``, whose
+    decode forward transformers compiles): where the host time of a decode step goes. Returns the report (functions
+    by own time, then by cumulative time), also written to ``host_profile_<way>_<label>.json`` beside the results."""
     import cProfile
     import io
     import pstats
 
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kwargs["cache_implementation"] = "static"
+        torch._dynamo.reset()
     with torch.no_grad():
-        model.generate(prompt, **kwargs)
+        for _ in range(2 if static else 1):  # the first static call compiles, the second records CUDA graphs
+            model.generate(prompt, **kwargs)
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
         profiler.enable()
@@ -132,10 +139,13 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, top: 
         torch.cuda.synchronize()
         profiler.disable()
     stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
     report = stream.getvalue()
-    write_json(f"host_profile_{label.replace(' ', '_')}.json", {"model": label, "tokens": new_tokens,
-                                                                  "report": report})
+    way = "static" if static else "eager"
+    write_json(f"host_profile_{way}_{label.replace(' ', '_')}.json", {"model": label, "way": way,
+                                                                       "tokens": new_tokens, "report": report})
     return report
 
 
@@ -203,7 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
     parser.add_argument("--profile-host", action="store_true",
-                        help="print where the host time of eager generate() goes (cProfile, own time per function)")
+                        help="print where the host time of eager generate() goes (cProfile, own time per function), "
+                             "and of generate(static) when --ways has static")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="print the kernels of the compiled decode step by time, per layer (torch.profiler)")
     args = parser.parse_args(argv)
@@ -243,7 +254,8 @@ def main(argv=None) -> int:
         if args.count_kernels:
             entry["kernels_per_layer"] = kernels_per_layer(model, prompt)
         if args.profile_host:
-            print(profile_host(model, prompt, 32, label), flush=True)
+            for static in (False, True) if "static" in ways else (False,):
+                print(profile_host(model, prompt, 32, label, static=static), flush=True)
         if args.profile_kernels:
             print("\n".join(kernel_profile(model, prompt, label)), flush=True)
         return entry
