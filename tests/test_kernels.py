@@ -661,6 +661,38 @@ def test_compiled_decode_steps_equal_eager_bit_for_bit_with_emulated_casts(arch,
             token = eager[:, -1:].argmax(-1)
 
 
+def _decode_step_compiles(model, steps: int = 6) -> int:
+    """How many times `torch.compile` compiles a decode step over ``steps`` advancing positions (static cache)."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    prompt = torch.randint(3, 128, (1, 12), device=DEV)
+    cache = StaticCache(config=model.config, max_cache_len=12 + steps)
+    counter = CompileCounter()
+    step = torch.compile(model.forward, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(12, device=DEV))
+        token = prompt[:, -1:].clone(memory_format=torch.contiguous_format)  # as argmax returns it
+        for position in range(12, 12 + steps):
+            logits = step(token, past_key_values=cache, cache_position=torch.tensor([position], device=DEV)).logits
+            token = logits[:, -1:].argmax(-1)
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_compiled_decode_compiles_no_more_often_than_dense(arch):
+    # No recompiles as the position advances (TORCH_LOGS=recompiles stays quiet): the converted model compiles
+    # exactly as often as the dense one, once where the cache has no sliding window (a sliding-window cache layer
+    # turns its length into a dynamic int at the second step, for dense models too).
+    dense = tiny_model(arch).to(DEV, torch.bfloat16)
+    dense_compiles = _decode_step_compiles(dense)
+    sparse = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
+    assert _decode_step_compiles(sparse) == dense_compiles
+    if getattr(dense.config, "sliding_window", None) is None:
+        assert dense_compiles == 1
+
+
 @requires_cuda
 def test_cuda_graph_replays_give_bitwise_identical_logits():
     from transformers import StaticCache
