@@ -13,9 +13,10 @@ is decided by what each call costs the CPU, not by the bytes the kernels read. T
    ``F.linear`` in every converted linear, the activation without top-K). What a part costs is the step time it
    takes away.
 3. **injected calls**: the dense step with five extra calls before every MLP: ``x.add_(0)``, an empty Triton kernel
-   through `KernelLaunch`, a cuBLAS matmul of the up projection's shape, our sparse GEMV of that shape, the same
-   GEMV selecting its input's top-K. The step time each adds per call, beside what the call costs alone in a
-   loop, says whether a launch of ours costs the host more inside a model than its own call.
+   through `KernelLaunch`, a Triton copy kernel moving as many bytes as the sparse GEMV reads, a cuBLAS matmul of
+   the up projection's shape, our sparse GEMV of that shape, the same GEMV selecting its input's top-K. The step
+   time each adds per call, beside what the call costs alone in a loop, says whether a launch of ours (or any
+   Triton launch, or any heavy kernel) costs the host more inside a model than its own call.
 
     python benchmarks/bench_eager_host.py --arch mistral --layers 8 --keep 0.5
 """
@@ -134,11 +135,19 @@ def injections(config, keep: float, device: str) -> dict[str, object]:
     from qsparse_hf.kernels.launch import KernelLaunch
     from qsparse_hf.kernels.topk import new_hint
 
+    import triton.language as tl
+
     @triton.jit
     def _empty_kernel(x_ptr):
         pass
 
+    @triton.jit
+    def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst_ptr + offsets, tl.load(src_ptr + offsets, mask=offsets < n), mask=offsets < n)
+
     empty = KernelLaunch(_empty_kernel, dict(num_warps=1))
+    copy = KernelLaunch(_copy_kernel, dict(BLOCK=4096, num_warps=8))
     hidden, inner = config.hidden_size, config.intermediate_size
     x = torch.randn(1, 1, hidden, device=device, dtype=torch.bfloat16)
     k = keep_count(keep, hidden)
@@ -146,9 +155,14 @@ def injections(config, keep: float, device: str) -> dict[str, object]:
     weight_t = torch.randn(hidden, inner, device=device, dtype=torch.bfloat16)
     hint = new_hint(device, 8)
     zeros = torch.zeros((), dtype=torch.int64, device=device)
+    # a Triton kernel as heavy as the sparse GEMV (it moves the kept half of the weight) but not ours
+    half = weight_t.flatten()[: weight_t.numel() // 2]
+    half_copy = torch.empty_like(half)
     return {
         "x.add_(0)": lambda: x.add_(0),
         "empty Triton kernel": lambda: empty((1,), (x,), ()),
+        f"Triton copy of half the {hidden}x{inner} weight": lambda: copy((triton.cdiv(half.numel(), 4096),),
+                                                                       (half, half_copy), (half.numel(),)),
         f"cuBLAS matmul {hidden}x{inner}": lambda: torch.matmul(x, weight_t),
         f"sparse GEMV {hidden}x{inner}": lambda: sparse_gemv(x_sparse, weight_t),
         f"top-K inside the GEMV {hidden}x{inner}": lambda: select_gemv(x, k, weight_t, None, zeros, hint),
