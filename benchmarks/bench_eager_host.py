@@ -45,28 +45,28 @@ from qsparse_hf.kernels import prepare_for_decode  # noqa: E402
 PROMPT_TOKENS = 32
 
 
-def _stepper(model, prompt: torch.Tensor, steps: int):
-    """Prefill ``prompt`` into a fresh static cache sized for ``steps`` more tokens; returns ``step(i)``, the i-th
-    one-token decode step (each at a position of its own: transformers' static cache writes at its running length).
-    Call both under ``torch.no_grad()``."""
-    cache = StaticCache(config=model.config, max_cache_len=PROMPT_TOKENS + steps)
-    positions = torch.arange(PROMPT_TOKENS + steps, device=prompt.device)
+def _warmed_steps(model, prompt: torch.Tensor, steps: int, warmup: int):
+    """Prefill ``prompt`` into a fresh static cache, run ``warmup`` one-token decode steps and synchronise; returns
+    ``step(i)``, the i-th step (``warmup <= i < warmup + steps``), each at a position of its own (transformers'
+    static cache writes at its running length). Call both under ``torch.no_grad()``."""
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT_TOKENS + warmup + steps)
+    positions = torch.arange(PROMPT_TOKENS + warmup + steps, device=prompt.device)
     token = prompt[:, -1:]
     model(prompt, past_key_values=cache, cache_position=positions[:PROMPT_TOKENS])
 
     def step(i: int) -> None:
         model(token, past_key_values=cache, cache_position=positions[PROMPT_TOKENS + i:PROMPT_TOKENS + i + 1])
 
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
     return step
 
 
 def step_ms(model, prompt: torch.Tensor, steps: int, warmup: int = 5) -> float:
     """Wall ms per eager one-token decode step (prefill and ``warmup`` steps untimed)."""
     with torch.no_grad():
-        step = _stepper(model, prompt, warmup + steps)
-        for i in range(warmup):
-            step(i)
-        torch.cuda.synchronize()
+        step = _warmed_steps(model, prompt, steps, warmup)
         start = time.perf_counter()
         for i in range(warmup, warmup + steps):
             step(i)
@@ -79,10 +79,7 @@ def gpu_kernel_ms(model, prompt: torch.Tensor, steps: int = 5, warmup: int = 3) 
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
-        step = _stepper(model, prompt, warmup + steps)
-        for i in range(warmup):
-            step(i)
-        torch.cuda.synchronize()
+        step = _warmed_steps(model, prompt, steps, warmup)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(warmup, warmup + steps):
                 step(i)

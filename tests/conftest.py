@@ -50,6 +50,20 @@ def tiny_model(arch: str = "mistral", seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).eval()
 
 
+def embedded_sparse_model_and_prompt(device: str = "cpu", topk: float = 0.5, tokens: int = 48):
+    """The embedded mistral-micro in bf16 on ``device``, converted at ``topk``, and the first ``tokens`` tokens of
+    the shipped sample text as a prompt."""
+    from transformers import AutoTokenizer
+
+    from qsparse_hf import convert_to_qsparse
+
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).to(device).eval()
+    convert_to_qsparse(model, topk=topk)
+    text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
+    prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :tokens]
+    return model, prompt.to(device)
+
+
 def fixture_path(name: str) -> Path:
     """Path of a model or file in ../shared/fixtures, skipping the test cleanly when it is absent."""
     path = FIXTURES / name

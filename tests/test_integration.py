@@ -111,14 +111,11 @@ def test_compiled_static_cache_generate_equals_eager_with_emulated_casts():
     # few steps (token 3 here, token 35 for the dense model); with emulate_precision_casts compiled generation must
     # reproduce eager's tokens, the sparsifiers' hooks and counters included.
     import torch._inductor.config as inductor_config
-    from conftest import EMBEDDED_MODEL
+    from conftest import embedded_sparse_model_and_prompt
     from torch._dynamo.utils import counters
-    from transformers import AutoTokenizer, CompileConfig
+    from transformers import CompileConfig
 
-    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).eval()
-    convert_to_qsparse(model, topk=0.5)
-    text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
-    prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :48]
+    model, prompt = embedded_sparse_model_and_prompt()
     kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, cache_implementation="static")
     eager = model.generate(prompt, disable_compile=True, **kwargs)
     compile_config = CompileConfig()

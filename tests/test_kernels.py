@@ -590,13 +590,9 @@ def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):
 @requires_cuda
 def test_greedy_decode_on_the_gpu_equals_the_reference_path_for_256_steps():
     # Like for like: the eager decode path against the eager reference path (kernels off).
-    from conftest import EMBEDDED_MODEL
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import embedded_sparse_model_and_prompt
 
-    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).to("cuda").eval()
-    convert_to_qsparse(model, topk=0.5)
-    text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
-    prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :48].cuda()
+    model, prompt = embedded_sparse_model_and_prompt("cuda")
     _assert_same_greedy_tokens(model, prompt, {})
 
 
@@ -619,13 +615,9 @@ def test_greedy_compiled_static_cache_decode_equals_the_eager_reference_path():
     # compiled and eager greedy decoding part within a few tokens (the compiled reference path included). With
     # emulate_precision_casts the compiled decode path must give the eager reference path's tokens.
     import torch._inductor.config as inductor_config
-    from conftest import EMBEDDED_MODEL
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from conftest import embedded_sparse_model_and_prompt
 
-    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).to("cuda").eval()
-    convert_to_qsparse(model, topk=0.5)
-    text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
-    prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :48].cuda()
+    model, prompt = embedded_sparse_model_and_prompt("cuda")
     with inductor_config.patch(emulate_precision_casts=True):
         _assert_same_greedy_tokens(model, prompt, {"cache_implementation": "static"}, {"disable_compile": True})
 
