@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, fixture_path, tiny_model
+from conftest import fixture_path, tiny_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import qsparse_hf

@@ -8,14 +8,13 @@ relative, typically ~2e-3).
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from conftest import KERNEL_DEVICE, requires_cuda, tiny_model  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
-from qsparse_hf.functional import keep_count, topk_mask  # noqa: E402
+from qsparse_hf.functional import topk_mask  # noqa: E402
 from qsparse_hf.kernels import is_input_major, kernels_available, prepare_for_decode, set_kernels_enabled  # noqa: E402
 from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv  # noqa: E402
 from qsparse_hf.kernels.ops import sparse_linear, topk_sparsify  # noqa: E402
