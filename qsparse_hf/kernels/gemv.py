@@ -21,7 +21,7 @@ from . import MAX_DECODE_TOKENS
 from .launch import KernelLaunch
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
-__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "choose_config", "prepare_weight",
+__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "repeat_launch", "choose_config", "prepare_weight",
            "MAX_SELECT_FEATURES"]
 
 
@@ -264,16 +264,36 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     return tickets
 
 
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device fp32 split-K partials of at least ``count`` entries. Each launch writes and reads its partials
+    within itself, and launches on one stream never overlap (as for the tickets), so one buffer serves them all: an
+    eager decode step then allocates only its outputs. It grows outside graph capture (the outgrown buffer is kept:
+    a captured graph may hold its address); inside a capture that needs more, the partials come from the graph's
+    pool instead."""
+    partials = _SCRATCH.get(device)
+    if partials is None or partials.numel() < count:
+        if _capturing(device):
+            return torch.empty(count, dtype=torch.float32, device=device)
+        if partials is not None:
+            _OUTGROWN.append(partials)
+        partials = _SCRATCH[device] = torch.empty(max(count, 1 << 16), dtype=torch.float32, device=device)
+    return partials
+
+
 def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     """Do, outside any graph capture, what the first launch on ``weight_t`` would otherwise do inside one: allocate
-    the split-K tickets and tune the one-token launch configurations, with ``rows`` listed kept features and with
-    a plain sparse input (CUDA graph pools must not own either)."""
+    the split-K tickets and partials, and tune the one-token launch configurations, with ``rows`` listed kept
+    features and with a plain sparse input (CUDA graph pools must not own any of it)."""
     n_in, n_out = weight_t.shape
     _semaphores(weight_t.device, _cdiv(n_out, 32))
     sample = torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device)
-    choose_config(sample, weight_t)
+    splits = [choose_config(sample, weight_t)[2]]  # (block_n, block_k, split, ...)
     if rows is not None and rows < n_in:
-        choose_config(sample, weight_t, rows=rows)
+        splits.append(choose_config(sample, weight_t, rows=rows)[2])
+    _scratch(weight_t.device, max(splits) * n_out)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -314,7 +334,7 @@ class _Launch:
         """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``."""
         out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
         if self.split > 1:
-            partials = torch.empty(self.split, self.tokens, self.n_out, dtype=torch.float32, device=x.device)
+            partials = _scratch(x.device, self.split * self.tokens * self.n_out)
             tickets = _semaphores(x.device, self.col_blocks)
         else:
             partials = tickets = out
@@ -331,11 +351,11 @@ class _Launch:
 _LAUNCHES: dict[tuple, _Launch] = {}
 
 
-def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
-            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-            select: tuple | None = None, hint: torch.Tensor | None = None):
-    """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
-    stride). ``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch top-K."""
+def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
+                 zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
+                 select: tuple | None = None) -> _Launch:
+    """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
+    top-K)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
@@ -344,12 +364,35 @@ def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, 
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
-    return launch(x, n_in if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint)
+    return launch
+
+
+def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
+            zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
+            select: tuple | None = None, hint: torch.Tensor | None = None):
+    """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
+    stride)."""
+    launch = _find_launch(x, weight_t, bias, config, zeros, kept, tokens, select)
+    return launch(x, weight_t.shape[0] if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint)
 
 
 def _tokens(x: torch.Tensor) -> int:
     """Token rows of ``[..., features]`` (all leading dimensions)."""
     return x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
+
+
+def _check_sparse(x: torch.Tensor, weight_t: torch.Tensor, kept: torch.Tensor | None) -> int:
+    """`sparse_gemv`'s argument checks; returns the number of tokens."""
+    tokens = _tokens(x) if x.dim() else MAX_DECODE_TOKENS + 1
+    if tokens > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_gemv takes [..., in_features] with at most {MAX_DECODE_TOKENS} tokens, got "
+                         f"{tuple(x.shape)}")
+    if weight_t.stride(-1) != 1 or x.shape[-1] != weight_t.shape[0]:
+        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    if kept is not None and (tokens != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
+        raise ValueError(f"kept must be an int32 [1, n] list for a one-token x, got {tuple(kept.shape)} for "
+                         f"x {tuple(x.shape)}")
+    return tokens
 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
@@ -375,15 +418,7 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         >>> torch.allclose(sparse_gemv(x, w), x @ w)  # needs CUDA or TRITON_INTERPRET=1  # doctest: +SKIP
         True
     """
-    tokens = _tokens(x) if x.dim() else MAX_DECODE_TOKENS + 1
-    if tokens > MAX_DECODE_TOKENS:
-        raise ValueError(f"sparse_gemv takes [..., in_features] with at most {MAX_DECODE_TOKENS} tokens, got "
-                         f"{tuple(x.shape)}")
-    if weight_t.stride(-1) != 1 or x.shape[-1] != weight_t.shape[0]:
-        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
-    if kept is not None and (tokens != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
-        raise ValueError(f"kept must be an int32 [1, n] list for a one-token x, got {tuple(kept.shape)} for "
-                         f"x {tuple(x.shape)}")
+    tokens = _check_sparse(x, weight_t, kept)
     if not (x.is_contiguous() or (x.dim() == 2 and x.stride(-1) == 1)):
         x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
     rows = None if kept is None else kept.shape[1]
@@ -392,6 +427,18 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
 
 #: Widest input whose top-K `select_gemv` finds inside the GEMV launch (every program holds the whole row).
 MAX_SELECT_FEATURES = 8192
+
+
+def _check_select(x: torch.Tensor, k: int, weight_t: torch.Tensor, hint: torch.Tensor | None) -> None:
+    """`select_gemv`'s argument checks."""
+    n_in = x.shape[-1]
+    if x.dtype not in _INF_KEY or x.numel() != n_in or not 1 <= k <= n_in or n_in > MAX_SELECT_FEATURES:
+        raise ValueError(f"select_gemv takes one bf16/fp16 token of at most {MAX_SELECT_FEATURES} features and "
+                         f"1 <= k <= features, got {x.dtype} {tuple(x.shape)} with k={k}")
+    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
+        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    if hint is not None and (hint.dtype != torch.int32 or hint.device != x.device):
+        raise ValueError(f"hint must be an int32 tensor on {x.device}, got {hint.dtype} on {hint.device}")
 
 
 def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
@@ -413,15 +460,36 @@ def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Ten
         ...             sparse_gemv(topk_sparsify_rows(x, 64), w, config=GemvConfig(64, 64, 1)))  # doctest: +SKIP
         True
     """
-    n_in = x.shape[-1]
-    if x.dtype not in _INF_KEY or x.numel() != n_in or not 1 <= k <= n_in or n_in > MAX_SELECT_FEATURES:
-        raise ValueError(f"select_gemv takes one bf16/fp16 token of at most {MAX_SELECT_FEATURES} features and "
-                         f"1 <= k <= features, got {x.dtype} {tuple(x.shape)} with k={k}")
-    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
-        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
-    if hint is not None and (hint.dtype != torch.int32 or hint.device != x.device):
-        raise ValueError(f"hint must be an int32 tensor on {x.device}, got {hint.dtype} on {hint.device}")
+    _check_select(x, k, weight_t, hint)
     if not x.is_contiguous():
         x = x.contiguous()
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros, tokens=1,
                    select=(k, x.dtype, hint is not None), hint=hint)
+
+
+def repeat_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, k: int | None = None,
+                  hint: torch.Tensor | None = None):
+    """The launch that `sparse_gemv` (or with ``k``, `select_gemv`) makes for these arguments, to repeat it for
+    inputs of the same shape, dtype, device and layout, skipping the argument checks and configuration lookup
+    (what an eager decode step, bound by host time, cannot afford at every call). Call it as
+    ``launch(x, in_features, weight_t, bias, zeros, kept, hint)`` with a contiguous ``x``; None when the call
+    takes no repeatable launch (its arguments are rejected, or ``x`` is not contiguous).
+
+    Example:
+        >>> launch = repeat_launch(x, w, k=64)  # doctest: +SKIP
+        >>> torch.equal(launch(x, w.shape[0], w, None, None, None, None), select_gemv(x, 64, w))  # doctest: +SKIP
+        True
+    """
+    if not x.is_contiguous():
+        return None
+    try:
+        if k is None:
+            _check_sparse(x, weight_t, kept)
+            rows = None if kept is None else kept.shape[1]
+            return _find_launch(x, weight_t, bias, choose_config(x, weight_t, rows=rows), zeros, kept)
+        _check_select(x, k, weight_t, hint)
+        return _find_launch(x, weight_t, bias, choose_config(x, weight_t), zeros, tokens=1,
+                            select=(k, x.dtype, hint is not None))
+    except ValueError:
+        return None

@@ -74,7 +74,8 @@ class KernelLaunch:
 
     def __call__(self, grid: tuple[int, ...], tensors: tuple, scalars: tuple) -> None:
         device = tensors[0].device
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # (torch._C's getter: CUDA is initialised once a tensor lives there, and the public one checks that again)
+        if device.type == "cuda" and device.index != torch._C._cuda_getDevice():
             with torch.cuda.device(device):
                 return self._launch(grid, tensors, scalars)
         return self._launch(grid, tensors, scalars)
@@ -95,7 +96,8 @@ class KernelLaunch:
                 self._compiled[key] = _launcher(compiled)
             return
         launch, function, metadata, cooperative, pdl = cached
-        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        # the tensors' device is the current one (`__call__`): no need to ask Triton's driver which it is
+        stream = driver.active.get_current_stream(tensors[0].device.index)
         if cooperative is None:  # Triton's launcher object, for a layout `_launcher` does not know
             launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, metadata, None, None, None,
                    *pointers, *scalars, *self._constexprs)

@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-from .gemv import MAX_DECODE_TOKENS, select_gemv, sparse_gemv
-from .topk import topk_sparsify_rows
+from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
+from .topk import repeat_row_launch, topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "select_linear", "register_hint"]
+__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "select_linear", "register_hint", "repeatable_linear",
+           "repeatable_select"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -172,3 +173,29 @@ def select_linear(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.T
         torch.Size([1, 16])
     """
     return select_gemv(x, k, weight_t, bias, zeros=zeros, hint=_hint_for(hint_slot, x))
+
+
+def repeatable_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
+                      zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, k: int | None = None,
+                      hint_slot: int = -1):
+    """The eager launch of `sparse_linear` (with ``k``: of `select_linear`) for these arguments, to repeat for
+    inputs of the same signature: ``(launch, hint)``, called as ``launch(x, in_features, weight_t, bias, zeros,
+    kept, hint)``; ``(None, None)`` when there is none to repeat (see `gemv.repeat_launch`).
+
+    Example:
+        >>> launch, hint = repeatable_linear(x, weight_t, k=2048)  # doctest: +SKIP
+    """
+    hint = None if k is None else _hint_for(hint_slot, x)
+    launch = repeat_launch(x, weight_t, bias, zeros, kept, k, hint)
+    return launch, (hint if launch is not None else None)
+
+
+def repeatable_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, hint_slot: int = -1):
+    """The eager launch of `topk_select` for these arguments, to repeat for inputs of the same signature:
+    ``(launch, hint)``, called as ``launch(x, rows, row_stride, zeros, hint)`` -> ``(sparse, kept)``.
+
+    Example:
+        >>> launch, hint = repeatable_select(x, 2048)  # doctest: +SKIP
+    """
+    hint = _hint_for(hint_slot, x)
+    return repeat_row_launch(x, k, zeros, indices=True, hint=hint), hint

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from .launch import KernelLaunch
 
-__all__ = ["topk_sparsify_rows", "new_hint", "launch_config", "MAX_LISTED_FEATURES", "HINT_RADIUS"]
+__all__ = ["topk_sparsify_rows", "repeat_row_launch", "new_hint", "launch_config", "MAX_LISTED_FEATURES",
+           "HINT_RADIUS"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
 MAX_LISTED_FEATURES = 32768
@@ -198,6 +199,31 @@ class _RowLaunch:
 _ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
 
 
+def _row_launch(*key) -> _RowLaunch:
+    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted)``."""
+    launch = _ROW_LAUNCHES.get(key)
+    if launch is None:
+        launch = _ROW_LAUNCHES[key] = _RowLaunch(*key)
+    return launch
+
+
+def repeat_row_launch(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *, indices: bool = False,
+                      hint: torch.Tensor | None = None) -> _RowLaunch:
+    """The launch `topk_sparsify_rows` makes for these arguments, to repeat it for inputs of the same shape, dtype
+    and device (an eager decode step skips the lookups): ``launch(x, rows, row_stride, zeros, hint)`` returns
+    ``(sparse, kept)`` (``kept`` None without ``indices``) for a contiguous ``x`` of ``rows`` rows. Raises as
+    `topk_sparsify_rows` does for arguments it rejects.
+
+    Example:
+        >>> launch = repeat_row_launch(x, 64, indices=True)  # doctest: +SKIP
+        >>> sparse, kept = launch(x, 1, x.shape[-1], None, None)  # doctest: +SKIP
+    """
+    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < x.numel() // x.shape[-1]
+                             or hint.device != x.device):
+        raise ValueError(f"hint must be an int32 tensor with one entry per row on {x.device}")
+    return _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, None, hint is not None)
+
+
 def new_hint(device: torch.device | str, rows: int) -> torch.Tensor:
     """A threshold hint for ``rows`` rows (`topk_sparsify_rows`'s ``hint``), holding no guess yet.
 
@@ -227,10 +253,7 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
         tensor([[ 0., -2.,  1.,  0.]], dtype=torch.bfloat16)
     """
     dim = x.shape[-1]
-    key = (dim, k, x.dtype, indices, zeros is not None, config, hint is not None)
-    launch = _ROW_LAUNCHES.get(key)
-    if launch is None:
-        launch = _ROW_LAUNCHES[key] = _RowLaunch(dim, k, x.dtype, indices, zeros is not None, config, hint is not None)
+    launch = _row_launch(dim, k, x.dtype, indices, zeros is not None, config, hint is not None)
     if x.is_contiguous():  # the common case: no reshaped views (eager decode runs this four times per layer)
         source, rows, stride = x, x.numel() // dim, dim
     else:
