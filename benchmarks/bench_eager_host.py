@@ -110,12 +110,14 @@ def skips() -> dict[str, list[tuple[object, str, object]]]:
     """Parts of the decode path to skip: ``{label: [(class, attribute, replacement), ...]}`` (internal hooks: this
     diagnostic follows the decode path's layout, `InputSparsifier.decode` → `DecodeWeights` → `KernelLaunch`)."""
     from qsparse_hf.kernels.launch import KernelLaunch
-    from qsparse_hf.layers import DecodeWeights, QSparseActivation, QSparseLinear
+    from qsparse_hf.layers import DecodeWeights, EagerDecodePlan, QSparseActivation, QSparseLinear
 
     return {
         "Triton launches skipped": [(KernelLaunch, "_launch", lambda self, grid, tensors, scalars: None)],
+        # (no eager plans either: they launch without going through `DecodeWeights`)
         "GEMVs skipped (outputs allocated)": [(DecodeWeights, "multiply", _empty_outputs),
-                                              (DecodeWeights, "multiply_selecting", _empty_outputs)],
+                                              (DecodeWeights, "multiply_selecting", _empty_outputs),
+                                              (EagerDecodePlan, "run", lambda self, *args: None)],
         "decode path skipped (plain F.linear)": [
             (QSparseLinear, "forward", lambda self, x: F.linear(x, self.weight, self.bias)),
             (QSparseActivation, "forward", lambda self, x: self.act(x)),

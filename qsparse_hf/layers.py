@@ -272,7 +272,7 @@ class InputSparsifier:
     # sparsifier, evaluated before every compiled decode step: 315 -> 239 µs for 32 layers on a CPU).
     __slots__ = (
         "activation_bits", "block_size", "counter", "decode_weights", "feeds_adapters", "hint_slot",
-        "input_within_topk", "kept", "key", "linears", "members", "publishes_kept", "rescale", "source", "ste",
+        "input_within_topk", "kept", "key", "linears", "members", "plan", "publishes_kept", "rescale", "source", "ste",
         "_hint_device", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_topk", "_uses", "_version",
     )
 
@@ -317,6 +317,8 @@ class InputSparsifier:
         self._produced: tuple[weakref.ref, int] | None = None
         #: This sparsifier's entry in what compiled forwards share (`_TRACED_SHARED`, `_TRACED_KEPT`).
         self.key = next(_SPARSIFIER_KEYS)
+        #: The last eager one-token decode step, worked out for repeating (`EagerDecodePlan`), or None.
+        self.plan: EagerDecodePlan | None = None
         self._clear()
 
     def settings(self) -> tuple:
@@ -342,6 +344,7 @@ class InputSparsifier:
     def topk(self, value: float | int) -> None:
         self._topk = value
         self._kept_counts: dict[int, int] = {}
+        self.plan = None
 
     def _clear(self) -> None:
         self._input: torch.Tensor | None = None
@@ -461,6 +464,11 @@ class InputSparsifier:
     def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
         with the other members."""
+        # (is_compiling first: Dynamo folds it, so a compiled forward neither reads nor guards on the plan)
+        if not torch.compiler.is_compiling() and self.plan is not None and self.plan.kind == "select":
+            out = self.plan.run(self, x, training)
+            if out is not None:
+                return out
         if self.produced(x):  # already sparse: an adapter layer sparsified it for its base layer and itself
             return x
         compiling = torch.compiler.is_compiling()
@@ -472,6 +480,8 @@ class InputSparsifier:
             out, counted, kept = self._sparsify(x, zeros, select)
             if self.publishes_kept:
                 self._publish_kept(kept, x.shape[-1], compiling)
+                if kept is not None and not compiling:
+                    self.plan = EagerDecodePlan.build(self, "select", x, training, counting, zeros)
             if counting:
                 self.counter.add(out, already_added=counted, training=training, checked=True)
             self._remember(x, out, compiling)
@@ -527,19 +537,25 @@ class InputSparsifier:
         compiling = torch.compiler.is_compiling()
         counting = self.counter.active(x)
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
+        plan = None
         if self.selects_in_gemv(x, compiling):
             outputs = self.decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros, self.hint_slot)
             x_sparse = x  # never built: counted below only when it is a padding token (no zeros, no elements)
+            plan = "select_gemv"
         else:
             listable = self._listable(x)
             x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
             if listable and self.input_within_topk:
                 kept = self._take_source_kept(x)
+                plan = "gather_gemv" if kept is not None and not counted else None
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
         if counting:
             self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training, checked=True)
         self._remember(x, outputs, compiling)
+        if not compiling and x.numel() == x.shape[-1]:  # (a multi-token step leaves the one-token plan be)
+            self.plan = None if plan is None else EagerDecodePlan.build(
+                self, plan, x, linear.training, counting, zeros, kept if plan == "gather_gemv" else None)
         return outputs[linear.decode_slot]
 
 
@@ -640,6 +656,101 @@ class DecodeWeights:
 
     def _members(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (out,) if len(self.widths) == 1 else tuple(out.split(self.widths, dim=-1))
+
+
+class EagerDecodePlan:
+    """An eager one-token inference step of one sparsifier as the general path last ran it, worked out for
+    repeating: which launch (``"select_gemv"``: a projection group's GEMV that finds the top-K itself;
+    ``"gather_gemv"``: down_proj's GEMV over the kept features its activation listed; ``"select"``: that
+    activation's top-K), on which weights, with which threshold hint, and whether the sparsity counter counts.
+
+    Eager decode is bound by host time, and the general path asks some thirty questions per call (grad mode,
+    compiling, capturing, kernels, layouts, counters, argument checks, launch configurations) whose answers only
+    change with the model, the input's signature or a global switch. `run` re-checks only those, launches the same
+    kernel with the same constants, and keeps the counter as the general path would; when anything differs it
+    returns None and the general path runs (and plans again). The results are the same bit for bit.
+
+    Example:
+        >>> plan = sparsifier.plan  # after an eager one-token decode step on the GPU  # doctest: +SKIP
+        >>> plan.kind, plan.shape  # doctest: +SKIP
+        ('select_gemv', torch.Size([1, 1, 4096]))
+    """
+
+    __slots__ = ("kind", "shape", "dtype", "device", "training", "counting", "select_in_gemv", "weights", "launch",
+                 "hint", "hint_slot", "rows")
+
+    @classmethod
+    def build(cls, sparsifier: InputSparsifier, kind: str, x: torch.Tensor, training: bool, counting: bool,
+              zeros: torch.Tensor | None, kept: torch.Tensor | None = None) -> "EagerDecodePlan | None":
+        """The plan of the step just run by the general path, or None where it is not one to repeat (a gradient
+        could flow, a graph is being captured, padding tokens, an adapter shares the input, a counter without its
+        accumulator, an input the kernels' launch cannot repeat)."""
+        if (torch.is_grad_enabled() or sparsifier.feeds_adapters or sparsifier.activation_bits is not None
+                or not x.is_contiguous()
+                or x.numel() != x.shape[-1] or (counting and zeros is None) or _REAL_TOKENS.get() is not None
+                or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        ops = _kernel_ops()
+        plan = cls()
+        plan.kind, plan.shape, plan.dtype, plan.device = kind, x.shape, x.dtype, x.device
+        plan.training, plan.counting, plan.select_in_gemv = training, counting, kernels.SELECT_IN_GEMV
+        plan.weights, plan.rows, plan.hint_slot = sparsifier.decode_weights, None, sparsifier.hint_slot
+        k = sparsifier.keep(x.shape[-1])
+        if kind == "select":
+            plan.weights = None
+            try:
+                plan.launch, plan.hint = ops.repeatable_select(x, k, zeros, sparsifier.hint_slot)
+            except (TypeError, ValueError):
+                return None
+        else:
+            weights = plan.weights
+            plan.launch, plan.hint = ops.repeatable_linear(
+                x, weights.weight_t, weights.bias, zeros, kept, k if kind == "select_gemv" else None,
+                sparsifier.hint_slot)
+            plan.rows = None if kept is None else kept.shape[-1]
+        return plan if plan.launch is not None else None
+
+    def run(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool):
+        """This step's result for ``x`` (the members' outputs, or for ``"select"`` the sparse input), or None when
+        the plan does not apply to it. Eager only: callers skip plans under ``torch.compile``."""
+        if (torch.is_grad_enabled() or x.shape != self.shape or x.dtype != self.dtype or x.device != self.device
+                or training != self.training or not x.is_contiguous() or sparsifier.feeds_adapters
+                or sparsifier.hint_slot != self.hint_slot or not (x.is_cuda or kernels.kernels_available(x))
+                or not kernels._ENABLED or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            return None
+        weights = self.weights
+        if weights is not None and (sparsifier.decode_weights is not weights or not weights.current()):
+            return None
+        counter = sparsifier.counter
+        zeros = None
+        if counter.enabled and torch._C._current_graph_task_id() == -1:
+            zeros = counter._zeros[training]
+            if not self.counting or zeros is None or zeros.device != x.device or _REAL_TOKENS.get() is not None:
+                return None
+        elif self.counting:
+            return None
+        if self.kind == "select":
+            out, kept = self.launch(x, 1, x.shape[-1], zeros, self.hint)
+            sparsifier.kept, sparsifier._kept_width = kept, x.shape[-1]
+            result = out
+        elif self.kind == "select_gemv":
+            if kernels.SELECT_IN_GEMV != self.select_in_gemv:
+                return None
+            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
+                                                  self.hint))
+        else:
+            source = sparsifier.source
+            kept = source.kept
+            if (kept is None or source._kept_width != x.shape[-1] or kept.device != x.device
+                    or kept.shape[-1] != self.rows):
+                return None
+            source.kept = None
+            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, kept,
+                                                  None))
+        if zeros is not None:
+            counter._elements[training] += x.numel()
+        sparsifier._remember(x, result, False)
+        return result
 
 
 def _data_ptr(module: nn.Module, name: str) -> int | None:
@@ -762,6 +873,11 @@ class QSparseLinear(nn.Linear):
         outputs = sparsifier.decoded(x)
         if outputs is not None:  # a sibling's decode step already computed this output
             return outputs[self.decode_slot]
+        # An eager one-token step like the last one (is_compiling first: see InputSparsifier.__call__)
+        if not torch.compiler.is_compiling() and sparsifier.plan is not None and sparsifier.plan.kind != "select":
+            outputs = sparsifier.plan.run(sparsifier, x, self.training)
+            if outputs is not None:
+                return outputs[self.decode_slot]
         if sparsifier.decodes(x, self):
             return sparsifier.decode(x, self)
         return F.linear(sparsifier(x, self.training), self.effective_weight(), self.bias)

@@ -230,23 +230,27 @@ def test_single_launch_selection_is_exact_on_a_trained_model(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qsparse_hf import kernels
-    from qsparse_hf.kernels import gemv, ops
+    from qsparse_hf.kernels import gemv
 
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.bfloat16).to(DEV).eval()
     convert_to_qsparse(model, topk=0.5)
     text = (EMBEDDED_MODEL.parents[1] / "data" / "sample_text.txt").read_text()
     prompt = AutoTokenizer.from_pretrained(EMBEDDED_MODEL)(text, return_tensors="pt").input_ids[:, :24].to(DEV)
     checked = []
+    launch = gemv._Launch.__call__
 
-    def checking(x, k, weight_t, bias=None, zeros=None, hint=None, config=None):
-        config = config or gemv.choose_config(x, weight_t)
-        out = gemv.select_gemv(x, k, weight_t, bias, zeros=zeros, hint=hint, config=config)
-        reference = gemv.sparse_gemv(x * topk_mask(x, k), weight_t, bias, config=config)
-        assert torch.equal(out, reference)
-        checked.append(x.shape[-1])
+    # checked where every launch goes through, so that the steps an eager plan repeats are checked too
+    def checking(self, x, stride_x, weight_t, bias, zeros, kept, hint=None):
+        out = launch(self, x, stride_x, weight_t, bias, zeros, kept, hint)
+        if self.k_select:
+            c = self.launch.constants
+            config = GemvConfig(c["BLOCK_N"], c["BLOCK_K"], c["SPLIT"], c["num_warps"], c["NUM_STAGES"])
+            reference = gemv.sparse_gemv(x * topk_mask(x, self.k_select), weight_t, bias, config=config)
+            assert torch.equal(out, reference)
+            checked.append(x.shape[-1])
         return out
 
-    monkeypatch.setattr(ops, "select_gemv", checking)
+    monkeypatch.setattr(gemv._Launch, "__call__", checking)
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
     with torch.no_grad():
         tokens = model.generate(prompt, **kwargs)
@@ -412,6 +416,28 @@ def _count_kernel_calls(monkeypatch):
     return calls
 
 
+def _count_launches(monkeypatch):
+    """Kernel launches by kind, counted where every launch goes through (`KernelLaunch`), so that eager steps
+    repeated from a plan count as well."""
+    from qsparse_hf.kernels.launch import KernelLaunch
+
+    calls = {"topk": 0, "gemv": 0, "gathered": 0, "select_gemv": 0}
+    launch = KernelLaunch.__call__
+
+    def counted(self, grid, tensors, scalars):
+        if self.kernel.fn.__name__ == "_topk_rows_kernel":
+            calls["topk"] += 1
+        elif self.constants["SELECT"]:
+            calls["select_gemv"] += 1
+        else:
+            calls["gemv"] += 1
+            calls["gathered"] += self.constants["GATHER"]
+        return launch(self, grid, tensors, scalars)
+
+    monkeypatch.setattr(KernelLaunch, "__call__", counted)
+    return calls
+
+
 @pytest.mark.parametrize("select_in_gemv", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, select_in_gemv, monkeypatch):
@@ -423,7 +449,7 @@ def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, select_in_g
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     with torch.no_grad():
         model(ids)  # lazy set-up
-        calls = _count_kernel_calls(monkeypatch)
+        calls = _count_launches(monkeypatch)
         model(ids)
     layers = model.config.num_hidden_layers
     # q/k/v input, o input, FFN input, activation output: 4 selections (down's is skipped: its input is already
@@ -440,6 +466,115 @@ def test_decode_step_runs_one_selection_and_one_gemv_per_input(arch, select_in_g
     sparsifiers = {id(m.sparsifier): m.sparsifier for m in model.modules() if hasattr(m, "sparsifier")}
     slots = [s.hint_slot for s in sparsifiers.values() if s.hint_slot >= 0]
     assert len(set(slots)) == 4 * layers and all(int(_HINTS[slot][0]) >= 0 for slot in slots)
+
+
+def _step_by_step(model, tokens, prefix=5):
+    """Logits of each one-token step after a ``prefix``-token prefill, with a KV cache (the eager decode path)."""
+    logits = []
+    with torch.no_grad():
+        past = model(tokens[:, :prefix], use_cache=True).past_key_values
+        for step in range(prefix, tokens.shape[1]):
+            out = model(tokens[:, step:step + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+def _plan_runs(monkeypatch):
+    """Results of `EagerDecodePlan.run` (True: the plan served the call)."""
+    from qsparse_hf.layers import EagerDecodePlan
+
+    served, run = [], EagerDecodePlan.run
+
+    def spy(self, *args):
+        result = run(self, *args)
+        served.append(result is not None)
+        return result
+
+    monkeypatch.setattr(EagerDecodePlan, "run", spy)
+    return served
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3"])
+def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, monkeypatch):
+    from qsparse_hf.layers import EagerDecodePlan
+    from qsparse_hf.stats import collect_counts, reset_sparsity
+
+    model = tiny_model(arch).to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    tokens = torch.randint(3, 128, (1, 10), device=DEV)
+    results = []
+    for planned in (False, True):
+        for module in model.modules():
+            if hasattr(module, "sparsifier"):
+                module.sparsifier.plan = None
+        with monkeypatch.context() as patch:
+            if not planned:
+                patch.setattr(EagerDecodePlan, "build", classmethod(lambda cls, *args, **kwargs: None))
+            served = _plan_runs(patch)
+            reset_sparsity(model)
+            logits = _step_by_step(model, tokens)
+        results.append((logits, {k: (c.zeros, c.elements) for k, c in collect_counts(model).items()}))
+        if planned:
+            # from the second step on, every group leader, activation and down_proj is served by its plan
+            sparsifiers = {id(m.sparsifier) for m in model.modules() if hasattr(m, "sparsifier")}
+            assert sum(served) == (tokens.shape[1] - 6) * len(sparsifiers)
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+
+
+def _switch_kernels_off():
+    set_kernels_enabled(False)
+
+
+def _switch_select_in_gemv(monkeypatch):
+    from qsparse_hf import kernels
+
+    monkeypatch.setattr(kernels, "SELECT_IN_GEMV", not kernels.SELECT_IN_GEMV)
+
+
+@pytest.mark.parametrize("change", ["kernels off", "tracking off", "select in gemv", "weights moved",
+                                    "keep changed", "grad enabled", "padding"])
+def test_eager_decode_plans_step_aside_when_anything_changes(change, monkeypatch):
+    from qsparse_hf.layers import QSparseActivation
+
+    model = tiny_model("llama").to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    # (the prefill is longer than a decode step may be: it takes the dense path and leaves the plans alone)
+    tokens = torch.randint(3, 128, (1, 12), device=DEV)
+    _step_by_step(model, tokens[:, :11])  # plans built and used
+    if change == "kernels off":
+        _switch_kernels_off()
+    elif change == "tracking off":
+        set_sparsity_tracking(model, False)
+    elif change == "select in gemv":
+        _switch_select_in_gemv(monkeypatch)
+    elif change == "weights moved":
+        model.to(torch.float16)
+    elif change == "keep changed":
+        for module in model.modules():
+            if isinstance(module, (QSparseLinear, QSparseActivation)):
+                module.sparsifier.topk = 0.25
+    served = _plan_runs(monkeypatch)
+    mask = torch.ones(1, 12, dtype=torch.long, device=DEV)
+    if change == "padding":
+        mask[0, -1] = 0  # the step's token: the counters must leave it out
+    with torch.set_grad_enabled(change == "grad enabled"):
+        past = model(tokens[:, :11], attention_mask=mask[:, :11], use_cache=True).past_key_values
+        served.clear()
+        out = model(tokens[:, 11:], attention_mask=mask, past_key_values=past, use_cache=True).logits
+    # every call went the general way; only the activations' and down_proj's plans do not depend on where the
+    # projection groups select
+    assert sum(served) == (2 * model.config.num_hidden_layers if change == "select in gemv" else 0)
+    # ... which gives what a model without plans gives
+    monkeypatch.setattr("qsparse_hf.layers.EagerDecodePlan.build", classmethod(lambda cls, *a, **k: None))
+    for module in model.modules():
+        if hasattr(module, "sparsifier"):
+            module.sparsifier.plan = None
+    with torch.set_grad_enabled(change == "grad enabled"):
+        past = model(tokens[:, :11], attention_mask=mask[:, :11], use_cache=True).past_key_values
+        again = model(tokens[:, 11:], attention_mask=mask, past_key_values=past, use_cache=True).logits
+    assert torch.equal(out, again)
 
 
 def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
@@ -788,7 +923,7 @@ def test_direct_launch_hands_the_c_launcher_integer_pointers_and_never_caches_cp
             return 99
 
     class CudaTensor:
-        dtype, is_cuda = torch.bfloat16, True
+        dtype, is_cuda, device = torch.bfloat16, True, torch.device("cuda", 0)
 
         def data_ptr(self):
             return 4096
