@@ -262,6 +262,25 @@ def test_single_launch_selection_is_exact_on_a_trained_model(monkeypatch):
     assert torch.equal(tokens, two_launches)
 
 
+def test_repeated_launches_equal_the_calls_they_repeat_and_refuse_what_those_refuse():
+    from qsparse_hf.kernels.gemv import repeat_launch
+    from qsparse_hf.kernels.topk import repeat_row_launch
+
+    x = torch.randn(1, 64, device=DEV, dtype=torch.bfloat16)
+    weight_t = torch.randn(64, 48, device=DEV, dtype=torch.bfloat16)
+    hint = new_hint(DEV, 1)
+    launch = repeat_launch(x, weight_t, k=16, hint=hint)
+    assert torch.equal(launch(x, 64, weight_t, None, None, None, hint), select_gemv(x, 16, weight_t, hint=hint))
+    sparse, kept = repeat_row_launch(x, 16, indices=True)(x, 1, 64, None, None)
+    assert torch.equal(sparse, topk_sparsify_rows(x, 16))
+    assert torch.equal(repeat_launch(sparse, weight_t, kept=kept)(sparse, 64, weight_t, None, None, kept, None),
+                       sparse_gemv(sparse, weight_t, kept=kept))
+    assert repeat_launch(x, weight_t, k=65) is None  # select_gemv rejects k > features
+    assert repeat_launch(torch.randn(64, 2, device=DEV, dtype=torch.bfloat16).t()[:1], weight_t, k=16) is None
+    with pytest.raises(ValueError, match="hint"):
+        repeat_row_launch(x, 16, hint=torch.zeros(1, device=DEV))
+
+
 def test_sparse_gemv_rejects_bad_input():
     with pytest.raises(ValueError, match="at most 8 tokens"):
         sparse_gemv(torch.zeros(9, 16, device=DEV), torch.zeros(16, 4, device=DEV))
