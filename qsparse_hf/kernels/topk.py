@@ -207,6 +207,12 @@ def _row_launch(*key) -> _RowLaunch:
     return launch
 
 
+def _check_hint(hint: torch.Tensor | None, rows: int, device: torch.device) -> None:
+    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < rows or hint.device != device):
+        raise ValueError(f"hint must be an int32 tensor with one entry per row ({rows}) on {device}, got "
+                         f"{hint.dtype} with {hint.numel()} on {hint.device}")
+
+
 def repeat_row_launch(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *, indices: bool = False,
                       hint: torch.Tensor | None = None) -> _RowLaunch:
     """The launch `topk_sparsify_rows` makes for these arguments, to repeat it for inputs of the same shape, dtype
@@ -218,9 +224,7 @@ def repeat_row_launch(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None
         >>> launch = repeat_row_launch(x, 64, indices=True)  # doctest: +SKIP
         >>> sparse, kept = launch(x, 1, x.shape[-1], None, None)  # doctest: +SKIP
     """
-    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < x.numel() // x.shape[-1]
-                             or hint.device != x.device):
-        raise ValueError(f"hint must be an int32 tensor with one entry per row on {x.device}")
+    _check_hint(hint, x.numel() // x.shape[-1], x.device)
     return _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, None, hint is not None)
 
 
@@ -261,9 +265,7 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
         if source.stride(-1) != 1:
             source = source.contiguous()
         rows, stride = source.shape[0], source.stride(0)
-    if hint is not None and (hint.dtype != torch.int32 or hint.numel() < rows or hint.device != x.device):
-        raise ValueError(f"hint must be an int32 tensor with one entry per row ({rows}) on {x.device}, got "
-                         f"{hint.dtype} with {hint.numel()} on {hint.device}")
+    _check_hint(hint, rows, x.device)
     out, kept = launch(source, rows, stride, zeros, hint)
     if out.shape != x.shape:
         out = out.reshape(x.shape)
