@@ -464,14 +464,14 @@ class InputSparsifier:
     def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
         with the other members."""
-        # (is_compiling first: Dynamo folds it, so a compiled forward neither reads nor guards on the plan)
-        if not torch.compiler.is_compiling() and self.plan is not None and self.plan.kind == "select":
+        compiling = torch.compiler.is_compiling()
+        # (compiling first: Dynamo folds it, so a compiled forward neither reads nor guards on the plan)
+        if not compiling and self.plan is not None and self.plan.kind == "select":
             out = self.plan.run(self, x, training)
             if out is not None:
                 return out
         if self.produced(x):  # already sparse: an adapter layer sparsified it for its base layer and itself
             return x
-        compiling = torch.compiler.is_compiling()
         out = self._cached(x, compiling)
         if out is None:
             counting = self.counter.active(x)
