@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 
 from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
-from .topk import repeat_row_launch, topk_sparsify_rows
+from .topk import repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "sparse_linear", "select_linear", "register_hint", "repeatable_linear",
-           "repeatable_select"]
+__all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "select_linear", "register_hint",
+           "repeatable_linear", "repeatable_select"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -139,6 +139,19 @@ def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
     return topk_sparsify_rows(x, k, zeros, indices=True, hint=_hint_for(hint_slot, x))
 
 
+def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk_select` of ``F.silu(gate)`` (times ``up`` when given) in one launch (`topk.silu_topk_rows`): a gated
+    FFN's activation on an eager decode step, ``(sparse, kept)``. Eager only (no custom op: a compiled step has
+    the compiler fuse SiLU and the product). ``zeros`` counts the zeros of the top-K, before the product.
+
+    Example:
+        >>> gate = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> sparse, kept = silu_select(gate, 16, up=torch.randn_like(gate))  # doctest: +SKIP
+    """
+    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
+
+
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                   zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight_t.T, bias)`` for up to `MAX_DECODE_TOKENS` tokens, reading only the needed weight rows.
@@ -190,12 +203,14 @@ def repeatable_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     return launch, (hint if launch is not None else None)
 
 
-def repeatable_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, hint_slot: int = -1):
-    """The eager launch of `topk_select` for these arguments, to repeat for inputs of the same signature:
-    ``(launch, hint)``, called as ``launch(x, rows, row_stride, zeros, hint)`` -> ``(sparse, kept)``.
+def repeatable_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, hint_slot: int = -1, *,
+                      silu: bool = False, multiply: bool = False):
+    """The eager launch of `topk_select` (``silu``: of `silu_select`, ``multiply``: with ``up``) for these
+    arguments, to repeat for inputs of the same signature: ``(launch, hint)``, called as ``launch(x, rows,
+    row_stride, zeros, hint[, up, up_row_stride])`` -> ``(sparse, kept)``.
 
     Example:
         >>> launch, hint = repeatable_select(x, 2048)  # doctest: +SKIP
     """
     hint = _hint_for(hint_slot, x)
-    return repeat_row_launch(x, k, zeros, indices=True, hint=hint), hint
+    return repeat_row_launch(x, k, zeros, indices=True, hint=hint, silu=silu, multiply=multiply), hint

@@ -12,14 +12,17 @@ bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .launch import KernelLaunch
 
-__all__ = ["topk_sparsify_rows", "repeat_row_launch", "new_hint", "launch_config", "MAX_LISTED_FEATURES",
-           "HINT_RADIUS"]
+__all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
+           "MAX_LISTED_FEATURES", "HINT_RADIUS"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
 MAX_LISTED_FEATURES = 32768
@@ -104,14 +107,42 @@ def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_H
 
 
 @triton.jit
-def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_out,
+def _silu(x, PRECISE: tl.constexpr):
+    """SiLU of bf16/fp16 ``x`` as PyTorch's CUDA kernel computes it: ``x / (1 + exp(-x))`` in fp32 with the accurate
+    ``expf`` and an IEEE division (denormals kept), rounded to nearest even: the same bits as ``F.silu``.
+    ``PRECISE`` False (Triton's interpreter, which has no libdevice and truncates on conversion to bf16): NumPy's
+    ``exp`` and an explicit round to nearest even."""
+    value = x.to(tl.float32)
+    if PRECISE:
+        result = tl.math.div_rn(value, 1.0 + libdevice.exp(-value))
+    else:
+        result = tl.math.div_rn(value, 1.0 + tl.exp(-value))
+    return _round_like(result, x, PRECISE)
+
+
+@triton.jit
+def _round_like(value, like, PRECISE: tl.constexpr):
+    """fp32 ``value`` rounded to nearest even in ``like``'s dtype (by hand for bf16 in the interpreter)."""
+    if PRECISE or like.dtype != tl.bfloat16:
+        rounded = value.to(like.dtype)
+    else:
+        bits = value.to(tl.int32, bitcast=True)
+        bits = tl.where(value != value, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return rounded
+
+
+@triton.jit
+def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y, stride_out,
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
-                      HINT_STEPS: tl.constexpr):
+                      HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    if SILU:  # a gated FFN's activation, fused: the top-K of silu(x) (silu(0) == 0 keeps the padding at 0)
+        x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
     threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
     greater = key > threshold
@@ -127,8 +158,14 @@ def _topk_rows_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, st
         tl.store(index_ptr + row * k + slot, offs, mask=keep)
     else:
         keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
-    tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
-    if COUNT_ZEROS:
+    value = tl.where(keep, x, 0.0)
+    if MULTIPLY:
+        # The gated FFN's product with up, rounded once as ``a * b`` is, over the whole row: a dropped feature
+        # gives 0 * up (-0.0 for a negative up, NaN for an infinite or NaN one), as the unfused product does.
+        y = tl.load(y_ptr + row * stride_y + offs, mask=valid, other=0.0)
+        value = _round_like(value.to(tl.float32) * y.to(tl.float32), x, PRECISE)
+    tl.store(out_ptr + row * stride_out + offs, value, mask=valid)
+    if COUNT_ZEROS:  # the zeros of the top-K itself (before any product)
         nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
@@ -154,6 +191,8 @@ def _launch_candidates(block: int) -> list[tuple[int, int]]:
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+# Compiled kernels compute SiLU with libdevice; Triton's interpreter has none (see `_silu`).
+_PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
 #: Half the width of the key window searched first around a threshold hint (a power of two), per dtype: about
 #: ±25 % of magnitude around the previous threshold (bf16 keeps 7 mantissa bits, fp16 10), found in
 #: log2(2 * radius) reductions (6 and 9) instead of 15.
@@ -165,7 +204,7 @@ class _RowLaunch:
     call costs one dictionary lookup on top of Triton's own launch (eager decode runs four of these per layer)."""
 
     def __init__(self, dim: int, k: int, dtype: torch.dtype, indices: bool, count_zeros: bool,
-                 config: tuple[int, int] | None, hinted: bool) -> None:
+                 config: tuple[int, int] | None, hinted: bool, silu: bool = False, multiply: bool = False) -> None:
         if dtype not in _INF_KEY:
             raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {dtype}")
         if not 1 <= k <= dim:
@@ -177,22 +216,29 @@ class _RowLaunch:
         digit_bits, num_warps = config or launch_config(block, 1)
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
-        self.dim, self.k, self.indices = dim, k, indices
-        self.launch = KernelLaunch(_topk_rows_kernel, dict(
+        if multiply and not silu:
+            raise ValueError("the product with a second tensor is fused only after SiLU")
+        self.dim, self.k, self.indices, self.multiply = dim, k, indices, multiply
+        constants = dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
-            HINT_STEPS=HINT_RADIUS[dtype].bit_length(), num_warps=num_warps))
+            HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
+            num_warps=num_warps)
+        if silu and _PRECISE:
+            constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
+        self.launch = KernelLaunch(_topk_rows_kernel, constants)
 
     def __call__(self, x: torch.Tensor, rows: int, stride: int, zeros: torch.Tensor | None,
-                 hint: torch.Tensor | None):
+                 hint: torch.Tensor | None, y: torch.Tensor | None = None, stride_y: int = 0):
         """Launch over ``x``: ``rows`` rows ``stride`` elements apart, unit stride within a row (a contiguous
-        tensor of any shape, or a 2-D view); the sparse result has ``x``'s shape."""
+        tensor of any shape, or a 2-D view); the sparse result has ``x``'s shape. ``y``: the rows (``stride_y``
+        apart) that a launch with ``multiply`` multiplies the kept values by."""
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         kept = torch.empty(rows, self.k, dtype=torch.int32, device=x.device) if self.indices else None
         if rows:
-            self.launch((rows,), (x, out, x if zeros is None else zeros, out if kept is None else kept,
-                                  out if hint is None else hint),
-                        (self.dim, self.k, stride, self.dim))
+            self.launch((rows,), (x, x if y is None else y, out, x if zeros is None else zeros,
+                                  out if kept is None else kept, out if hint is None else hint),
+                        (self.dim, self.k, stride, stride_y, self.dim))
         return out, kept
 
 
@@ -200,7 +246,7 @@ _ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
 
 
 def _row_launch(*key) -> _RowLaunch:
-    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted)``."""
+    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted[, silu, multiply])``."""
     launch = _ROW_LAUNCHES.get(key)
     if launch is None:
         launch = _ROW_LAUNCHES[key] = _RowLaunch(*key)
@@ -214,18 +260,19 @@ def _check_hint(hint: torch.Tensor | None, rows: int, device: torch.device) -> N
 
 
 def repeat_row_launch(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *, indices: bool = False,
-                      hint: torch.Tensor | None = None) -> _RowLaunch:
-    """The launch `topk_sparsify_rows` makes for these arguments, to repeat it for inputs of the same shape, dtype
-    and device (an eager decode step skips the lookups): ``launch(x, rows, row_stride, zeros, hint)`` returns
-    ``(sparse, kept)`` (``kept`` None without ``indices``) for a contiguous ``x`` of ``rows`` rows. Raises as
-    `topk_sparsify_rows` does for arguments it rejects.
+                      hint: torch.Tensor | None = None, silu: bool = False, multiply: bool = False) -> _RowLaunch:
+    """The launch `topk_sparsify_rows` (with ``silu``: `silu_topk_rows`, ``multiply``: with ``up``) makes for these
+    arguments, to repeat it for inputs of the same shape, dtype and device (an eager decode step skips the
+    lookups): ``launch(x, rows, row_stride, zeros, hint[, up, up_row_stride])`` returns ``(sparse, kept)``
+    (``kept`` None without ``indices``) for a contiguous ``x`` of ``rows`` rows. Raises as those functions do for
+    arguments they reject.
 
     Example:
         >>> launch = repeat_row_launch(x, 64, indices=True)  # doctest: +SKIP
         >>> sparse, kept = launch(x, 1, x.shape[-1], None, None)  # doctest: +SKIP
     """
     _check_hint(hint, x.numel() // x.shape[-1], x.device)
-    return _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, None, hint is not None)
+    return _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, None, hint is not None, silu, multiply)
 
 
 def new_hint(device: torch.device | str, rows: int) -> torch.Tensor:
@@ -256,17 +303,50 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
         >>> topk_sparsify_rows(torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16), 2)  # doctest: +SKIP
         tensor([[ 0., -2.,  1.,  0.]], dtype=torch.bfloat16)
     """
-    dim = x.shape[-1]
-    launch = _row_launch(dim, k, x.dtype, indices, zeros is not None, config, hint is not None)
-    if x.is_contiguous():  # the common case: no reshaped views (eager decode runs this four times per layer)
-        source, rows, stride = x, x.numel() // dim, dim
-    else:
-        source = x.reshape(-1, dim)
-        if source.stride(-1) != 1:
-            source = source.contiguous()
-        rows, stride = source.shape[0], source.stride(0)
+    launch = _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, config, hint is not None)
+    source, rows, stride = _as_rows(x)
     _check_hint(hint, rows, x.device)
     out, kept = launch(source, rows, stride, zeros, hint)
     if out.shape != x.shape:
         out = out.reshape(x.shape)
+    return (out, kept) if indices else out
+
+
+def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(rows_tensor, rows, row_stride)``: ``x`` itself when contiguous (the common case: eager decode runs this
+    on every selection), else a 2-D view with unit stride along a row (a copy only where the view has none)."""
+    dim = x.shape[-1]
+    if x.is_contiguous():
+        return x, x.numel() // dim, dim
+    source = x.reshape(-1, dim)
+    if source.stride(-1) != 1:
+        source = source.contiguous()
+    return source, source.shape[0], source.stride(0)
+
+
+def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
+                   *, indices: bool = False, hint: torch.Tensor | None = None):
+    """A gated FFN's activation in one launch: the top-``k`` of ``silu(gate)`` per row (bf16/fp16), and with ``up``
+    that times ``up``: ``topk(F.silu(gate), k) * up`` bit for bit (SiLU computed as PyTorch's CUDA kernel does).
+
+    ``zeros`` counts the zeros of the top-K itself (before the product), as the activation's sparsity counter
+    does; ``indices`` and ``hint`` as in `topk_sparsify_rows`. On the GPU an eager one-token decode step runs this
+    instead of three kernels (SiLU, top-K, product).
+
+    Example:
+        >>> gate = torch.tensor([[0.5, -2.0, 1.0, 3.0]], dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> silu_topk_rows(gate, 2, up=torch.full_like(gate, 2.0))  # doctest: +SKIP
+        tensor([[0.0000, 0.0000, 1.4609, 5.7188]], dtype=torch.bfloat16)
+    """
+    if up is not None and (up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device):
+        raise ValueError(f"up must match gate's shape, dtype and device ({tuple(gate.shape)}, {gate.dtype}, "
+                         f"{gate.device}), got {tuple(up.shape)}, {up.dtype}, {up.device}")
+    launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, None, hint is not None, True,
+                         up is not None)
+    source, rows, stride = _as_rows(gate)
+    _check_hint(hint, rows, gate.device)
+    y, stride_y = (None, 0) if up is None else _as_rows(up)[::2]
+    out, kept = launch(source, rows, stride, zeros, hint, y, stride_y)
+    if out.shape != gate.shape:
+        out = out.reshape(gate.shape)
     return (out, kept) if indices else out
