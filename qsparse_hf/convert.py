@@ -12,7 +12,9 @@ from torch import nn
 
 from .config import QSparseConfig
 from .functional import keep_count
-from .layers import InputSparsifier, QSparseActivation, QSparseExpertInput, QSparseLinear, RealTokenTracker
+from .layers import (
+    GatedFFNForward, InputSparsifier, QSparseActivation, QSparseExpertInput, QSparseLinear, RealTokenTracker,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -39,13 +41,15 @@ class ArchLayout:
     ``roles`` maps a linear's own (last) name to the projection kind reported in sparsity tables; ``activation``
     names the attribute of the FFN module that holds the activation applied to ``gate(x)``; ``gate`` names the
     linear whose presence marks a module as a gated FFN; ``shared_inputs`` lists sibling linears that read the
-    same tensor and so share one top-K mask.
+    same tensor and so share one top-K mask. ``gated_ffn`` names (gate, up, down) when the FFN module's forward is
+    exactly ``down(act(gate(x)) * up(x))``: eager decode then runs it fused (`layers.GatedFFNForward`).
     """
 
     roles: dict[str, str] = field(default_factory=dict)
     shared_inputs: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     activation: tuple[str, ...] = ("act_fn",)
     gate: tuple[str, ...] = ("gate_proj",)
+    gated_ffn: tuple[str, str, str] | None = None
 
 
 _LLAMA = ArchLayout(
@@ -53,6 +57,7 @@ _LLAMA = ArchLayout(
         "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
         "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
     },
+    gated_ffn=("gate_proj", "up_proj", "down_proj"),
 )
 _PHI3 = ArchLayout(
     roles={"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
@@ -454,6 +459,8 @@ def _swap_ffn_activations(model, config, layout, ffn_topk) -> list[tuple[str, nn
         act.counter.enabled = config.track_sparsity
         setattr(module, attr, act)
         _skip_redundant_down_topk(module, layout, sparsifier)
+        if layout.gated_ffn is not None:
+            GatedFFNForward.install(module, *layout.gated_ffn, attr)
         swapped.append((f"{name}.{attr}" if name else attr, act))
     if config.activation == "relu2" and not swapped:
         raise ValueError(
@@ -566,6 +573,7 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
             del parent._modules[attr]
             parent.__dict__.pop("_apply_gate", None)
         else:
+            GatedFFNForward.uninstall(parent)
             setattr(parent, attr, module.act if not module.relu2 else _Relu2())
     model_config = getattr(model, "config", None)
     if model_config is not None and isinstance(getattr(model_config, "quantization_config", None), QSparseConfig):

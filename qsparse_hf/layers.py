@@ -16,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.modules.module import _global_forward_hooks as _GLOBAL_FORWARD_HOOKS
+from torch.nn.modules.module import _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS
+
 from . import functional as QF
 from . import kernels
 
 __all__ = [
-    "DecodeWeights", "InputSparsifier", "QSparseActivation", "QSparseExpertInput", "QSparseLinear",
-    "RealTokenTracker", "SparsityCounter",
+    "DecodeWeights", "GatedFFNForward", "InputSparsifier", "QSparseActivation", "QSparseExpertInput",
+    "QSparseLinear", "RealTokenTracker", "SparsityCounter",
 ]
 
 
@@ -42,6 +45,28 @@ _OPS = None
 _TRACED_SHARED: dict = {}
 _TRACED_KEPT: dict = {}
 _SPARSIFIER_KEYS = itertools.count()
+
+
+def _unhooked(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run no forward hooks (module or global): a fused step that skips their
+    calls must not skip hooks."""
+    if _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS:
+        return False
+    for module in modules:
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+    return True
+
+
+def _is_silu(act) -> bool:
+    """Whether ``act`` is a plain SiLU module (PyTorch's or transformers'), which the fused activation computes."""
+    if type(act) is nn.SiLU:
+        return True
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return False
+    return type(act) is SiLUActivation
 
 
 def _kernel_ops():
@@ -489,6 +514,29 @@ class InputSparsifier:
                 self._produced = (weakref.ref(out), out._version)
         return out
 
+    def select_silu(self, x: torch.Tensor, training: bool = False) -> torch.Tensor | None:
+        """``self(F.silu(x))`` in one launch, for a gated FFN's activation on an eager one-token inference step
+        through the kernels (its list of kept features published for down_proj, as `__call__` does); None where
+        the general path must run (SiLU first, then `__call__`). The same result bit for bit."""
+        plan = self.plan
+        if plan is not None and plan.kind == "silu_select":
+            out = plan.run(self, x, training)
+            if out is not None:
+                return out
+        width = x.shape[-1]
+        if not (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
+                and self._listable(x) and self.uses_kernel(x)) or self.keep(width) >= width:
+            return None
+        counting = self.counter.active(x)
+        zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
+        out, kept = _kernel_ops().silu_select(x, self.keep(width), None, zeros, self.hint_slot)
+        self._publish_kept(kept, width, False)
+        self.plan = EagerDecodePlan.build(self, "silu_select", x, training, counting, zeros)
+        if counting:
+            self.counter.add(out, already_added=zeros is not None, training=training, checked=True)
+        self._remember(x, out, False)
+        return out
+
     # -- decode path -------------------------------------------------------------------------------------------
 
     def decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -662,13 +710,15 @@ class EagerDecodePlan:
     """An eager one-token inference step of one sparsifier as the general path last ran it, worked out for
     repeating: which launch (``"select_gemv"``: a projection group's GEMV that finds the top-K itself;
     ``"gather_gemv"``: down_proj's GEMV over the kept features its activation listed; ``"select"``: that
-    activation's top-K), on which weights, with which threshold hint, and whether the sparsity counter counts.
+    activation's top-K; ``"silu_select"``: the same with SiLU in the launch), on which weights, with which threshold
+    hint, and whether the sparsity counter counts.
 
     Eager decode is bound by host time, and the general path asks some thirty questions per call (grad mode,
     compiling, capturing, kernels, layouts, counters, argument checks, launch configurations) whose answers only
-    change with the model, the input's signature or a global switch. `run` re-checks only those, launches the same
-    kernel with the same constants, and keeps the counter as the general path would; when anything differs it
-    returns None and the general path runs (and plans again). The results are the same bit for bit.
+    change with the model, the input's signature or a global switch. `run` re-checks only those (`admits`),
+    launches the same kernel with the same constants (`execute`), and keeps the counter as the general path would;
+    when anything differs it returns None and the general path runs (and plans again). The results are the same bit
+    for bit. `GatedFFNForward` chains three plans (gate/up, activation, down) into one FFN step.
 
     Example:
         >>> plan = sparsifier.plan  # after an eager one-token decode step on the GPU  # doctest: +SKIP
@@ -677,7 +727,11 @@ class EagerDecodePlan:
     """
 
     __slots__ = ("kind", "shape", "dtype", "device", "training", "counting", "select_in_gemv", "weights", "launch",
-                 "hint", "hint_slot", "rows")
+                 "product_launch", "hint", "hint_slot", "rows", "k")
+
+    def __reduce__(self):
+        # A copied or pickled model plans afresh: a plan holds compiled launchers, which neither copy nor pickle.
+        return _no_plan, ()
 
     @classmethod
     def build(cls, sparsifier: InputSparsifier, kind: str, x: torch.Tensor, training: bool, counting: bool,
@@ -695,62 +749,167 @@ class EagerDecodePlan:
         plan.kind, plan.shape, plan.dtype, plan.device = kind, x.shape, x.dtype, x.device
         plan.training, plan.counting, plan.select_in_gemv = training, counting, kernels.SELECT_IN_GEMV
         plan.weights, plan.rows, plan.hint_slot = sparsifier.decode_weights, None, sparsifier.hint_slot
-        k = sparsifier.keep(x.shape[-1])
-        if kind == "select":
+        plan.k, plan.product_launch = sparsifier.keep(x.shape[-1]), None
+        if kind in ("select", "silu_select"):
             plan.weights = None
+            silu = kind == "silu_select"
             try:
-                plan.launch, plan.hint = ops.repeatable_select(x, k, zeros, sparsifier.hint_slot)
+                plan.launch, plan.hint = ops.repeatable_select(x, plan.k, zeros, sparsifier.hint_slot, silu=silu)
+                if silu:  # the same with the product by up (`GatedFFNForward`)
+                    plan.product_launch = ops.repeatable_select(x, plan.k, zeros, sparsifier.hint_slot, silu=True,
+                                                                multiply=True)[0]
             except (TypeError, ValueError):
                 return None
         else:
             weights = plan.weights
             plan.launch, plan.hint = ops.repeatable_linear(
-                x, weights.weight_t, weights.bias, zeros, kept, k if kind == "select_gemv" else None,
+                x, weights.weight_t, weights.bias, zeros, kept, plan.k if kind == "select_gemv" else None,
                 sparsifier.hint_slot)
             plan.rows = None if kept is None else kept.shape[-1]
         return plan if plan.launch is not None else None
 
     def run(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool):
-        """This step's result for ``x`` (the members' outputs, or for ``"select"`` the sparse input), or None when
-        the plan does not apply to it. Eager only: callers skip plans under ``torch.compile``."""
-        if (torch.is_grad_enabled() or x.shape != self.shape or x.dtype != self.dtype or x.device != self.device
-                or training != self.training or not x.is_contiguous() or sparsifier.feeds_adapters
-                or sparsifier.hint_slot != self.hint_slot or not (x.is_cuda or kernels.kernels_available(x))
+        """This step's result for ``x`` (the members' outputs, or for the activation kinds the sparse input), or
+        None when the plan does not apply to it. Eager only: callers skip plans under ``torch.compile``."""
+        zeros = self.admits(sparsifier, x, training)
+        return None if zeros is False else self.execute(sparsifier, x, training, zeros)
+
+    def admits(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool, shape: torch.Size | None = None):
+        """Whether the plan serves ``x`` now: False if not, else the zero count its launch adds to (None: not
+        counting). ``shape``: check an input of that shape, and of ``x``'s dtype and device, that this step has
+        yet to produce (then a gather GEMV's list of kept features is not checked either: the step makes it)."""
+        if (torch.is_grad_enabled() or (shape or x.shape) != self.shape or x.dtype != self.dtype
+                or x.device != self.device or training != self.training or not x.is_contiguous()
+                or sparsifier.feeds_adapters or sparsifier.hint_slot != self.hint_slot
+                or not (x.is_cuda or kernels.kernels_available(x))
                 or not kernels._ENABLED or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
-            return None
+            return False
         weights = self.weights
         if weights is not None and (sparsifier.decode_weights is not weights or not weights.current()):
-            return None
-        counter = sparsifier.counter
-        zeros = None
-        if counter.enabled and torch._C._current_graph_task_id() == -1:
-            zeros = counter._zeros[training]
-            if not self.counting or zeros is None or zeros.device != x.device or _REAL_TOKENS.get() is not None:
-                return None
-        elif self.counting:
-            return None
-        if self.kind == "select":
-            out, kept = self.launch(x, 1, x.shape[-1], zeros, self.hint)
-            sparsifier.kept, sparsifier._kept_width = kept, x.shape[-1]
-            result = out
-        elif self.kind == "select_gemv":
-            if kernels.SELECT_IN_GEMV != self.select_in_gemv:
-                return None
-            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
-                                                  self.hint))
-        else:
+            return False
+        if self.kind == "select_gemv" and kernels.SELECT_IN_GEMV != self.select_in_gemv:
+            return False
+        if self.kind == "gather_gemv" and shape is None:
             source = sparsifier.source
             kept = source.kept
             if (kept is None or source._kept_width != x.shape[-1] or kept.device != x.device
                     or kept.shape[-1] != self.rows):
-                return None
-            source.kept = None
+                return False
+        counter = sparsifier.counter
+        if counter.enabled and torch._C._current_graph_task_id() == -1:
+            zeros = counter._zeros[training]
+            if not self.counting or zeros is None or zeros.device != x.device or _REAL_TOKENS.get() is not None:
+                return False
+            return zeros
+        return False if self.counting else None
+
+    def execute(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool, zeros: torch.Tensor | None,
+                up: torch.Tensor | None = None):
+        """Launch the planned kernel for ``x`` (that `admits` accepted, with the ``zeros`` it returned; ``up``: a
+        ``"silu_select"`` that also multiplies by up) and count as the general path does."""
+        weights = self.weights
+        if self.kind == "select_gemv":
+            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
+                                                  self.hint))
+        elif self.kind == "gather_gemv":
+            source = sparsifier.source
+            kept, source.kept = source.kept, None
             result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, kept,
                                                   None))
+        else:
+            if up is None:
+                result, kept = self.launch(x, 1, x.shape[-1], zeros, self.hint)
+            else:
+                result, kept = self.product_launch(x, 1, x.shape[-1], zeros, self.hint, up, up.shape[-1])
+            sparsifier.kept, sparsifier._kept_width = kept, x.shape[-1]
         if zeros is not None:
-            counter._elements[training] += x.numel()
+            sparsifier.counter._elements[training] += x.numel()
         sparsifier._remember(x, result, False)
         return result
+
+
+def _no_plan() -> None:
+    return None
+
+
+class GatedFFNForward:
+    """The forward of a converted gated FFN whose own forward is ``down(act(gate(x)) * up(x))`` with a SiLU ``act``
+    (Llama, Mistral, Qwen2, Qwen3, ...: `convert.ArchLayout.gated_ffn`), set as the FFN module's ``forward`` by
+    `convert_to_qsparse` (`revert_qsparse` removes it).
+
+    An eager one-token inference step runs in three launches instead of five kernels and five module calls: the
+    gate/up GEMV that selects its input's top-K, SiLU with the top-K and the product with up (`kernels.topk.
+    silu_topk_rows`), down's GEMV over the kept rows. It repeats the plans (`EagerDecodePlan`) its members made on
+    the step before and checks them all before launching anything; it steps aside for everything else (prefill,
+    training, ``torch.compile``, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's
+    own forward runs. The result and the sparsity counts are those of the module's forward, bit for bit.
+
+    Example:
+        >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
+        >>> type(mlp.forward).__name__  # doctest: +SKIP
+        'GatedFFNForward'
+    """
+
+    __slots__ = ("module", "names", "members")
+
+    def __init__(self, module: nn.Module, gate: str, up: str, down: str, act: str) -> None:
+        self.module = module
+        self.names = (gate, up, down, act)
+        self.members = tuple(module._modules[name] for name in self.names)
+
+    @classmethod
+    def install(cls, module: nn.Module, gate: str, up: str, down: str, act: str) -> bool:
+        """Set the fused forward on ``module`` where its members allow it (gate and up converted and sharing one
+        input, a SiLU `QSparseActivation` whose kept features down reads, nothing else replacing the forward);
+        returns whether it did."""
+        children = module._modules
+        gate_m, up_m, down_m, act_m = (children.get(name) for name in (gate, up, down, act))
+        if not (isinstance(gate_m, QSparseLinear) and isinstance(up_m, QSparseLinear)
+                and isinstance(down_m, QSparseLinear) and isinstance(act_m, QSparseActivation)
+                and act_m.silu and gate_m.sparsifier is up_m.sparsifier
+                and down_m.sparsifier.source is act_m.sparsifier and "forward" not in module.__dict__):
+            return False
+        module.forward = cls(module, gate, up, down, act)
+        return True
+
+    @staticmethod
+    def uninstall(module: nn.Module) -> None:
+        """Give ``module`` back its own forward."""
+        if isinstance(module.__dict__.get("forward"), GatedFFNForward):
+            del module.__dict__["forward"]
+
+    def __call__(self, *args, **kwargs):
+        if not torch.compiler.is_compiling() and len(args) == 1 and not kwargs:
+            out = self._planned_step(args[0])
+            if out is not None:
+                return out
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _planned_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        gate, up, down, act = self.members
+        gate_s, act_s, down_s = gate.sparsifier, act.sparsifier, down.sparsifier
+        gate_plan, act_plan, down_plan = gate_s.plan, act_s.plan, down_s.plan
+        if (gate_plan is None or act_plan is None or down_plan is None or gate_plan.kind != "select_gemv"
+                or act_plan.kind != "silu_select" or down_plan.kind != "gather_gemv"):
+            return None
+        children = self.module._modules
+        lead = x.shape[:-1]
+        if (any(children.get(name) is not member for name, member in zip(self.names, self.members))
+                or not _unhooked(gate, up, down, act, act.act) or up.sparsifier is not gate_s
+                or down_s.source is not act_s or act_plan.shape[:-1] != lead or down_plan.shape != act_plan.shape
+                or down_plan.rows != act_plan.k):
+            return None
+        # every check before the first launch: a step that stopped half-way could not be redone by the module
+        gate_zeros = gate_plan.admits(gate_s, x, gate.training)
+        act_zeros = False if gate_zeros is False else act_plan.admits(act_s, x, act.training, act_plan.shape)
+        down_zeros = False if act_zeros is False else down_plan.admits(down_s, x, down.training, down_plan.shape)
+        if down_zeros is False:
+            return None
+        outputs = gate_plan.execute(gate_s, x, gate.training, gate_zeros)
+        gate_s._clear()  # up's output is taken here, not from the shared cache
+        product = act_plan.execute(act_s, outputs[gate.decode_slot], act.training, act_zeros,
+                                   up=outputs[up.decode_slot])
+        return down_plan.execute(down_s, product, down.training, down_zeros)[down.decode_slot]
 
 
 def _data_ptr(module: nn.Module, name: str) -> int | None:
@@ -914,6 +1073,8 @@ class QSparseActivation(nn.Module):
         super().__init__()
         self.act = act
         self.relu2 = relu2
+        #: SiLU: eager one-token decode steps run it inside the top-K launch (`InputSparsifier.select_silu`).
+        self.silu = not relu2 and _is_silu(act)
         self.sparsifier = sparsifier
         sparsifier.members += 1
         self.role = "act"
@@ -940,6 +1101,11 @@ class QSparseActivation(nn.Module):
         object.__setattr__(self, "share_source", expert_input)  # a reference, not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (is_compiling first: Dynamo folds it, so compiled graphs keep SiLU for the compiler to fuse)
+        if not torch.compiler.is_compiling() and self.silu and _unhooked(self.act):
+            out = self.sparsifier.select_silu(x, self.training)
+            if out is not None:
+                return out
         return self.sparsifier(QF.relu2(x) if self.relu2 else self.act(x), self.training)
 
     def extra_repr(self) -> str:

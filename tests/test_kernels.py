@@ -56,6 +56,59 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
     assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
 
 
+def _silu_reference(gate: torch.Tensor) -> torch.Tensor:
+    """``F.silu`` as the kernel computes it: on the GPU PyTorch's own; in Triton's interpreter, which has NumPy's
+    ``exp`` rather than CUDA's, the same formula with NumPy (PyTorch's CPU ``exp`` may differ in the last bit)."""
+    if gate.is_cuda:
+        return torch.nn.functional.silu(gate)
+    import numpy as np
+
+    value = gate.float().numpy()
+    with np.errstate(over="ignore"):
+        return torch.from_numpy(value / (np.float32(1) + np.exp(-value))).to(gate.dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, any NaN equal to any NaN (and -0.0 told from 0.0)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_silu_top_k_and_product_equal_the_unfused_ops_bit_for_bit(dtype):
+    from qsparse_hf.kernels.topk import silu_topk_rows
+
+    gate = (torch.randn(5, 300, device=DEV) * 4).to(dtype)
+    gate[0] = gate[0, 0]  # all tied
+    gate[1, ::3] = 0  # exact zeros (silu(0) == 0)
+    gate[2, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-38, -3e-39])  # NaN, infs, denormals
+    up = torch.randn(5, 300, device=DEV).to(dtype)
+    up[3, :4] = torch.tensor([float("nan"), float("inf"), -2.0, 0.0])  # at dropped features: NaN / -0.0 / 0.0
+    act = _silu_reference(gate)
+    sparse = torch.where(topk_mask(act, 120), act, torch.zeros((), dtype=dtype, device=DEV))
+    zeros = torch.zeros((), dtype=torch.int64, device=DEV)
+    out, kept = silu_topk_rows(gate, 120, zeros=zeros, indices=True, hint=new_hint(DEV, 5))
+    assert _same_bits(out, sparse)
+    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in topk_mask(act, 120)]))
+    assert int(zeros) == int((sparse == 0).sum())  # the top-K's zeros, not the product's
+    assert _same_bits(silu_topk_rows(gate, 120, up), sparse * up)
+    # a column slice of a wider output (gate and up side by side, as the gate/up GEMV writes them)
+    both = torch.cat([gate, up], -1)
+    assert _same_bits(silu_topk_rows(both[:, :300], 120, both[:, 300:]), sparse * up)
+    with pytest.raises(ValueError, match="up must match"):
+        silu_topk_rows(gate, 120, up[:, :10])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_silu_equals_pytorch_silu_on_every_16_bit_value(dtype):
+    from qsparse_hf.kernels.topk import silu_topk_rows
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).cuda().reshape(4, -1)
+    # keeping every feature, the result is SiLU itself, for all 65536 bit patterns (denormals and NaNs included)
+    assert _same_bits(silu_topk_rows(every, every.shape[-1]), torch.nn.functional.silu(every))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
     # Whatever the hint holds (nothing yet, garbage, the right key, a near miss), the result is the reference mask,
@@ -499,28 +552,46 @@ def _step_by_step(model, tokens, prefix=5):
     return torch.cat(logits, 1)
 
 
+class _Served(list):
+    """Calls served by plans, with the fused FFN steps among them in ``fused``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = []
+
+
 def _plan_runs(monkeypatch):
-    """Results of `EagerDecodePlan.run` (True: the plan served the call)."""
-    from qsparse_hf.layers import EagerDecodePlan
+    """One True per call a plan served (`EagerDecodePlan.execute`, which its own `run` and the fused FFN step both
+    go through), and the fused FFN steps taken (``fused``: one True per `GatedFFNForward` step)."""
+    from qsparse_hf.layers import EagerDecodePlan, GatedFFNForward
 
-    served, run = [], EagerDecodePlan.run
+    served, execute, planned_step = _Served(), EagerDecodePlan.execute, GatedFFNForward._planned_step
 
-    def spy(self, *args):
-        result = run(self, *args)
-        served.append(result is not None)
+    def spy(self, *args, **kwargs):
+        served.append(True)
+        return execute(self, *args, **kwargs)
+
+    def spy_step(self, x):
+        result = planned_step(self, x)
+        if result is not None:
+            served.fused.append(True)
         return result
 
-    monkeypatch.setattr(EagerDecodePlan, "run", spy)
+    monkeypatch.setattr(EagerDecodePlan, "execute", spy)
+    monkeypatch.setattr(GatedFFNForward, "_planned_step", spy_step)
     return served
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3"])
 def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, monkeypatch):
-    from qsparse_hf.layers import EagerDecodePlan
+    from qsparse_hf.layers import EagerDecodePlan, GatedFFNForward
     from qsparse_hf.stats import collect_counts, reset_sparsity
 
     model = tiny_model(arch).to(DEV, torch.bfloat16)
     convert_to_qsparse(model, topk=0.5)
+    layers = model.config.num_hidden_layers
+    fused_ffns = sum(isinstance(m.__dict__.get("forward"), GatedFFNForward) for m in model.modules())
+    assert fused_ffns == (0 if arch == "phi3" else layers)  # phi3's FFN is one gate_up_proj: no fused step
     tokens = torch.randint(3, 128, (1, 10), device=DEV)
     results = []
     for planned in (False, True):
@@ -535,9 +606,13 @@ def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, monkeypatc
             logits = _step_by_step(model, tokens)
         results.append((logits, {k: (c.zeros, c.elements) for k, c in collect_counts(model).items()}))
         if planned:
-            # from the second step on, every group leader, activation and down_proj is served by its plan
+            # from the second step on, every group leader, activation and down_proj is served by its plan, the
+            # FFN's three in one fused step where the architecture has one
             sparsifiers = {id(m.sparsifier) for m in model.modules() if hasattr(m, "sparsifier")}
-            assert sum(served) == (tokens.shape[1] - 6) * len(sparsifiers)
+            assert len(served) == (tokens.shape[1] - 6) * len(sparsifiers)
+            assert len(served.fused) == (tokens.shape[1] - 6) * fused_ffns
+        else:
+            assert not served and not served.fused
     assert torch.equal(results[0][0], results[1][0])
     assert results[0][1] == results[1][1]
 
@@ -594,6 +669,38 @@ def test_eager_decode_plans_step_aside_when_anything_changes(change, monkeypatch
         past = model(tokens[:, :11], attention_mask=mask[:, :11], use_cache=True).past_key_values
         again = model(tokens[:, 11:], attention_mask=mask, past_key_values=past, use_cache=True).logits
     assert torch.equal(out, again)
+
+
+def test_fused_ffn_step_runs_hooks_by_stepping_aside_and_leaves_with_revert(monkeypatch):
+    import copy
+
+    from qsparse_hf import revert_qsparse
+    from qsparse_hf.layers import GatedFFNForward
+
+    model = tiny_model("llama").to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    tokens = torch.randint(3, 128, (1, 9), device=DEV)
+    first_mlp = model.model.layers[0].mlp
+    seen = []
+    with monkeypatch.context() as patch:
+        served = _plan_runs(patch)
+        plain = _step_by_step(model, tokens)
+        assert len(served.fused) == 3 * model.config.num_hidden_layers  # steps 2-4 of 4, every layer
+        handle = first_mlp.up_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        served.fused.clear()
+        hooked = _step_by_step(model, tokens)
+        handle.remove()
+    # the hooked FFN took its own forward at every step (the hook saw each call); the other layer stayed fused
+    # (from the first step on: its plans were made by the run before)
+    assert len(seen) == 1 + 4 and len(served.fused) == 4 * (model.config.num_hidden_layers - 1)
+    assert torch.equal(plain, hooked)
+    twin = copy.deepcopy(model)  # the fused forward follows its module into the copy; plans are made afresh
+    assert twin.model.layers[0].mlp.forward.module is twin.model.layers[0].mlp
+    assert model.model.layers[0].mlp.gate_proj.sparsifier.plan is not None
+    assert twin.model.layers[0].mlp.gate_proj.sparsifier.plan is None
+    assert torch.equal(_step_by_step(twin, tokens), plain)
+    revert_qsparse(model)
+    assert "forward" not in first_mlp.__dict__ and not isinstance(first_mlp.forward, GatedFFNForward)
 
 
 def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
