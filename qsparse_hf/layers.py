@@ -523,10 +523,9 @@ class InputSparsifier:
             out = plan.run(self, x, training)
             if out is not None:
                 return out
-        width = x.shape[-1]
-        if not (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
-                and self._listable(x) and self.uses_kernel(x)) or self.keep(width) >= width:
+        if not self.fuses_silu(x):
             return None
+        width = x.shape[-1]
         counting = self.counter.active(x)
         zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
         out, kept = _kernel_ops().silu_select(x, self.keep(width), None, zeros, self.hint_slot)
@@ -535,6 +534,21 @@ class InputSparsifier:
         if counting:
             self.counter.add(out, already_added=zeros is not None, training=training, checked=True)
         self._remember(x, out, False)
+        return out
+
+    def fuses_silu(self, x: torch.Tensor) -> bool:
+        """Whether this activation sparsifier's top-K of ``F.silu(x)`` runs in one launch with SiLU: one token of
+        inference through the kernels, a plain top-K that drops features, its kept features listed for down_proj."""
+        width = x.shape[-1]
+        return (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
+                and self._listable(x) and self.uses_kernel(x) and self.keep(width) < width)
+
+    def silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(gate)) * up`` in one launch (``qsparse::silu_select`` under ``torch.compile``), for an
+        input `fuses_silu` accepts; the kept features are published for down_proj. Not counted: compiled steps
+        count nothing (eager steps take `select_silu` and the plans, which do)."""
+        out, kept = _kernel_ops().silu_select(gate, self.keep(gate.shape[-1]), up, None, self.hint_slot)
+        self._publish_kept(kept, gate.shape[-1], torch.compiler.is_compiling())
         return out
 
     # -- decode path -------------------------------------------------------------------------------------------
@@ -840,9 +854,11 @@ class GatedFFNForward:
     An eager one-token inference step runs in three launches instead of five kernels and five module calls: the
     gate/up GEMV that selects its input's top-K, SiLU with the top-K and the product with up (`kernels.topk.
     silu_topk_rows`), down's GEMV over the kept rows. It repeats the plans (`EagerDecodePlan`) its members made on
-    the step before and checks them all before launching anything; it steps aside for everything else (prefill,
-    training, ``torch.compile``, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's
-    own forward runs. The result and the sparsity counts are those of the module's forward, bit for bit.
+    the step before and checks them all before launching anything. Under ``torch.compile`` a one-token step calls
+    the members as the module does but SiLU, the top-K and the product are one op (``qsparse::silu_select``), two
+    kernels fewer than the compiler's. It steps aside for everything else (prefill, training, hooks on any member,
+    a member replaced, e.g. by a peft adapter), where the module's own forward runs. The result and the sparsity
+    counts are those of the module's forward, bit for bit.
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
@@ -879,11 +895,35 @@ class GatedFFNForward:
             del module.__dict__["forward"]
 
     def __call__(self, *args, **kwargs):
-        if not torch.compiler.is_compiling() and len(args) == 1 and not kwargs:
-            out = self._planned_step(args[0])
+        if len(args) == 1 and not kwargs:
+            out = self._traced_step(args[0]) if torch.compiler.is_compiling() else self._planned_step(args[0])
             if out is not None:
                 return out
         return type(self.module).forward(self.module, *args, **kwargs)
+
+    def _as_converted(self) -> bool:
+        """The members still in place, sharing as converted, and no hooks that a fused step would skip."""
+        gate, up, down, act = self.members
+        children = self.module._modules
+        for name, member in zip(self.names, self.members):
+            if children.get(name) is not member:
+                return False
+        return (_unhooked(gate, up, down, act, act.act) and up.sparsifier is gate.sparsifier
+                and down.sparsifier.source is act.sparsifier)
+
+    def _traced_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Under ``torch.compile``: the module's forward with SiLU, the activation's top-K and the product with up
+        as one op (``qsparse::silu_select``) on one-token inference steps: two kernels fewer per layer than the
+        compiler's SiLU and product around the top-K op."""
+        if not self._as_converted():
+            return None
+        gate, up, down, act = self.members
+        gate_out, up_out = gate(x), up(x)
+        if act.sparsifier.fuses_silu(gate_out):
+            product = act.sparsifier.silu_product(gate_out, up_out)
+        else:
+            product = act(gate_out) * up_out
+        return down(product)
 
     def _planned_step(self, x: torch.Tensor) -> torch.Tensor | None:
         gate, up, down, act = self.members
@@ -892,12 +932,9 @@ class GatedFFNForward:
         if (gate_plan is None or act_plan is None or down_plan is None or gate_plan.kind != "select_gemv"
                 or act_plan.kind != "silu_select" or down_plan.kind != "gather_gemv"):
             return None
-        children = self.module._modules
         lead = x.shape[:-1]
-        if (any(children.get(name) is not member for name, member in zip(self.names, self.members))
-                or not _unhooked(gate, up, down, act, act.act) or up.sparsifier is not gate_s
-                or down_s.source is not act_s or act_plan.shape[:-1] != lead or down_plan.shape != act_plan.shape
-                or down_plan.rows != act_plan.k):
+        if (act_plan.shape[:-1] != lead or down_plan.shape != act_plan.shape or down_plan.rows != act_plan.k
+                or not self._as_converted()):
             return None
         # every check before the first launch: a step that stopped half-way could not be redone by the module
         gate_zeros = gate_plan.admits(gate_s, x, gate.training)
