@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.modules.module import _global_forward_hooks as _GLOBAL_FORWARD_HOOKS
 from torch.nn.modules.module import _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS
 

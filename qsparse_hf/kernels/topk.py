@@ -218,7 +218,7 @@ class _RowLaunch:
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         if multiply and not silu:
             raise ValueError("the product with a second tensor is fused only after SiLU")
-        self.dim, self.k, self.indices, self.multiply = dim, k, indices, multiply
+        self.dim, self.k, self.indices = dim, k, indices
         constants = dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
