@@ -47,12 +47,13 @@ _SPARSIFIER_KEYS = itertools.count()
 
 
 def _unhooked(*modules: nn.Module) -> bool:
-    """Whether calling these modules would run no forward hooks (module or global): a fused step that skips their
-    calls must not skip hooks."""
+    """Whether calling these modules would run nothing but their class's forward: no forward hooks (module or
+    global) and no forward set on the instance (accelerate's offloading and device hooks wrap it so). A fused step
+    that skips their calls must not skip any of that."""
     if _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS:
         return False
     for module in modules:
-        if module._forward_hooks or module._forward_pre_hooks:
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
             return False
     return True
 

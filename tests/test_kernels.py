@@ -696,6 +696,14 @@ def test_fused_ffn_step_runs_hooks_by_stepping_aside_and_leaves_with_revert(monk
     # (from the first step on: its plans were made by the run before)
     assert len(seen) == 1 + 4 and len(served.fused) == 4 * (model.config.num_hidden_layers - 1)
     assert torch.equal(plain, hooked)
+    # a member whose forward is wrapped on the instance (as accelerate's offloading hooks do) is called too
+    down = first_mlp.down_proj
+    down.forward = lambda x: seen.append("down") or type(down).forward(down, x)
+    with monkeypatch.context() as patch:
+        served = _plan_runs(patch)
+        assert torch.equal(_step_by_step(model, tokens), plain)
+    del down.forward
+    assert seen.count("down") == 1 + 4 and len(served.fused) == 4 * (model.config.num_hidden_layers - 1)
     twin = copy.deepcopy(model)  # the fused forward follows its module into the copy; plans are made afresh
     assert twin.model.layers[0].mlp.forward.module is twin.model.layers[0].mlp
     assert model.model.layers[0].mlp.gate_proj.sparsifier.plan is not None
