@@ -304,12 +304,19 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
         tensor([[ 0., -2.,  1.,  0.]], dtype=torch.bfloat16)
     """
     launch = _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, config, hint is not None)
+    out, kept = _launch_over_rows(launch, x, zeros, hint)
+    return (out, kept) if indices else out
+
+
+def _launch_over_rows(launch: _RowLaunch, x: torch.Tensor, zeros: torch.Tensor | None, hint: torch.Tensor | None,
+                      up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``launch`` over the rows of ``x`` (and of ``up``, for a launch that multiplies): ``(sparse, kept)``, the
+    sparse result in ``x``'s shape."""
     source, rows, stride = _as_rows(x)
     _check_hint(hint, rows, x.device)
-    out, kept = launch(source, rows, stride, zeros, hint)
-    if out.shape != x.shape:
-        out = out.reshape(x.shape)
-    return (out, kept) if indices else out
+    y, stride_y = (None, 0) if up is None else _as_rows(up)[::2]
+    out, kept = launch(source, rows, stride, zeros, hint, y, stride_y)
+    return (out if out.shape == x.shape else out.reshape(x.shape)), kept
 
 
 def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -343,10 +350,5 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
                          f"{gate.device}), got {tuple(up.shape)}, {up.dtype}, {up.device}")
     launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, None, hint is not None, True,
                          up is not None)
-    source, rows, stride = _as_rows(gate)
-    _check_hint(hint, rows, gate.device)
-    y, stride_y = (None, 0) if up is None else _as_rows(up)[::2]
-    out, kept = launch(source, rows, stride, zeros, hint, y, stride_y)
-    if out.shape != gate.shape:
-        out = out.reshape(gate.shape)
+    out, kept = _launch_over_rows(launch, gate, zeros, hint, up)
     return (out, kept) if indices else out
