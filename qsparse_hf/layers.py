@@ -599,7 +599,7 @@ class InputSparsifier:
         compiling = torch.compiler.is_compiling()
         counting = self.counter.active(x)
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
-        plan = None
+        plan = kept = None
         if self.selects_in_gemv(x, compiling):
             outputs = self.decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros, self.hint_slot)
             x_sparse = x  # never built: counted below only when it is a padding token (no zeros, no elements)
@@ -610,6 +610,9 @@ class InputSparsifier:
             if listable and self.input_within_topk:
                 kept = self._take_source_kept(x)
                 plan = "gather_gemv" if kept is not None and not counted else None
+            if plan is None and x_sparse is x and kept is None and not counted:
+                # The top-K kept everything (keep 1.0) or down_proj's source listed nothing: a plain GEMV
+                plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
         if counting:
@@ -617,7 +620,7 @@ class InputSparsifier:
         self._remember(x, outputs, compiling)
         if not compiling and x.numel() == x.shape[-1]:  # (a multi-token step leaves the one-token plan be)
             self.plan = None if plan is None else EagerDecodePlan.build(
-                self, plan, x, linear.training, counting, zeros, kept if plan == "gather_gemv" else None)
+                self, plan, x, linear.training, counting, zeros, kept)
         return outputs[linear.decode_slot]
 
 
@@ -723,7 +726,9 @@ class DecodeWeights:
 class EagerDecodePlan:
     """An eager one-token inference step of one sparsifier as the general path last ran it, worked out for
     repeating: which launch (``"select_gemv"``: a projection group's GEMV that finds the top-K itself;
-    ``"gather_gemv"``: down_proj's GEMV over the kept features its activation listed; ``"select"``: that
+    ``"gather_gemv"``: down_proj's GEMV over the kept features its activation listed; ``"gemv"``: a GEMV of the
+    input as it is, where the top-K keeps every feature (keep 1.0) or down_proj's activation listed none;
+    ``"select"``: that
     activation's top-K; ``"silu_select"``: the same with SiLU in the launch), on which weights, with which threshold
     hint, and whether the sparsity counter counts.
 
@@ -809,6 +814,8 @@ class EagerDecodePlan:
             if (kept is None or source._kept_width != x.shape[-1] or kept.device != x.device
                     or kept.shape[-1] != self.rows):
                 return False
+        elif self.kind == "gemv" and sparsifier.source is not None and sparsifier.source.kept is not None:
+            return False  # the general path may gather over the list its source published this step
         counter = sparsifier.counter
         if counter.enabled and torch._C._current_graph_task_id() == -1:
             zeros = counter._zeros[training]
@@ -829,6 +836,9 @@ class EagerDecodePlan:
             source = sparsifier.source
             kept, source.kept = source.kept, None
             result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, kept,
+                                                  None))
+        elif self.kind == "gemv":
+            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
                                                   None))
         else:
             if up is None:

@@ -584,16 +584,17 @@ def _plan_runs(monkeypatch):
     return served
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3"])
-def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, monkeypatch):
+@pytest.mark.parametrize("arch, keep", [("mistral", 0.5), ("qwen2", 0.5), ("phi3", 0.5), ("mistral", 1.0)])
+def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, keep, monkeypatch):
     from qsparse_hf.layers import EagerDecodePlan, GatedFFNForward
     from qsparse_hf.stats import collect_counts, reset_sparsity
 
     model = tiny_model(arch).to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    convert_to_qsparse(model, topk=keep)
     layers = model.config.num_hidden_layers
     fused_ffns = sum(isinstance(m.__dict__.get("forward"), GatedFFNForward) for m in model.modules())
-    assert fused_ffns == (0 if arch == "phi3" else layers)  # phi3's FFN is one gate_up_proj: no fused step
+    # phi3's FFN is one gate_up_proj: no fused step; at keep 1.0 every top-K is the identity: plain GEMVs, planned
+    assert fused_ffns == (0 if arch == "phi3" or keep == 1.0 else layers)
     tokens = torch.randint(3, 128, (1, 10), device=DEV)
     results = []
     for planned in (False, True):
@@ -613,6 +614,9 @@ def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, monkeypatc
             sparsifiers = {id(m.sparsifier) for m in model.modules() if hasattr(m, "sparsifier")}
             assert len(served) == (tokens.shape[1] - 6) * len(sparsifiers)
             assert len(served.fused) == (tokens.shape[1] - 6) * fused_ffns
+            kinds = {m.sparsifier.plan.kind for m in model.modules() if getattr(m, "sparsifier", None)
+                     and m.sparsifier.plan is not None}
+            assert kinds == ({"gemv"} if keep == 1.0 else kinds - {"gemv"})
         else:
             assert not served and not served.fused
     assert torch.equal(results[0][0], results[1][0])
