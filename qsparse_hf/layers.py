@@ -543,14 +543,6 @@ class InputSparsifier:
         return (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
                 and self._listable(x) and self.uses_kernel(x) and self.keep(width) < width)
 
-    def silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``self(F.silu(gate)) * up`` in one launch (``qsparse::silu_select`` under ``torch.compile``), for an
-        input `fuses_silu` accepts; the kept features are published for down_proj. Not counted: compiled steps
-        count nothing (eager steps take `select_silu` and the plans, which do)."""
-        out, kept = _kernel_ops().silu_select(gate, self.keep(gate.shape[-1]), up, None, self.hint_slot)
-        self._publish_kept(kept, gate.shape[-1], torch.compiler.is_compiling())
-        return out
-
     # -- decode path -------------------------------------------------------------------------------------------
 
     def decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -864,11 +856,11 @@ class GatedFFNForward:
     An eager one-token inference step runs in three launches instead of five kernels and five module calls: the
     gate/up GEMV that selects its input's top-K, SiLU with the top-K and the product with up (`kernels.topk.
     silu_topk_rows`), down's GEMV over the kept rows. It repeats the plans (`EagerDecodePlan`) its members made on
-    the step before and checks them all before launching anything. Under ``torch.compile`` a one-token step calls
-    the members as the module does but SiLU, the top-K and the product are one op (``qsparse::silu_select``), two
-    kernels fewer than the compiler's. It steps aside for everything else (prefill, training, hooks on any member,
-    a member replaced, e.g. by a peft adapter), where the module's own forward runs. The result and the sparsity
-    counts are those of the module's forward, bit for bit.
+    the step before and checks them all before launching anything. It steps aside for everything else (prefill,
+    training, ``torch.compile``, hooks on any member, a member replaced, e.g. by a peft adapter), where the
+    module's own forward runs. The result and the sparsity counts are those of the module's forward, bit for bit.
+    (Compiled steps keep the compiler's SiLU and product around the top-K op: traced as this one-program launch,
+    they were slower on the H200, see benchmarks/README.md.)
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
@@ -905,8 +897,8 @@ class GatedFFNForward:
             del module.__dict__["forward"]
 
     def __call__(self, *args, **kwargs):
-        if len(args) == 1 and not kwargs:
-            out = self._traced_step(args[0]) if torch.compiler.is_compiling() else self._planned_step(args[0])
+        if not torch.compiler.is_compiling() and len(args) == 1 and not kwargs:
+            out = self._planned_step(args[0])
             if out is not None:
                 return out
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -920,20 +912,6 @@ class GatedFFNForward:
                 return False
         return (_unhooked(gate, up, down, act, act.act) and up.sparsifier is gate.sparsifier
                 and down.sparsifier.source is act.sparsifier)
-
-    def _traced_step(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Under ``torch.compile``: the module's forward with SiLU, the activation's top-K and the product with up
-        as one op (``qsparse::silu_select``) on one-token inference steps: two kernels fewer per layer than the
-        compiler's SiLU and product around the top-K op."""
-        if not self._as_converted():
-            return None
-        gate, up, down, act = self.members
-        gate_out, up_out = gate(x), up(x)
-        if act.sparsifier.fuses_silu(gate_out):
-            product = act.sparsifier.silu_product(gate_out, up_out)
-        else:
-            product = act(gate_out) * up_out
-        return down(product)
 
     def _planned_step(self, x: torch.Tensor) -> torch.Tensor | None:
         gate, up, down, act = self.members

@@ -4,8 +4,6 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
 - ``qsparse::topk_select(x, k, hint_slot)``: the same sparse tensor and the kept positions of each row (inference
   only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
-- ``qsparse::silu_select(gate, up, k, hint_slot)``: ``topk(silu(gate), k) * up`` and the kept positions (a gated
-  FFN's activation on a decode step, inference only).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 
@@ -82,16 +80,6 @@ def _(x, k, hint_slot):
     return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
 
 
-@torch.library.custom_op("qsparse::silu_select", mutates_args=())
-def _silu_select(gate: torch.Tensor, up: torch.Tensor, k: int, hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return silu_topk_rows(gate, k, up, indices=True, hint=_hint_for(hint_slot, gate))
-
-
-@_silu_select.register_fake
-def _(gate, up, k, hint_slot):
-    return torch.empty_like(gate), gate.new_empty(gate.numel() // gate.shape[-1], k, dtype=torch.int32)
-
-
 @torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
 def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor],
                    kept: Optional[torch.Tensor]) -> torch.Tensor:
@@ -154,16 +142,15 @@ def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
 def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
                 hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_select` of ``F.silu(gate)`` (times ``up`` when given) in one launch (`topk.silu_topk_rows`): a gated
-    FFN's activation on a decode step, ``(sparse, kept)``, where three kernels (SiLU, top-K, product) would run.
-    ``zeros`` counts the zeros of the top-K, before the product. Under ``torch.compile`` (``up`` given) this is
-    the ``qsparse::silu_select`` op.
+    FFN's activation on an eager decode step, ``(sparse, kept)``, where three kernels (SiLU, top-K, product) would
+    run. ``zeros`` counts the zeros of the top-K, before the product. Eager only, no custom op: in a compiled step
+    the compiler's SiLU and product around `topk_select` cost less GPU time than this one-program launch (which
+    computes SiLU and the product over the whole row itself), and there launches cost no host time.
 
     Example:
         >>> gate = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
         >>> sparse, kept = silu_select(gate, 16, up=torch.randn_like(gate))  # doctest: +SKIP
     """
-    if torch.compiler.is_compiling() and up is not None:
-        return _silu_select(gate, up, k, hint_slot)
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
 
 
