@@ -584,7 +584,8 @@ def _plan_runs(monkeypatch):
     return served
 
 
-@pytest.mark.parametrize("arch, keep", [("mistral", 0.5), ("qwen2", 0.5), ("phi3", 0.5), ("mistral", 1.0)])
+@pytest.mark.parametrize("arch, keep", [("mistral", 0.5), ("qwen2", 0.5), ("phi3", 0.5), ("mistral", 1.0),
+                                       ("qwen2", 1.0)])
 def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, keep, monkeypatch):
     from qsparse_hf.layers import EagerDecodePlan, GatedFFNForward
     from qsparse_hf.stats import collect_counts, reset_sparsity
