@@ -297,9 +297,9 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
 
-    # Eager generate() first, every model once per round, best round kept: it is bound by the host's CPU, whose
-    # speed drifts over minutes and drops after compilation or a profiler (a probe timed one model at 20.6 ms/token
-    # fresh and 27.7 after a profiler session), so only samples taken side by side, before anything else, compare.
+    # Eager generate() first, every model once per round, best call kept: it is bound by the host's CPU, whose
+    # speed drifts by tens of percent (after compilations, profiler sessions, or with nothing changed), so only
+    # samples taken side by side, before anything else, compare.
     def measure_host_bound(index: int, label: str) -> None:
         for way in ways:
             if way in HOST_BOUND:

@@ -720,9 +720,8 @@ class EagerDecodePlan:
     repeating: which launch (``"select_gemv"``: a projection group's GEMV that finds the top-K itself;
     ``"gather_gemv"``: down_proj's GEMV over the kept features its activation listed; ``"gemv"``: a GEMV of the
     input as it is, where the top-K keeps every feature (keep 1.0) or down_proj's activation listed none;
-    ``"select"``: that
-    activation's top-K; ``"silu_select"``: the same with SiLU in the launch), on which weights, with which threshold
-    hint, and whether the sparsity counter counts.
+    ``"select"``: that activation's top-K; ``"silu_select"``: the same with SiLU in the launch), on which weights,
+    with which threshold hint, and whether the sparsity counter counts.
 
     Eager decode is bound by host time, and the general path asks some thirty questions per call (grad mode,
     compiling, capturing, kernels, layouts, counters, argument checks, launch configurations) whose answers only
@@ -824,13 +823,12 @@ class EagerDecodePlan:
         if self.kind == "select_gemv":
             result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
                                                   self.hint))
-        elif self.kind == "gather_gemv":
-            source = sparsifier.source
-            kept, source.kept = source.kept, None
+        elif self.kind in ("gather_gemv", "gemv"):
+            kept = None
+            if self.kind == "gather_gemv":
+                source = sparsifier.source
+                kept, source.kept = source.kept, None
             result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, kept,
-                                                  None))
-        elif self.kind == "gemv":
-            result = weights._members(self.launch(x, x.shape[-1], weights.weight_t, weights.bias, zeros, None,
                                                   None))
         else:
             if up is None:
