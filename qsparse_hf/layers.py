@@ -784,11 +784,12 @@ class EagerDecodePlan:
         zeros = self.admits(sparsifier, x, training)
         return None if zeros is False else self.execute(sparsifier, x, training, zeros)
 
-    def admits(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool, shape: torch.Size | None = None):
+    def admits(self, sparsifier: InputSparsifier, x: torch.Tensor, training: bool, pending: bool = False):
         """Whether the plan serves ``x`` now: False if not, else the zero count its launch adds to (None: not
-        counting). ``shape``: check an input of that shape, and of ``x``'s dtype and device, that this step has
-        yet to produce (then a gather GEMV's list of kept features is not checked either: the step makes it)."""
-        if (torch.is_grad_enabled() or (shape or x.shape) != self.shape or x.dtype != self.dtype
+        counting). ``pending``: ``x`` stands in for an input this step has yet to produce, of its dtype and device
+        (`GatedFFNForward` checks the shapes); neither its shape nor a gather GEMV's list of kept features, which
+        the step makes, is checked."""
+        if (torch.is_grad_enabled() or (not pending and x.shape != self.shape) or x.dtype != self.dtype
                 or x.device != self.device or training != self.training or not x.is_contiguous()
                 or sparsifier.feeds_adapters or sparsifier.hint_slot != self.hint_slot
                 or not (x.is_cuda or kernels.kernels_available(x))
@@ -799,7 +800,7 @@ class EagerDecodePlan:
             return False
         if self.kind == "select_gemv" and kernels.SELECT_IN_GEMV != self.select_in_gemv:
             return False
-        if self.kind == "gather_gemv" and shape is None:
+        if self.kind == "gather_gemv" and not pending:
             source = sparsifier.source
             kept = source.kept
             if (kept is None or source._kept_width != x.shape[-1] or kept.device != x.device
@@ -924,8 +925,8 @@ class GatedFFNForward:
             return None
         # every check before the first launch: a step that stopped half-way could not be redone by the module
         gate_zeros = gate_plan.admits(gate_s, x, gate.training)
-        act_zeros = False if gate_zeros is False else act_plan.admits(act_s, x, act.training, act_plan.shape)
-        down_zeros = False if act_zeros is False else down_plan.admits(down_s, x, down.training, down_plan.shape)
+        act_zeros = False if gate_zeros is False else act_plan.admits(act_s, x, act.training, pending=True)
+        down_zeros = False if act_zeros is False else down_plan.admits(down_s, x, down.training, pending=True)
         if down_zeros is False:
             return None
         outputs = gate_plan.execute(gate_s, x, gate.training, gate_zeros)

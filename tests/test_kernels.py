@@ -617,7 +617,10 @@ def test_eager_decode_plans_repeat_the_general_path_bit_for_bit(arch, keep, monk
             assert len(served.fused) == (tokens.shape[1] - 6) * fused_ffns
             kinds = {m.sparsifier.plan.kind for m in model.modules() if getattr(m, "sparsifier", None)
                      and m.sparsifier.plan is not None}
-            assert kinds == ({"gemv"} if keep == 1.0 else kinds - {"gemv"})
+            if keep == 1.0:
+                assert kinds == {"gemv"}
+            else:
+                assert "gemv" not in kinds
         else:
             assert not served and not served.fused
     assert torch.equal(results[0][0], results[1][0])
