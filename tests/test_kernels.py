@@ -6,6 +6,8 @@ fp32 accumulation, so its error against a float64 reference is that of rounding 
 relative, typically ~2e-3).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -1014,6 +1016,35 @@ def test_every_launch_configuration_gives_the_same_result():
     for candidate in _launch_candidates(4096):
         out, kept = topk_sparsify_rows(x, 1500, indices=True, config=candidate)
         assert torch.equal(out, expected) and torch.equal(kept, expected_kept), candidate
+
+def test_programmatic_dependent_launch_is_off_when_switched_off_or_interpreted(monkeypatch):
+    from qsparse_hf.kernels import launch
+
+    for variable, value in (("QSPARSE_PDL", "0"), ("TRITON_INTERPRET", "1")):
+        monkeypatch.setattr(launch, "_PDL", None)
+        with monkeypatch.context() as scoped:
+            scoped.setenv(variable, value)
+            assert launch.pdl_enabled() is False
+            assert launch.pdl_constants() == {"PDL": False}  # no launch_pdl option for the compiler
+    monkeypatch.setattr(launch, "_PDL", None)  # decided afresh after the test
+
+
+@requires_cuda
+def test_decode_kernels_launch_dependent_on_hopper_and_later():
+    # The launch option has to reach the launcher the direct path calls (a Hopper GPU and later), where the kernels
+    # also wait for the kernel before them; elsewhere it is off.
+    from qsparse_hf.kernels import gemv, launch, topk
+
+    hopper = all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count()))
+    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL", "1") != "0")
+    x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
+    for _ in range(2):  # the second launch goes the direct way, with the compiled launcher cached
+        sparse, kept = topk_sparsify_rows(x, 300, indices=True)
+        sparse_gemv(sparse, torch.randn(1000, 700, device="cuda", dtype=torch.bfloat16), kept=kept)
+    for launches in (topk._ROW_LAUNCHES, gemv._LAUNCHES):
+        cached = [entry for item in launches.values() for entry in item.launch._compiled.values() if entry]
+        assert cached and all(bool(entry[4]) is launch.pdl_enabled() for entry in cached if entry[3] is not None)
+
 
 @requires_cuda
 def test_repeated_launches_go_straight_to_the_compiled_kernel_with_the_same_result():

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
-from .launch import KernelLaunch
-from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
+from .launch import KernelLaunch, pdl_constants
+from .topk import _INF_KEY, HINT_RADIUS, _dependent_launch_start, _magnitude_key, _row_threshold
 
 __all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "repeat_launch", "choose_config", "prepare_weight",
            "MAX_SELECT_FEATURES"]
@@ -71,8 +71,9 @@ def _sparse_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
     HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr, SELECT: tl.constexpr,
     SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
-    HINT_STEPS: tl.constexpr,
+    HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _dependent_launch_start(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -326,7 +327,7 @@ class _Launch:
             COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None,
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_constants(),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,

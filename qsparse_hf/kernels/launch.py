@@ -10,6 +10,12 @@ signature, launch hooks installed, e.g. by a profiler, Triton's interpreter) goe
 
 It also launches on the device that holds the tensors: Triton launches on the *current* CUDA device, which is not
 the tensors' device when a model is spread over several GPUs (``device_map="auto"``).
+
+On Hopper and later GPUs the decode kernels use programmatic dependent launch (`pdl_enabled`): a kernel may start
+while the one before it is still running, waits at its first instruction (``gdc_wait``) until that one has finished
+and its writes are visible, and lets the next kernel start early in turn. What it saves is the gap between two
+dependent kernels -- the launch and the scheduling of the second's programs -- which a one-token decode step pays
+at every boundary (a one-program selection followed by a GEMV of hundreds of programs, in particular).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ try:
 except ImportError:  # Triton before 3.4: no direct launches (its launcher signature differs too)
     knobs = None
 
-__all__ = ["KernelLaunch", "direct_launches"]
+__all__ = ["KernelLaunch", "direct_launches", "pdl_enabled"]
 
 # Set QSPARSE_DIRECT_LAUNCH=0 to send every launch through Triton's generic path (to rule this module out).
 _DIRECT = (knobs is not None and os.environ.get("QSPARSE_DIRECT_LAUNCH", "1") != "0"
@@ -42,6 +48,31 @@ def direct_launches() -> int:
         True
     """
     return _DIRECT_COUNT[0]
+
+
+_PDL: bool | None = None
+
+
+def pdl_enabled() -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch: every visible GPU is a Hopper or
+    later one (compute capability 9+), Triton compiles (not its interpreter), and ``QSPARSE_PDL`` is not ``0``.
+    Decided once per process: it is a compile-time constant of the kernels.
+
+    Example:
+        >>> isinstance(pdl_enabled(), bool)
+        True
+    """
+    global _PDL
+    if _PDL is None:
+        _PDL = (os.environ.get("QSPARSE_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+                and torch.cuda.is_available() and torch.cuda.device_count() > 0
+                and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
+    return _PDL
+
+
+def pdl_constants() -> dict:
+    """The launch constants of a decode kernel with a ``PDL`` constexpr (Triton's ``launch_pdl`` option with it)."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled() else dict(PDL=False)
 
 
 def _no_launch_hooks() -> bool:

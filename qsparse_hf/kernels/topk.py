@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import KernelLaunch
+from .launch import KernelLaunch, pdl_constants
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
@@ -133,10 +134,22 @@ def _round_like(value, like, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _dependent_launch_start(PDL: tl.constexpr):
+    """With programmatic dependent launch (`launch.pdl_enabled`): wait until the kernel before this one has
+    finished (its writes visible), then let the next kernel's programs start -- before anything is read or
+    written, so every later kernel still sees this one's inputs complete."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y, stride_out,
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
-                      HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr):
+                      HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
+                      PDL: tl.constexpr):
+    _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
@@ -223,7 +236,7 @@ class _RowLaunch:
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            num_warps=num_warps)
+            num_warps=num_warps, **pdl_constants())
         if silu and _PRECISE:
             constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
