@@ -15,10 +15,9 @@ A/B for eager steps' single launch; for dense it is a second sample of the same 
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer.
-Programmatic dependent launch: our decode kernels use it on Hopper and later GPUs (``QSPARSE_PDL=0`` turns it off);
-Inductor's kernels only when asked (``torch._inductor.config.triton.enable_pdl``), which this script does for dense
-and sparse alike (it made the dense compiled step faster on an H200: the stronger baseline); ``--inductor-pdl off``
-leaves Inductor's default.
+Programmatic dependent launch is off by default for our kernels and Inductor's alike; ``QSPARSE_PDL=1`` turns it
+on for ours (Hopper and later GPUs) and ``--inductor-pdl on`` for Inductor's (``torch._inductor.config.triton.
+enable_pdl``), for dense and sparse alike. The title and the JSON say which were on.
 
     python benchmarks/bench_decode.py --arch mistral --new-tokens 256 --ways graph,compile,eager,static --count-kernels
 """
@@ -247,7 +246,7 @@ def main(argv=None) -> int:
                              "and of generate(static) when --ways has static")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="print the kernels of the compiled decode step by time, per layer (torch.profiler)")
-    parser.add_argument("--inductor-pdl", choices=("on", "off"), default="on",
+    parser.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
                         help="programmatic dependent launch for Inductor's kernels (compiled ways; Hopper and later)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

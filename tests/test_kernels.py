@@ -1017,26 +1017,30 @@ def test_every_launch_configuration_gives_the_same_result():
         out, kept = topk_sparsify_rows(x, 1500, indices=True, config=candidate)
         assert torch.equal(out, expected) and torch.equal(kept, expected_kept), candidate
 
-def test_programmatic_dependent_launch_is_off_when_switched_off_or_interpreted(monkeypatch):
+def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monkeypatch):
     from qsparse_hf.kernels import launch
 
-    for variable, value in (("QSPARSE_PDL", "0"), ("TRITON_INTERPRET", "1")):
+    for settings in ({"QSPARSE_PDL": None}, {"QSPARSE_PDL": "0"}, {"QSPARSE_PDL": "1", "TRITON_INTERPRET": "1"}):
         monkeypatch.setattr(launch, "_PDL", None)
         with monkeypatch.context() as scoped:
-            scoped.setenv(variable, value)
+            for variable, value in settings.items():
+                if value is None:
+                    scoped.delenv(variable, raising=False)
+                else:
+                    scoped.setenv(variable, value)
             assert launch.pdl_enabled() is False
             assert launch.pdl_constants() == {"PDL": False}  # no launch_pdl option for the compiler
     monkeypatch.setattr(launch, "_PDL", None)  # decided afresh after the test
 
 
 @requires_cuda
-def test_decode_kernels_launch_dependent_on_hopper_and_later():
-    # The launch option has to reach the launcher the direct path calls (a Hopper GPU and later), where the kernels
-    # also wait for the kernel before them; elsewhere it is off.
+def test_decode_kernels_launch_dependent_on_hopper_and_later_when_asked():
+    # With QSPARSE_PDL=1 (the GPU run sets it) the launch option has to reach the launcher the direct path calls
+    # (a Hopper GPU and later), where the kernels also wait for the kernel before them; elsewhere it is off.
     from qsparse_hf.kernels import gemv, launch, topk
 
     hopper = all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count()))
-    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL", "1") != "0")
+    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL") == "1")
     x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):  # the second launch goes the direct way, with the compiled launcher cached
         sparse, kept = topk_sparsify_rows(x, 300, indices=True)

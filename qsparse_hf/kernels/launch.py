@@ -11,11 +11,12 @@ signature, launch hooks installed, e.g. by a profiler, Triton's interpreter) goe
 It also launches on the device that holds the tensors: Triton launches on the *current* CUDA device, which is not
 the tensors' device when a model is spread over several GPUs (``device_map="auto"``).
 
-On Hopper and later GPUs the decode kernels use programmatic dependent launch (`pdl_enabled`): a kernel may start
-while the one before it is still running, waits at its first instruction (``gdc_wait``) until that one has finished
-and its writes are visible, and lets the next kernel start early in turn. What it saves is the gap between two
-dependent kernels -- the launch and the scheduling of the second's programs -- which a one-token decode step pays
-at every boundary (a one-program selection followed by a GEMV of hundreds of programs, in particular).
+On Hopper and later GPUs the decode kernels can use programmatic dependent launch (`pdl_enabled`, opt-in with
+``QSPARSE_PDL=1``): a kernel may start while the one before it is still running, waits at its first instruction
+(``gdc_wait``) until that one has finished and its writes are visible, and lets the next kernel start early in turn.
+What it saves is the gap between two dependent kernels, which a one-token decode step pays at every boundary. It
+is off by default: on an H200 it made a compiled decode step faster but transformers' compiled
+``generate(cache_implementation="static")`` slower (benchmarks/README.md, fifth stop), for a reason not yet found.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ _PDL: bool | None = None
 
 
 def pdl_enabled() -> bool:
-    """Whether the decode kernels launch with programmatic dependent launch: every visible GPU is a Hopper or
-    later one (compute capability 9+), Triton compiles (not its interpreter), and ``QSPARSE_PDL`` is not ``0``.
+    """Whether the decode kernels launch with programmatic dependent launch: asked for with ``QSPARSE_PDL=1``,
+    every visible GPU a Hopper or later one (compute capability 9+), and Triton compiling (not its interpreter).
     Decided once per process: it is a compile-time constant of the kernels.
 
     Example:
@@ -64,7 +65,7 @@ def pdl_enabled() -> bool:
     """
     global _PDL
     if _PDL is None:
-        _PDL = (os.environ.get("QSPARSE_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+        _PDL = (os.environ.get("QSPARSE_PDL", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
                 and torch.cuda.is_available() and torch.cuda.device_count() > 0
                 and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
