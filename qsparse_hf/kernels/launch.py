@@ -56,7 +56,8 @@ _PDL: bool | None = None
 
 def pdl_enabled() -> bool:
     """Whether the decode kernels launch with programmatic dependent launch: asked for with ``QSPARSE_PDL=1``,
-    every visible GPU a Hopper or later one (compute capability 9+), and Triton compiling (not its interpreter).
+    every visible GPU a Hopper or later one (compute capability 9+), Triton 3.3 or later, compiling (not its
+    interpreter).
     Decided once per process: it is a compile-time constant of the kernels.
 
     Example:
@@ -66,9 +67,17 @@ def pdl_enabled() -> bool:
     global _PDL
     if _PDL is None:
         _PDL = (os.environ.get("QSPARSE_PDL", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
-                and torch.cuda.is_available() and torch.cuda.device_count() > 0
+                and _has_grid_dependency_control() and torch.cuda.is_available() and torch.cuda.device_count() > 0
                 and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
+
+
+def _has_grid_dependency_control() -> bool:
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pdl_constants() -> dict:

@@ -18,9 +18,21 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launch import KernelLaunch, pdl_constants
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # Triton before 3.3 has no programmatic dependent launch (`launch.pdl_enabled` is then False)
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
