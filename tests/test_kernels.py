@@ -1030,6 +1030,11 @@ def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monk
                     scoped.setenv(variable, value)
             assert launch.pdl_enabled() is False
             assert launch.pdl_constants() == {"PDL": False}  # no launch_pdl option for the compiler
+    monkeypatch.setattr(launch, "_PDL", None)
+    monkeypatch.setenv("QSPARSE_PDL", "yes")
+    with pytest.raises(ValueError, match="QSPARSE_PDL must be 0"):
+        launch.pdl_enabled()
+    monkeypatch.delenv("QSPARSE_PDL")
     monkeypatch.setattr(launch, "_PDL", None)  # decided afresh after the test
 
 

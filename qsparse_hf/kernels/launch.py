@@ -66,7 +66,10 @@ def pdl_enabled() -> bool:
     """
     global _PDL
     if _PDL is None:
-        _PDL = (os.environ.get("QSPARSE_PDL", "0") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+        asked = os.environ.get("QSPARSE_PDL", "0")
+        if asked not in ("0", "1"):
+            raise ValueError(f"QSPARSE_PDL must be 0 (off, the default) or 1 (on), got {asked!r}")
+        _PDL = (asked == "1" and os.environ.get("TRITON_INTERPRET") != "1"
                 and _has_grid_dependency_control() and torch.cuda.is_available() and torch.cuda.device_count() > 0
                 and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
