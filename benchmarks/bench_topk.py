@@ -27,7 +27,8 @@ def _torch_topk(x, k):
 def _one_row_sweep() -> list[dict]:
     """One decode token: every (digit bits, warps) launch, listing the kept features, against the default; and
     the default launch starting from a threshold hint, as the model's decode steps do (four tokens of the same
-    distribution in turn, so each search starts from the previous token's threshold)."""
+    distribution in turn, so each search starts from the previous token's threshold), with the hint's window
+    searched bit by bit (the default) and counted in one histogram."""
     from qsparse_hf.kernels.topk import _launch_candidates, launch_config, new_hint, topk_sparsify_rows
 
     rows, results = [], []
@@ -43,15 +44,18 @@ def _one_row_sweep() -> list[dict]:
                 results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[1], listed_us=us,
                                     default=config == chosen))
                 rows.append([dim, keep, config[0], config[1], f"{us:.1f}", "←" if config == chosen else ""])
-            hint = new_hint("cuda", 1)
             expected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
-            for x, (out, kept) in zip(xs, expected):  # same result from any hint
-                hinted = topk_sparsify_rows(x, k, indices=True, hint=hint)
-                assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
-            us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint), calls_per_graph=5)
-            results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[1], listed_us=us,
-                                default=True, hinted=True))
-            rows.append([dim, keep, chosen[0], chosen[1], f"{us:.1f}", "← with hint"])
+            for search in ("binary", "histogram"):  # how the hinted search scans its window
+                hint = new_hint("cuda", 1)
+                config = (*chosen, search)
+                for x, (out, kept) in zip(xs, expected):  # same result from any hint
+                    hinted = topk_sparsify_rows(x, k, indices=True, hint=hint, config=config)
+                    assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
+                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
+                                   calls_per_graph=5)
+                results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[1], listed_us=us,
+                                    default=search == "binary", hinted=True, hint_search=search))
+                rows.append([dim, keep, chosen[0], chosen[1], f"{us:.1f}", f"← with hint ({search} window search)"])
     print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "default"], rows,
                 title="One-token top-K launch configurations")
     return results

@@ -99,6 +99,26 @@ def _kth_largest_key_near(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: 
 
 
 @triton.jit
+def _kth_largest_key_window(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: tl.constexpr):
+    """`_kth_largest_key_near` with one histogram instead of a binary search: the keys of the ``2 * HINT_RADIUS``
+    window around ``guess`` counted per key (keys above the window in one more bin), then how many keys reach
+    each window key is a suffix sum of that histogram, and the threshold the last key that k of them reach -- a
+    histogram and three small reductions instead of seven block-wide ones. The same threshold for any guess."""
+    WINDOW: tl.constexpr = 2 * HINT_RADIUS
+    low = tl.maximum(guess - HINT_RADIUS, 0)
+    offset = key - low
+    counts = tl.histogram(tl.minimum(offset, WINDOW), 2 * WINDOW, mask=offset >= 0)  # bin WINDOW: above it
+    bins = tl.arange(0, 2 * WINDOW)
+    reach = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys at or above each bin's key
+    above = tl.sum(tl.where(bins == WINDOW, counts, 0), 0)
+    if (tl.sum(counts, 0) >= k) & (above < k):
+        threshold = low + tl.sum(((reach >= k) & (bins < WINDOW)).to(tl.int32), 0) - 1
+    else:
+        threshold = _kth_largest_key(key, k, DIGIT_BITS)
+    return threshold
+
+
+@triton.jit
 def _magnitude_key(x, INF_KEY: tl.constexpr):
     """The magnitude bits of bf16/fp16 ``x`` (their integer order is the magnitudes' order). Every NaN pattern lies
     above infinity's: clamped to it, so NaN ranks as inf (ties by index), as in the reference."""
@@ -107,10 +127,15 @@ def _magnitude_key(x, INF_KEY: tl.constexpr):
 
 @triton.jit
 def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_HINT: tl.constexpr,
-                   HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr):
+                   HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, HINT_HISTOGRAM: tl.constexpr = False):
     """The k-th largest key of a row, searched from the hint at ``hint_ptr`` when ``USE_HINT`` (stored back there
-    as the next search's hint when ``write_hint``), else from scratch."""
-    if USE_HINT:
+    as the next search's hint when ``write_hint``; ``HINT_HISTOGRAM``: the window counted in one histogram), else
+    from scratch."""
+    if USE_HINT and HINT_HISTOGRAM:
+        threshold = _kth_largest_key_window(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS)
+        if write_hint:
+            tl.store(hint_ptr, threshold)
+    elif USE_HINT:
         threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
         if write_hint:
             tl.store(hint_ptr, threshold)
@@ -160,7 +185,7 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
                       HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, HINT_HISTOGRAM: tl.constexpr):
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -169,7 +194,8 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if SILU:  # a gated FFN's activation, fused: the top-K of silu(x) (silu(0) == 0 keeps the padding at 0)
         x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
-    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
+    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS,
+                               HINT_HISTOGRAM)
     greater = key > threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
@@ -229,7 +255,7 @@ class _RowLaunch:
     call costs one dictionary lookup on top of Triton's own launch (eager decode runs four of these per layer)."""
 
     def __init__(self, dim: int, k: int, dtype: torch.dtype, indices: bool, count_zeros: bool,
-                 config: tuple[int, int] | None, hinted: bool, silu: bool = False, multiply: bool = False) -> None:
+                 config: tuple | None, hinted: bool, silu: bool = False, multiply: bool = False) -> None:
         if dtype not in _INF_KEY:
             raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {dtype}")
         if not 1 <= k <= dim:
@@ -238,7 +264,10 @@ class _RowLaunch:
             raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, "
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
-        digit_bits, num_warps = config or launch_config(block, 1)
+        digit_bits, num_warps, *search = config or launch_config(block, 1)
+        hint_histogram = search == ["histogram"]
+        if search not in ([], ["binary"], ["histogram"]):
+            raise ValueError(f"the hinted search is 'binary' or 'histogram', got {search}")
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         if multiply and not silu:
@@ -248,7 +277,7 @@ class _RowLaunch:
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            num_warps=num_warps, **pdl_constants())
+            HINT_HISTOGRAM=hint_histogram, num_warps=num_warps, **pdl_constants())
         if silu and _PRECISE:
             constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
@@ -311,14 +340,15 @@ def new_hint(device: torch.device | str, rows: int) -> torch.Tensor:
 
 
 def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *,
-                       indices: bool = False, config: tuple[int, int] | None = None, hint: torch.Tensor | None = None):
+                       indices: bool = False, config: tuple | None = None, hint: torch.Tensor | None = None):
     """Zero all but the ``k`` largest ``|x|`` of every row (last dimension) of a bf16/fp16 tensor.
 
     Same result as ``x * functional.topk_mask(x, k)``, bit for bit (ties at the threshold kept lowest index first,
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
-    ``config`` (``(digit_bits, num_warps)``) overrides the default launch (`launch_config`); the result is the same.
+    ``config`` (``(digit_bits, num_warps)``, optionally with a third entry ``"binary"`` or ``"histogram"``: how
+    a hinted search scans its window) overrides the default launch (`launch_config`); the result is the same.
     ``hint`` (int32, one entry per row, from `new_hint`) is where the kernel keeps each row's last threshold and
     starts its search from: decode steps of one sparsifier find the next threshold in fewer steps. It never
     changes the result, only how fast it is found; the kernel updates it in place.
