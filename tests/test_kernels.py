@@ -1020,6 +1020,7 @@ def test_every_launch_configuration_gives_the_same_result():
         out, kept = topk_sparsify_rows(x, 1500, indices=True, config=candidate)
         assert torch.equal(out, expected) and torch.equal(kept, expected_kept), candidate
 
+
 def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monkeypatch):
     from qsparse_hf.kernels import launch
 

@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
-from .launch import KernelLaunch, pdl_constants
-from .topk import _INF_KEY, HINT_RADIUS, _dependent_launch_start, _magnitude_key, _row_threshold
+from .launch import KernelLaunch, _dependent_launch_start, pdl_constants
+from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
 __all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "repeat_launch", "choose_config", "prepare_weight",
            "MAX_SELECT_FEATURES"]

@@ -24,12 +24,30 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 from triton.runtime import driver
 
 try:
     from triton import knobs
 except ImportError:  # Triton before 3.4: no direct launches (its launcher signature differs too)
     knobs = None
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _GRID_DEPENDENCY_CONTROL = True
+except ImportError:  # Triton before 3.3 has no programmatic dependent launch (`pdl_enabled` is then False)
+    _GRID_DEPENDENCY_CONTROL = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 __all__ = ["KernelLaunch", "direct_launches", "pdl_enabled"]
 
@@ -57,8 +75,7 @@ _PDL: bool | None = None
 def pdl_enabled() -> bool:
     """Whether the decode kernels launch with programmatic dependent launch: asked for with ``QSPARSE_PDL=1``,
     every visible GPU a Hopper or later one (compute capability 9+), Triton 3.3 or later, compiling (not its
-    interpreter).
-    Decided once per process: it is a compile-time constant of the kernels.
+    interpreter). Decided once per process: it is a compile-time constant of the kernels.
 
     Example:
         >>> isinstance(pdl_enabled(), bool)
@@ -70,22 +87,24 @@ def pdl_enabled() -> bool:
         if asked not in ("0", "1"):
             raise ValueError(f"QSPARSE_PDL must be 0 (off, the default) or 1 (on), got {asked!r}")
         _PDL = (asked == "1" and os.environ.get("TRITON_INTERPRET") != "1"
-                and _has_grid_dependency_control() and torch.cuda.is_available() and torch.cuda.device_count() > 0
+                and _GRID_DEPENDENCY_CONTROL and torch.cuda.is_available() and torch.cuda.device_count() > 0
                 and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
-
-
-def _has_grid_dependency_control() -> bool:
-    try:
-        from triton.language.extra.cuda import gdc_wait  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def pdl_constants() -> dict:
     """The launch constants of a decode kernel with a ``PDL`` constexpr (Triton's ``launch_pdl`` option with it)."""
     return dict(PDL=True, launch_pdl=True) if pdl_enabled() else dict(PDL=False)
+
+
+@triton.jit
+def _dependent_launch_start(PDL: tl.constexpr):
+    """A decode kernel's first step with programmatic dependent launch (``PDL``, from `pdl_constants`): wait until
+    the kernel before this one has finished (its writes visible), then let the next kernel's programs start --
+    before anything is read or written, so every later kernel still sees this one's inputs complete."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def _no_launch_hooks() -> bool:

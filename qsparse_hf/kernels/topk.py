@@ -19,20 +19,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import KernelLaunch, pdl_constants
-
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # Triton before 3.3 has no programmatic dependent launch (`launch.pdl_enabled` is then False)
-
-    @triton.jit
-    def gdc_wait():
-        pass
-
-    @triton.jit
-    def gdc_launch_dependents():
-        pass
-
+from .launch import KernelLaunch, _dependent_launch_start, pdl_constants
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
@@ -109,9 +96,10 @@ def _kth_largest_key_window(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS
     offset = key - low
     counts = tl.histogram(tl.minimum(offset, WINDOW), 2 * WINDOW, mask=offset >= 0)  # bin WINDOW: above it
     bins = tl.arange(0, 2 * WINDOW)
-    reach = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts  # keys at or above each bin's key
+    total = tl.sum(counts, 0)  # keys at or above the window's first key
+    reach = total - tl.cumsum(counts, 0) + counts  # keys at or above each bin's key
     above = tl.sum(tl.where(bins == WINDOW, counts, 0), 0)
-    if (tl.sum(counts, 0) >= k) & (above < k):
+    if (total >= k) & (above < k):
         threshold = low + tl.sum(((reach >= k) & (bins < WINDOW)).to(tl.int32), 0) - 1
     else:
         threshold = _kth_largest_key(key, k, DIGIT_BITS)
@@ -131,12 +119,11 @@ def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_H
     """The k-th largest key of a row, searched from the hint at ``hint_ptr`` when ``USE_HINT`` (stored back there
     as the next search's hint when ``write_hint``; ``HINT_HISTOGRAM``: the window counted in one histogram), else
     from scratch."""
-    if USE_HINT and HINT_HISTOGRAM:
-        threshold = _kth_largest_key_window(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS)
-        if write_hint:
-            tl.store(hint_ptr, threshold)
-    elif USE_HINT:
-        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
+    if USE_HINT:
+        if HINT_HISTOGRAM:
+            threshold = _kth_largest_key_window(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS)
+        else:
+            threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
         if write_hint:
             tl.store(hint_ptr, threshold)
     else:
@@ -168,16 +155,6 @@ def _round_like(value, like, PRECISE: tl.constexpr):
         bits = tl.where(value != value, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
         rounded = (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return rounded
-
-
-@triton.jit
-def _dependent_launch_start(PDL: tl.constexpr):
-    """With programmatic dependent launch (`launch.pdl_enabled`): wait until the kernel before this one has
-    finished (its writes visible), then let the next kernel's programs start -- before anything is read or
-    written, so every later kernel still sees this one's inputs complete."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -265,7 +242,6 @@ class _RowLaunch:
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
         digit_bits, num_warps, *search = config or launch_config(block, 1)
-        hint_histogram = search == ["histogram"]
         if search not in ([], ["binary"], ["histogram"]):
             raise ValueError(f"the hinted search is 'binary' or 'histogram', got {search}")
         if digit_bits not in (1, 2):
@@ -277,7 +253,7 @@ class _RowLaunch:
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            HINT_HISTOGRAM=hint_histogram, num_warps=num_warps, **pdl_constants())
+            HINT_HISTOGRAM=search == ["histogram"], num_warps=num_warps, **pdl_constants())
         if silu and _PRECISE:
             constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
