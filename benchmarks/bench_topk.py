@@ -2,12 +2,16 @@
 
 Rows of Mistral-7B widths (4096 and 14336 features) for a batch of 2×2048 tokens, bf16. Prints a table, writes
 topk.json. All three give exactly K entries per row; the kernel's output is checked equal to the reference.
+``--one-row`` times only one decode token's selection under every launch configuration (each checked against the
+reference), at the widths of ``--dims``:
 
     python benchmarks/bench_topk.py
+    python benchmarks/bench_topk.py --one-row --dims 3584,18944   # Qwen2-7B's widths
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -24,38 +28,36 @@ def _torch_topk(x, k):
     return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))
 
 
-def _one_row_sweep() -> list[dict]:
+def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
     """One decode token: every (digit bits, warps) launch, listing the kept features, against the default; and
     the default launch starting from a threshold hint, as the model's decode steps do (four tokens of the same
-    distribution in turn, so each search starts from the previous token's threshold), with the hint's window
-    searched bit by bit (the default) and counted in one histogram."""
+    distribution in turn, so each search starts from the previous token's threshold)."""
     from qsparse_hf.kernels.topk import _launch_candidates, launch_config, new_hint, topk_sparsify_rows
 
     rows, results = [], []
-    for dim in (4096, 14336):
+    for dim in dims:
         for keep in (0.7, 0.5):
             k = keep_count(keep, dim)
             xs = [torch.randn(1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
             block = triton_next_power_of_2(dim)
             chosen = launch_config(block, 1)
+            reference = xs[0] * topk_mask(xs[0], k)
             for config in _launch_candidates(block):
+                assert torch.equal(topk_sparsify_rows(xs[0], k, config=config), reference), config
                 us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
                                    calls_per_graph=5)
                 results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[1], listed_us=us,
                                     default=config == chosen))
                 rows.append([dim, keep, config[0], config[1], f"{us:.1f}", "←" if config == chosen else ""])
             expected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
-            for search in ("binary", "histogram"):  # how the hinted search scans its window
-                hint = new_hint("cuda", 1)
-                config = (*chosen, search)
-                for x, (out, kept) in zip(xs, expected):  # same result from any hint
-                    hinted = topk_sparsify_rows(x, k, indices=True, hint=hint, config=config)
-                    assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
-                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
-                                   calls_per_graph=5)
-                results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[1], listed_us=us,
-                                    default=search == "binary", hinted=True, hint_search=search))
-                rows.append([dim, keep, chosen[0], chosen[1], f"{us:.1f}", f"← with hint ({search} window search)"])
+            hint = new_hint("cuda", 1)
+            for x, (out, kept) in zip(xs, expected):  # the same result from any hint
+                hinted = topk_sparsify_rows(x, k, indices=True, hint=hint)
+                assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
+            us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint), calls_per_graph=5)
+            results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[1], listed_us=us,
+                                default=True, hinted=True))
+            rows.append([dim, keep, chosen[0], chosen[1], f"{us:.1f}", "← with hint"])
     print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "default"], rows,
                 title="One-token top-K launch configurations")
     return results
@@ -66,12 +68,23 @@ def triton_next_power_of_2(n: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one-row", action="store_true", help="only the one-token launch sweep")
+    parser.add_argument("--dims", default="4096,14336",
+                        help="comma-separated row widths of the one-token sweep (Qwen2-7B: 3584,18944)")
+    args = parser.parse_args(argv)
+    try:
+        dims = tuple(int(d) for d in args.dims.split(",") if d)
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 2:
+        print(f"--dims takes comma-separated widths of at least 2, got {args.dims!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_topk needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
-    if "--one-row" in argv:  # only the one-token launch sweep
-        write_json("topk_one_row.json", {"one_row_sweep": _one_row_sweep()})
+    if args.one_row:
+        write_json("topk_one_row.json", {"one_row_sweep": _one_row_sweep(dims)})
         return 0
     from qsparse_hf.kernels.topk import topk_sparsify_rows
 
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["tokens", "dim", "keep", "torch.topk+scatter µs", "kthvalue reference µs", "Triton radix µs",
                  "… listing kept µs", "plain copy µs", "kernel vs reference"], rows, title=f"Top-K selection, bf16, "
                 f"{torch.cuda.get_device_name()}")
-    sweep = _one_row_sweep()
+    sweep = _one_row_sweep(dims)
     write_json("topk.json", {"results": results, "one_row_sweep": sweep})
     return 0
 

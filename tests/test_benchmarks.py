@@ -23,3 +23,10 @@ def test_eager_host_refuses_bad_arguments_before_loading(argv, capsys):
     bench = importlib.import_module("bench_eager_host")
     assert bench.main(argv) == 2
     assert "--keep a fraction in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dims", ["x", "", "4096,1"])
+def test_topk_bench_refuses_bad_widths_before_touching_a_gpu(dims, capsys):
+    bench = importlib.import_module("bench_topk")
+    assert bench.main(["--one-row", "--dims", dims]) == 2
+    assert "--dims takes comma-separated widths" in capsys.readouterr().err

@@ -111,9 +111,8 @@ def test_fused_silu_equals_pytorch_silu_on_every_16_bit_value(dtype):
     assert _same_bits(silu_topk_rows(every, every.shape[-1]), torch.nn.functional.silu(every))
 
 
-@pytest.mark.parametrize("search", ["binary", "histogram"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype, search):
+def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
     # Whatever the hint holds (nothing yet, garbage, the right key, a near miss), the result is the reference mask,
     # and afterwards the hint holds each row's threshold: the K-th largest magnitude's key (NaN ranking as inf).
     from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, new_hint
@@ -131,13 +130,15 @@ def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype, searc
     expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
     expected_kept = torch.stack([row.nonzero().flatten() for row in topk_mask(x, k)])
     for hint in guesses:
-        out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint, config=(1, 4, search))
+        out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
         torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN kept
         assert torch.equal(kept.long(), expected_kept) and torch.equal(hint, threshold)
     with pytest.raises(ValueError, match="one entry per row"):
         topk_sparsify_rows(x, k, hint=new_hint(DEV, 4))
-    with pytest.raises(ValueError, match="'binary' or 'histogram'"):
-        topk_sparsify_rows(x, k, hint=hint, config=(1, 4, "linear"))
+    with pytest.raises(ValueError, match=r"config is \(digit_bits, num_warps\)"):
+        topk_sparsify_rows(x, k, config=(1, 4, "binary"))
+    with pytest.raises(ValueError, match="digit_bits must be 1 or 2"):
+        topk_sparsify_rows(x, k, config=(3, 4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

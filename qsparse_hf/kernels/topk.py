@@ -86,27 +86,6 @@ def _kth_largest_key_near(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: 
 
 
 @triton.jit
-def _kth_largest_key_window(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: tl.constexpr):
-    """`_kth_largest_key_near` with one histogram instead of a binary search: the keys of the ``2 * HINT_RADIUS``
-    window around ``guess`` counted per key (keys above the window in one more bin), then how many keys reach
-    each window key is a suffix sum of that histogram, and the threshold the last key that k of them reach -- a
-    histogram and three small reductions instead of seven block-wide ones. The same threshold for any guess."""
-    WINDOW: tl.constexpr = 2 * HINT_RADIUS
-    low = tl.maximum(guess - HINT_RADIUS, 0)
-    offset = key - low
-    counts = tl.histogram(tl.minimum(offset, WINDOW), 2 * WINDOW, mask=offset >= 0)  # bin WINDOW: above it
-    bins = tl.arange(0, 2 * WINDOW)
-    total = tl.sum(counts, 0)  # keys at or above the window's first key
-    reach = total - tl.cumsum(counts, 0) + counts  # keys at or above each bin's key
-    above = tl.sum(tl.where(bins == WINDOW, counts, 0), 0)
-    if (total >= k) & (above < k):
-        threshold = low + tl.sum(((reach >= k) & (bins < WINDOW)).to(tl.int32), 0) - 1
-    else:
-        threshold = _kth_largest_key(key, k, DIGIT_BITS)
-    return threshold
-
-
-@triton.jit
 def _magnitude_key(x, INF_KEY: tl.constexpr):
     """The magnitude bits of bf16/fp16 ``x`` (their integer order is the magnitudes' order). Every NaN pattern lies
     above infinity's: clamped to it, so NaN ranks as inf (ties by index), as in the reference."""
@@ -115,15 +94,11 @@ def _magnitude_key(x, INF_KEY: tl.constexpr):
 
 @triton.jit
 def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_HINT: tl.constexpr,
-                   HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, HINT_HISTOGRAM: tl.constexpr = False):
+                   HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr):
     """The k-th largest key of a row, searched from the hint at ``hint_ptr`` when ``USE_HINT`` (stored back there
-    as the next search's hint when ``write_hint``; ``HINT_HISTOGRAM``: the window counted in one histogram), else
-    from scratch."""
+    as the next search's hint when ``write_hint``), else from scratch."""
     if USE_HINT:
-        if HINT_HISTOGRAM:
-            threshold = _kth_largest_key_window(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS)
-        else:
-            threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
+        threshold = _kth_largest_key_near(key, k, tl.load(hint_ptr), DIGIT_BITS, HINT_RADIUS, HINT_STEPS)
         if write_hint:
             tl.store(hint_ptr, threshold)
     else:
@@ -162,7 +137,7 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
                       HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
-                      PDL: tl.constexpr, HINT_HISTOGRAM: tl.constexpr):
+                      PDL: tl.constexpr):
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -171,8 +146,7 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if SILU:  # a gated FFN's activation, fused: the top-K of silu(x) (silu(0) == 0 keeps the padding at 0)
         x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
-    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS,
-                               HINT_HISTOGRAM)
+    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
     greater = key > threshold
     ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
@@ -201,21 +175,23 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
 def launch_config(block: int, rows: int) -> tuple[int, int]:
     """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features.
 
-    One bit per reduction step and at most 1024 keys per warp: on an H200 this was within 0.5 µs of the best of
-    every (digit bits, warps) pair for one decode token of 4096 and 14336 features (``bench_topk.py --one-row``),
-    and timing the candidates at conversion picked worse launches than this rule (the differences are below the
-    noise of one-shot timing).
+    One bit per reduction step and at most 1024 keys per warp (32 per thread), 4 to 32 warps. On an H200 this was
+    within 0.5 µs of the best of every (digit bits, warps) pair for one decode token of 4096 and 14336 features
+    (``bench_topk.py --one-row``), and timing the candidates at conversion picked worse launches than this rule
+    (the differences are below the noise of one-shot timing). Rows wider than 16384 (Qwen2-7B's 18944-wide
+    activation, padded to 32768) take 32 warps: 16, twice the keys per thread, made a compiled Qwen2 decode step's
+    selections 10 µs per layer slower (``benchmarks/results/decode_qwen2_profile_4layers.json``).
 
     Example:
         >>> launch_config(4096, 4096)
         (1, 4)
     """
-    return 1, max(4, min(16, block // 1024))
+    return 1, max(4, min(32, block // 1024))
 
 
 def _launch_candidates(block: int) -> list[tuple[int, int]]:
     # at most 64 keys per thread: more spills registers (and takes long to compile)
-    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16) if 32 * warps <= block <= 2048 * warps]
+    return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16, 32) if 32 * warps <= block <= 2048 * warps]
 
 
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
@@ -241,9 +217,9 @@ class _RowLaunch:
             raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, "
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
-        digit_bits, num_warps, *search = config or launch_config(block, 1)
-        if search not in ([], ["binary"], ["histogram"]):
-            raise ValueError(f"the hinted search is 'binary' or 'histogram', got {search}")
+        if config is not None and len(config) != 2:
+            raise ValueError(f"config is (digit_bits, num_warps), got {config!r}")
+        digit_bits, num_warps = config or launch_config(block, 1)
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         if multiply and not silu:
@@ -253,7 +229,7 @@ class _RowLaunch:
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            HINT_HISTOGRAM=search == ["histogram"], num_warps=num_warps, **pdl_constants())
+            num_warps=num_warps, **pdl_constants())
         if silu and _PRECISE:
             constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
@@ -323,8 +299,8 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
-    ``config`` (``(digit_bits, num_warps)``, optionally with a third entry ``"binary"`` or ``"histogram"``: how
-    a hinted search scans its window) overrides the default launch (`launch_config`); the result is the same.
+    ``config`` (``(digit_bits, num_warps)``) overrides the default launch (`launch_config`); the result is the
+    same.
     ``hint`` (int32, one entry per row, from `new_hint`) is where the kernel keeps each row's last threshold and
     starts its search from: decode steps of one sparsifier find the next threshold in fewer steps. It never
     changes the result, only how fast it is found; the kernel updates it in place.
