@@ -1,6 +1,9 @@
 """The benchmark scripts' input checks (they run on a GPU; on CPU they must refuse cleanly, before loading models)."""
 
 import importlib
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,3 +33,35 @@ def test_topk_bench_refuses_bad_widths_before_touching_a_gpu(dims, capsys):
     bench = importlib.import_module("bench_topk")
     assert bench.main(["--one-row", "--dims", dims]) == 2
     assert "--dims takes comma-separated widths" in capsys.readouterr().err
+
+
+def _triton_tools_present() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return (tools / "ptxas").exists() and (tools / "cuobjdump").exists()
+
+
+@pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
+def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
+    # Compiled for sm_90 on any machine (in a process of its own: on CPU this one runs Triton's interpreter). A
+    # default one-token launch that spilled would read its keys back from local memory at every step of the
+    # search, as the 32768-key rows do (kernel_registers.py).
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_registers.py"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["OUT"] = str(tmp_path)
+    subprocess.run([sys.executable, str(script), "--dims", "4096,14336", "--defaults-only"], env=env, check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "kernel_registers.json").read_text())["results"]
+    assert len(results) == 4  # two widths, with and without the fused SiLU
+    assert all(row["spilled_bytes"] == 0 and row["num_warps"] >= 4 for row in results), results
+
+
+def test_kernel_registers_refuses_bad_arguments(capsys):
+    bench = importlib.import_module("kernel_registers")
+    assert bench.main(["--dims", "0"]) == 2
+    assert bench.main(["--keep", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--dims takes" in err and "--keep takes" in err
