@@ -29,10 +29,12 @@ def _torch_topk(x, k):
 
 
 def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
-    """One decode token: every (digit bits, warps) launch, listing the kept features, against the default; and
-    the default launch starting from a threshold hint, as the model's decode steps do (four tokens of the same
-    distribution in turn, so each search starts from the previous token's threshold)."""
-    from qsparse_hf.kernels.topk import _launch_candidates, launch_config, new_hint, topk_sparsify_rows
+    """One decode token: every launch (the register kernel's (digit bits, warps) and the streamed kernel's
+    (chunk, warps)), listing the kept features, against the default; and hinted launches, as the model's decode
+    steps run (four tokens of the same distribution in turn, so each search starts from the previous token's
+    threshold): the default, and the streamed kernel's."""
+    from qsparse_hf.kernels.topk import (STREAMED_CANDIDATES, _launch_candidates, launch_config, new_hint,
+                                         topk_sparsify_rows)
 
     rows, results = [], []
     for dim in dims:
@@ -42,25 +44,37 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             block = triton_next_power_of_2(dim)
             chosen = launch_config(block, 1)
             reference = xs[0] * topk_mask(xs[0], k)
-            for config in _launch_candidates(block):
+            for config in [*_launch_candidates(block), *STREAMED_CANDIDATES]:
                 assert torch.equal(topk_sparsify_rows(xs[0], k, config=config), reference), config
                 us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
                                    calls_per_graph=5)
-                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[1], listed_us=us,
+                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
                                     default=config == chosen))
-                rows.append([dim, keep, config[0], config[1], f"{us:.1f}", "←" if config == chosen else ""])
+                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}", "←" if config == chosen else ""])
             expected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
             hint = new_hint("cuda", 1)
             for x, (out, kept) in zip(xs, expected):  # the same result from any hint
                 hinted = topk_sparsify_rows(x, k, indices=True, hint=hint)
                 assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
             us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint), calls_per_graph=5)
-            results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[1], listed_us=us,
+            results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[-1], listed_us=us,
                                 default=True, hinted=True))
-            rows.append([dim, keep, chosen[0], chosen[1], f"{us:.1f}", "← with hint"])
-    print_table(["dim", "keep", "digit bits", "warps", "one token, listing kept µs", "default"], rows,
+            rows.append([dim, keep, *_launch_columns(chosen), f"{us:.1f}", "← with hint"])
+            for config in STREAMED_CANDIDATES:  # the streamed kernel, hinted
+                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
+                                   calls_per_graph=5)
+                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
+                                    default=False, hinted=True))
+                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}", "with hint"])
+    print_table(["dim", "keep", "search (digit bits, or streamed chunk)", "warps", "one token, listing kept µs",
+                 "default"], rows,
                 title="One-token top-K launch configurations")
     return results
+
+
+def _launch_columns(config: tuple) -> list:
+    """``(search, warps)`` table cells of a launch: digit bits of the register kernel, or the streamed chunk."""
+    return [f"streamed {config[1]}", config[2]] if config[0] == "streamed" else [config[0], config[1]]
 
 
 def triton_next_power_of_2(n: int) -> int:

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from qsparse_hf.functional import keep_count
-    from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES, _launch_candidates, _row_launch, launch_config
+    from qsparse_hf.kernels.topk import (MAX_LISTED_FEATURES, STREAMED_CANDIDATES, _launch_candidates, _row_launch,
+                                         launch_config)
 
     rows, results = [], []
     for dim in dims:
@@ -90,18 +91,19 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             continue
         block = 1 << (dim - 1).bit_length()
-        chosen = launch_config(block, 1)
         k = keep_count(args.keep, dim)
         for silu, variant in ((False, "top-K"), (True, "SiLU, top-K, × up")):
-            for config in [chosen] if args.defaults_only else _launch_candidates(block):
+            chosen = launch_config(block, 1)
+            others = [*_launch_candidates(block), *([] if silu else STREAMED_CANDIDATES)]  # no fused SiLU streamed
+            for config in [chosen] if args.defaults_only else others:
                 launch = _row_launch(dim, k, torch.bfloat16, True, False, config, True, silu, silu).launch
                 registers, spilled = sm90_resources(launch)
-                results.append(dict(dim=dim, block=block, variant=variant, digit_bits=config[0],
-                                    num_warps=config[1], registers=registers, spilled_bytes=spilled,
-                                    default=config == chosen))
-                rows.append([dim, block, variant, config[0], config[1], registers, spilled,
+                search = f"streamed {config[1]}" if config[0] == "streamed" else config[0]
+                results.append(dict(dim=dim, block=block, variant=variant, search=search, num_warps=config[-1],
+                                    registers=registers, spilled_bytes=spilled, default=config == chosen))
+                rows.append([dim, block, variant, search, config[-1], registers, spilled,
                              "←" if config == chosen else ""])
-    print_table(["dim", "keys (padded)", "kernel", "digit bits", "warps", "registers/thread", "spilled bytes/thread",
+    print_table(["dim", "keys (padded)", "kernel", "digit bits or streamed chunk", "warps", "registers/thread", "spilled bytes/thread",
                  "default"], rows, title="One-token top-K, sm_90, hinted")
     write_json("kernel_registers.json", {"results": results})
     return 0

@@ -52,8 +52,8 @@ def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_registers.py"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["OUT"] = str(tmp_path)
-    subprocess.run([sys.executable, str(script), "--dims", "4096,14336", "--defaults-only"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, str(script), "--dims", "4096,14336", "--defaults-only"], env=env,
+                   check=True, capture_output=True)
     results = json.loads((tmp_path / "kernel_registers.json").read_text())["results"]
     assert len(results) == 4  # two widths, with and without the fused SiLU
     assert all(row["spilled_bytes"] == 0 and row["num_warps"] >= 4 for row in results), results

@@ -1022,6 +1022,45 @@ def test_every_launch_configuration_gives_the_same_result():
         assert torch.equal(out, expected) and torch.equal(kept, expected_kept), candidate
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_selection_equals_the_reference_chunk_by_chunk(dtype):
+    # The wide-row kernel counts and writes the row chunk by chunk: ties that straddle chunks, NaN, zeros, a last
+    # chunk cut short, any hint, exactly K listed in order, the zeros counted -- the same as the register kernel.
+    from qsparse_hf.kernels.topk import STREAMED_CANDIDATES, new_hint
+
+    dim, k = 1000, 400
+    x = torch.randn(4, dim, device=DEV).to(dtype)
+    x[0, 200:700] = x[0, 199]  # one tie spanning several 256-key chunks, cut inside it
+    x[1, ::2] = 0
+    x[2, 999] = float("nan")
+    x[3] = x[3, 0]  # all tied
+    expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
+    expected_kept = torch.stack([row.nonzero().flatten() for row in topk_mask(x, k)])
+    for config in [("streamed", 256, 8), ("streamed", 1024, 8), STREAMED_CANDIDATES[0]]:
+        for hint in (None, new_hint(DEV, 4), torch.full((4,), 0x3F00, dtype=torch.int32, device=DEV)):
+            zeros = torch.zeros((), dtype=torch.int64, device=DEV)
+            out, kept = topk_sparsify_rows(x, k, zeros, indices=True, config=config, hint=hint)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(kept.long(), expected_kept), config
+            assert zeros.item() == int((expected == 0).sum()), config
+    with pytest.raises(ValueError, match="power-of-two chunk"):
+        topk_sparsify_rows(x, k, config=("streamed", 1000, 8))
+
+
+def test_streamed_selection_of_a_row_the_register_kernel_pads_to_32768_keys():
+    from qsparse_hf.kernels.topk import STREAMED_CANDIDATES, _row_launch, _topk_rows_streamed_kernel
+
+    wide = 16384 + 100
+    config = STREAMED_CANDIDATES[2]
+    assert _row_launch(wide, 10, torch.bfloat16, True, False, config, True).launch.kernel is \
+        _topk_rows_streamed_kernel
+    x = torch.randn(1, wide, device=DEV).to(torch.bfloat16)
+    x[0, 5000:9000] = x[0, 4999]  # a tie across the 4096-key chunks
+    out, kept = topk_sparsify_rows(x, wide // 2, indices=True, config=config)
+    assert torch.equal(out, x * topk_mask(x, wide // 2))
+    assert torch.equal(kept[0].long(), topk_mask(x, wide // 2)[0].nonzero().flatten())
+
+
 def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monkeypatch):
     from qsparse_hf.kernels import launch
 

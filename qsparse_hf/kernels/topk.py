@@ -6,6 +6,8 @@ magnitude's bit pattern (a radix select over the bits of the key, one or two bit
 the threshold in index order (exactly K survive, the same mask as `qsparse_hf.functional.topk_mask`) and writes the
 sparse row -- and, for the decode GEMV, the K kept indices in ascending order. NaN ranks as infinity (so it is kept and propagates, as through a dense matmul). When asked, the program
 also adds the zeros it wrote to an int64 counter (one atomic per row), so measuring sparsity costs no extra kernel.
+Rows too wide for one program's registers (past 16384 keys they spill) can instead be streamed through in chunks
+from cache at every counting step (``("streamed", chunk, num_warps)`` launches; same result).
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -172,6 +174,98 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
 
+@triton.jit
+def _count_two_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.constexpr,
+                        CHUNKS: tl.constexpr):
+    """How many keys of the row at ``row_ptr`` reach ``low`` and how many reach ``high``, the row streamed in
+    chunks of ``CHUNK`` (from cache after the first pass): one block-wide reduction, few registers."""
+    reach_low = tl.zeros([CHUNK], dtype=tl.int32)
+    reach_high = tl.zeros([CHUNK], dtype=tl.int32)
+    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = offs < dim
+        key = _magnitude_key(tl.load(row_ptr + offs, mask=valid, other=0.0), INF_KEY)
+        reach_low += ((key >= low) & valid).to(tl.int32)
+        reach_high += ((key >= high) & valid).to(tl.int32)
+    return tl.reduce((reach_low, reach_high), 0, _add2)
+
+
+@triton.jit
+def _count_streamed(row_ptr, dim, candidate, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """How many keys of the row at ``row_ptr`` reach ``candidate`` (`_count_two_streamed`'s streaming)."""
+    reached = tl.zeros([CHUNK], dtype=tl.int32)
+    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = offs < dim
+        key = _magnitude_key(tl.load(row_ptr + offs, mask=valid, other=0.0), INF_KEY)
+        reached += ((key >= candidate) & valid).to(tl.int32)
+    return tl.sum(reached, 0)
+
+
+@triton.jit
+def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y,
+                               stride_out, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                               COUNT_ZEROS: tl.constexpr,
+                               WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
+                               HINT_STEPS: tl.constexpr, PDL: tl.constexpr):
+    """`_topk_rows_kernel` for wide rows: the same threshold search, tie rule and outputs, but each counting step
+    streams the row in chunks instead of holding it in registers (a 32768-key row spills them), and nothing past
+    the row's end is read or counted."""
+    _dependent_launch_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = x_ptr + row * stride_x
+    threshold = -1
+    if USE_HINT:
+        guess = tl.load(hint_ptr + row)
+        low = tl.maximum(guess - HINT_RADIUS, 0)
+        high = guess + HINT_RADIUS - 1
+        reach_low, pass_high = _count_two_streamed(row_ptr, dim, low, high + 1, INF_KEY, CHUNK, CHUNKS)
+        if (reach_low >= k) & (pass_high < k):  # the threshold is in [low, high]: a binary search finds it
+            for _ in tl.static_range(HINT_STEPS):
+                middle = (low + high + 1) >> 1
+                reached = _count_streamed(row_ptr, dim, middle, INF_KEY, CHUNK, CHUNKS) >= k
+                low = tl.where(reached, middle, low)
+                high = tl.where(reached, high, middle - 1)
+            threshold = low
+    if threshold < 0:  # no hint, or not in its window: bit by bit from the top
+        prefix = 0
+        for bit in tl.static_range(14, -1, -1):
+            candidate = prefix | (1 << bit)
+            reached = _count_streamed(row_ptr, dim, candidate, INF_KEY, CHUNK, CHUNKS) >= k
+            prefix = tl.where(reached, candidate, prefix)
+        threshold = prefix
+    if USE_HINT:
+        tl.store(hint_ptr + row, threshold)
+    ties_kept = k - _count_streamed(row_ptr, dim, threshold + 1, INF_KEY, CHUNK, CHUNKS)
+    # Write the row chunk by chunk, carrying the strictly greater keys and the ties seen so far (each 16-bit half
+    # of a chunk's scan holds one count: chunks are at most 32768 wide).
+    greater_before = 0
+    ties_before_chunk = 0
+    nonzero = 0
+    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        valid = offs < dim
+        x = tl.load(row_ptr + offs, mask=valid, other=0.0)
+        key = _magnitude_key(x, INF_KEY)
+        greater = (key > threshold) & valid
+        at_threshold = (key == threshold) & valid
+        packed = greater.to(tl.int32) + (at_threshold.to(tl.int32) << 16)
+        both = tl.cumsum(packed, 0)
+        ties_before = (both >> 16) + ties_before_chunk
+        keep = greater | (at_threshold & (ties_before <= ties_kept))
+        if WRITE_INDICES:
+            slot = (both & 0xFFFF) + greater_before + tl.minimum(ties_before, ties_kept) - 1
+            tl.store(index_ptr + row * k + slot, offs, mask=keep)
+        tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
+        if COUNT_ZEROS:
+            nonzero += tl.sum((keep & (x != 0)).to(tl.int32), 0)
+        chunk_counts = tl.sum(packed, 0)
+        greater_before += chunk_counts & 0xFFFF
+        ties_before_chunk += chunk_counts >> 16
+    if COUNT_ZEROS:
+        tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
+
+
 def launch_config(block: int, rows: int) -> tuple[int, int]:
     """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features.
 
@@ -194,6 +288,8 @@ def _launch_candidates(block: int) -> list[tuple[int, int]]:
     return [(bits, warps) for bits in (1, 2) for warps in (2, 4, 8, 16, 32) if 32 * warps <= block <= 2048 * warps]
 
 
+#: ``("streamed", chunk, num_warps)`` launches worth timing against the register kernel's (bench_topk.py).
+STREAMED_CANDIDATES = (("streamed", 2048, 8), ("streamed", 4096, 8), ("streamed", 4096, 16), ("streamed", 8192, 16))
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 # Compiled kernels compute SiLU with libdevice; Triton's interpreter has none (see `_silu`).
 _PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
@@ -217,14 +313,25 @@ class _RowLaunch:
             raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, "
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
-        if config is not None and len(config) != 2:
-            raise ValueError(f"config is (digit_bits, num_warps), got {config!r}")
-        digit_bits, num_warps = config or launch_config(block, 1)
-        if digit_bits not in (1, 2):
-            raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
+        if config is not None and len(config) != 2 and (len(config) != 3 or config[0] != "streamed"):
+            raise ValueError(f"config is (digit_bits, num_warps) or ('streamed', chunk, num_warps), got {config!r}")
         if multiply and not silu:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
+        if config is not None and config[0] == "streamed":
+            _, chunk, num_warps = config
+            if silu or chunk & (chunk - 1) or not 32 * num_warps <= chunk <= 32768:
+                raise ValueError(f"a streamed launch takes a power-of-two chunk of 32 * num_warps to 32768 keys "
+                                 f"and no SiLU, got chunk {chunk}, {num_warps} warps, silu={silu}")
+            self.launch = KernelLaunch(_topk_rows_streamed_kernel, dict(
+                INF_KEY=_INF_KEY[dtype], CHUNK=chunk, CHUNKS=-(-dim // chunk), COUNT_ZEROS=count_zeros,
+                WRITE_INDICES=indices,
+                USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype], HINT_STEPS=HINT_RADIUS[dtype].bit_length(),
+                num_warps=num_warps, **pdl_constants()))
+            return
+        digit_bits, num_warps = config or launch_config(block, 1)
+        if digit_bits not in (1, 2):
+            raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         constants = dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
@@ -299,8 +406,9 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
-    ``config`` (``(digit_bits, num_warps)``) overrides the default launch (`launch_config`); the result is the
-    same.
+    ``config`` (``(digit_bits, num_warps)``, or ``("streamed", chunk, num_warps)``: the kernel that streams the row
+    in chunks instead of holding it in registers, for wide rows) overrides the default launch (`launch_config`);
+    the result is the same.
     ``hint`` (int32, one entry per row, from `new_hint`) is where the kernel keeps each row's last threshold and
     starts its search from: decode steps of one sparsifier find the next threshold in fewer steps. It never
     changes the result, only how fast it is found; the kernel updates it in place.
