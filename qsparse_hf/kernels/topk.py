@@ -175,31 +175,34 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
 
 
 @triton.jit
-def _count_two_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.constexpr,
-                        CHUNKS: tl.constexpr):
-    """How many keys of the row at ``row_ptr`` reach ``low`` and how many reach ``high``, the row streamed in
-    chunks of ``CHUNK`` (from cache after the first pass): one block-wide reduction, few registers."""
-    reach_low = tl.zeros([CHUNK], dtype=tl.int32)
-    reach_high = tl.zeros([CHUNK], dtype=tl.int32)
-    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        valid = offs < dim
-        key = _magnitude_key(tl.load(row_ptr + offs, mask=valid, other=0.0), INF_KEY)
-        reach_low += ((key >= low) & valid).to(tl.int32)
-        reach_high += ((key >= high) & valid).to(tl.int32)
-    return tl.reduce((reach_low, reach_high), 0, _add2)
+def _chunk_of_row(row_ptr, dim, chunk, INF_KEY: tl.constexpr, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of the row at ``row_ptr``: its values, their magnitude keys, which of them lie inside the
+    row, and their positions."""
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = offs < dim
+    x = tl.load(row_ptr + offs, mask=valid, other=0.0)
+    return x, _magnitude_key(x, INF_KEY), valid, offs
 
 
 @triton.jit
-def _count_streamed(row_ptr, dim, candidate, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """How many keys of the row at ``row_ptr`` reach ``candidate`` (`_count_two_streamed`'s streaming)."""
-    reached = tl.zeros([CHUNK], dtype=tl.int32)
+def _count_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                    TWO: tl.constexpr = False):
+    """How many keys of the row at ``row_ptr`` reach ``low`` (and, with ``TWO``, how many reach ``high``; else
+    0), the row streamed in ``CHUNKS`` chunks (from cache after the first pass): one block-wide reduction, few
+    registers."""
+    reach_low = tl.zeros([CHUNK], dtype=tl.int32)
+    reach_high = tl.zeros([CHUNK], dtype=tl.int32)
     for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        valid = offs < dim
-        key = _magnitude_key(tl.load(row_ptr + offs, mask=valid, other=0.0), INF_KEY)
-        reached += ((key >= candidate) & valid).to(tl.int32)
-    return tl.sum(reached, 0)
+        _, key, valid, _ = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
+        reach_low += ((key >= low) & valid).to(tl.int32)
+        if TWO:
+            reach_high += ((key >= high) & valid).to(tl.int32)
+    if TWO:
+        count_low, count_high = tl.reduce((reach_low, reach_high), 0, _add2)
+    else:
+        count_low = tl.sum(reach_low, 0)
+        count_high = 0
+    return count_low, count_high
 
 
 @triton.jit
@@ -219,11 +222,11 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
         guess = tl.load(hint_ptr + row)
         low = tl.maximum(guess - HINT_RADIUS, 0)
         high = guess + HINT_RADIUS - 1
-        reach_low, pass_high = _count_two_streamed(row_ptr, dim, low, high + 1, INF_KEY, CHUNK, CHUNKS)
+        reach_low, pass_high = _count_streamed(row_ptr, dim, low, high + 1, INF_KEY, CHUNK, CHUNKS, True)
         if (reach_low >= k) & (pass_high < k):  # the threshold is in [low, high]: a binary search finds it
             for _ in tl.static_range(HINT_STEPS):
                 middle = (low + high + 1) >> 1
-                reached = _count_streamed(row_ptr, dim, middle, INF_KEY, CHUNK, CHUNKS) >= k
+                reached = _count_streamed(row_ptr, dim, middle, 0, INF_KEY, CHUNK, CHUNKS)[0] >= k
                 low = tl.where(reached, middle, low)
                 high = tl.where(reached, high, middle - 1)
             threshold = low
@@ -231,22 +234,19 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
         prefix = 0
         for bit in tl.static_range(14, -1, -1):
             candidate = prefix | (1 << bit)
-            reached = _count_streamed(row_ptr, dim, candidate, INF_KEY, CHUNK, CHUNKS) >= k
+            reached = _count_streamed(row_ptr, dim, candidate, 0, INF_KEY, CHUNK, CHUNKS)[0] >= k
             prefix = tl.where(reached, candidate, prefix)
         threshold = prefix
     if USE_HINT:
         tl.store(hint_ptr + row, threshold)
-    ties_kept = k - _count_streamed(row_ptr, dim, threshold + 1, INF_KEY, CHUNK, CHUNKS)
+    ties_kept = k - _count_streamed(row_ptr, dim, threshold + 1, 0, INF_KEY, CHUNK, CHUNKS)[0]
     # Write the row chunk by chunk, carrying the strictly greater keys and the ties seen so far (each 16-bit half
     # of a chunk's scan holds one count: chunks are at most 32768 wide).
     greater_before = 0
     ties_before_chunk = 0
     nonzero = 0
     for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        valid = offs < dim
-        x = tl.load(row_ptr + offs, mask=valid, other=0.0)
-        key = _magnitude_key(x, INF_KEY)
+        x, key, valid, offs = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
         greater = (key > threshold) & valid
         at_threshold = (key == threshold) & valid
         packed = greater.to(tl.int32) + (at_threshold.to(tl.int32) << 16)
