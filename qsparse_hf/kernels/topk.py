@@ -318,18 +318,18 @@ class _RowLaunch:
         if multiply and not silu:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
-        if config is not None and config[0] == "streamed":
+        config = config or launch_config(block, 1)
+        if config[0] == "streamed":
             _, chunk, num_warps = config
             if silu or chunk & (chunk - 1) or not 32 * num_warps <= chunk <= 32768:
                 raise ValueError(f"a streamed launch takes a power-of-two chunk of 32 * num_warps to 32768 keys "
                                  f"and no SiLU, got chunk {chunk}, {num_warps} warps, silu={silu}")
             self.launch = KernelLaunch(_topk_rows_streamed_kernel, dict(
                 INF_KEY=_INF_KEY[dtype], CHUNK=chunk, CHUNKS=-(-dim // chunk), COUNT_ZEROS=count_zeros,
-                WRITE_INDICES=indices,
-                USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype], HINT_STEPS=HINT_RADIUS[dtype].bit_length(),
-                num_warps=num_warps, **pdl_constants()))
+                WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
+                HINT_STEPS=HINT_RADIUS[dtype].bit_length(), num_warps=num_warps, **pdl_constants()))
             return
-        digit_bits, num_warps = config or launch_config(block, 1)
+        digit_bits, num_warps = config
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
         constants = dict(
