@@ -1061,6 +1061,18 @@ def test_streamed_selection_of_a_row_the_register_kernel_pads_to_32768_keys():
     assert torch.equal(kept[0].long(), topk_mask(x, wide // 2)[0].nonzero().flatten())
 
 
+@pytest.mark.parametrize("config", [None, ("streamed", 32768, 32), ("streamed", 4096, 16)])
+def test_the_widest_listed_row_all_tied_keeps_exactly_k(config):
+    # 32768 ties counted in the upper 16 bits of one scan reach an int32's sign bit: the count must stay exact
+    # (it was read back negative once, and one tie too many was kept).
+    from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES
+
+    x = torch.ones(1, MAX_LISTED_FEATURES, device=DEV, dtype=torch.bfloat16)
+    out, kept = topk_sparsify_rows(x, 100, indices=True, config=config)
+    assert int((out != 0).sum()) == 100
+    assert torch.equal(kept[0].long(), torch.arange(100, device=DEV))
+
+
 def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monkeypatch):
     from qsparse_hf.kernels import launch
 

@@ -155,10 +155,11 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if WRITE_INDICES:
         # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
         # are at most MAX_LISTED_FEATURES wide here), which gives every kept entry its slot in the ascending list of kept features.
-        both = tl.cumsum(greater.to(tl.int32) + (at_threshold.to(tl.int32) << 16), 0)
-        ties_before = both >> 16
+        # Unsigned: 32768 ties in the upper half reach the sign bit of an int32.
+        both = tl.cumsum(greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16), 0)
+        ties_before = (both >> 16).to(tl.int32)
         keep = greater | (at_threshold & (ties_before <= ties_kept))
-        slot = (both & 0xFFFF) + tl.minimum(ties_before, ties_kept) - 1
+        slot = (both & 0xFFFF).to(tl.int32) + tl.minimum(ties_before, ties_kept) - 1
         tl.store(index_ptr + row * k + slot, offs, mask=keep)
     else:
         keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
@@ -249,19 +250,19 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
         x, key, valid, offs = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
         greater = (key > threshold) & valid
         at_threshold = (key == threshold) & valid
-        packed = greater.to(tl.int32) + (at_threshold.to(tl.int32) << 16)
+        packed = greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16)  # unsigned, as in _topk_rows_kernel
         both = tl.cumsum(packed, 0)
-        ties_before = (both >> 16) + ties_before_chunk
+        ties_before = (both >> 16).to(tl.int32) + ties_before_chunk
         keep = greater | (at_threshold & (ties_before <= ties_kept))
         if WRITE_INDICES:
-            slot = (both & 0xFFFF) + greater_before + tl.minimum(ties_before, ties_kept) - 1
+            slot = (both & 0xFFFF).to(tl.int32) + greater_before + tl.minimum(ties_before, ties_kept) - 1
             tl.store(index_ptr + row * k + slot, offs, mask=keep)
         tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
         if COUNT_ZEROS:
             nonzero += tl.sum((keep & (x != 0)).to(tl.int32), 0)
         chunk_counts = tl.sum(packed, 0)
-        greater_before += chunk_counts & 0xFFFF
-        ties_before_chunk += chunk_counts >> 16
+        greater_before += (chunk_counts & 0xFFFF).to(tl.int32)
+        ties_before_chunk += (chunk_counts >> 16).to(tl.int32)
     if COUNT_ZEROS:
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
