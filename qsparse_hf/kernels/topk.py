@@ -209,12 +209,11 @@ def _count_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.co
 @triton.jit
 def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y,
                                stride_out, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-                               COUNT_ZEROS: tl.constexpr,
-                               WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
-                               HINT_STEPS: tl.constexpr, PDL: tl.constexpr):
+                               COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr,
+                               HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr):
     """`_topk_rows_kernel` for wide rows: the same threshold search, tie rule and outputs, but each counting step
     streams the row in chunks instead of holding it in registers (a 32768-key row spills them), and nothing past
-    the row's end is read or counted."""
+    the row's end is read or counted. It takes the same arguments (``y_ptr``, ``stride_y``: unused, no SiLU here)."""
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
