@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -61,3 +62,16 @@ def write_json(name: str, payload: dict) -> Path:
     path = folder / name
     path.write_text(json.dumps({"device": device_name(), **payload}, indent=2))
     return path
+
+
+def parse_widths(text: str) -> tuple[int, ...] | None:
+    """Row widths from a ``--dims`` value (comma-separated integers of at least 2), or None (after saying why on
+    stderr) when it holds anything else."""
+    try:
+        widths = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 2:
+        print(f"--dims takes comma-separated widths of at least 2, got {text!r}", file=sys.stderr)
+        return None
+    return widths

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import graph_time_us, print_table, write_json  # noqa: E402
+from _timing import graph_time_us, parse_widths, print_table, write_json  # noqa: E402
 
 from qsparse_hf.functional import keep_count, topk_mask  # noqa: E402
 
@@ -87,12 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default="4096,14336",
                         help="comma-separated row widths of the one-token sweep (Qwen2-7B: 3584,18944)")
     args = parser.parse_args(argv)
-    try:
-        dims = tuple(int(d) for d in args.dims.split(",") if d)
-    except ValueError:
-        dims = ()
-    if not dims or min(dims) < 2:
-        print(f"--dims takes comma-separated widths of at least 2, got {args.dims!r}", file=sys.stderr)
+    dims = parse_widths(args.dims)
+    if dims is None:
         return 2
     if not torch.cuda.is_available():
         print("bench_topk needs a CUDA GPU; none found.", file=sys.stderr)

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import print_table, write_json  # noqa: E402
+from _timing import parse_widths, print_table, write_json  # noqa: E402
 
 #: Pointer arguments of the top-K kernel by name (bf16 rows, an int64 zero counter, int32 lists and hints).
 _POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16", "zeros_ptr": "*i64", "index_ptr": "*i32",
@@ -65,12 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=float, default=0.5, help="fraction kept (k only changes a runtime argument)")
     parser.add_argument("--defaults-only", action="store_true", help="only each width's default launch")
     args = parser.parse_args(argv)
-    try:
-        dims = [int(d) for d in args.dims.split(",") if d]
-    except ValueError:
-        dims = []
-    if not dims or min(dims) < 2:
-        print(f"--dims takes comma-separated widths of at least 2, got {args.dims!r}", file=sys.stderr)
+    dims = parse_widths(args.dims)
+    if dims is None:
         return 2
     if not 0 < args.keep <= 1:
         print(f"--keep takes a fraction in (0, 1], got {args.keep}", file=sys.stderr)
