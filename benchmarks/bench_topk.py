@@ -32,7 +32,7 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
     """One decode token: every launch (the register kernel's (digit bits, warps) and the streamed kernel's
     (chunk, warps)), listing the kept features, against the default; and hinted launches, as the model's decode
     steps run (four tokens of the same distribution in turn, so each search starts from the previous token's
-    threshold): the default, and the streamed kernel's."""
+    threshold): the default, the register kernel's default and the streamed kernel's launches."""
     from qsparse_hf.kernels.topk import (STREAMED_CANDIDATES, _launch_candidates, launch_config, new_hint,
                                          topk_sparsify_rows)
 
@@ -56,16 +56,17 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             for x, (out, kept) in zip(xs, expected):  # the same result from any hint
                 hinted = topk_sparsify_rows(x, k, indices=True, hint=hint)
                 assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
-            us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint), calls_per_graph=5)
-            results.append(dict(dim=dim, keep=keep, digit_bits=chosen[0], num_warps=chosen[-1], listed_us=us,
-                                default=True, hinted=True))
-            rows.append([dim, keep, *_launch_columns(chosen), f"{us:.1f}", "← with hint"])
-            for config in STREAMED_CANDIDATES:  # the streamed kernel, hinted
+            # hinted: the default, the register kernel's default (where the default streams) and the streamed
+            # kernel's other launches
+            register_default = launch_config(block, 1, silu=True)
+            hinted_configs = dict.fromkeys([chosen, register_default, *STREAMED_CANDIDATES])
+            for config in hinted_configs:
                 us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
                                    calls_per_graph=5)
                 results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
-                                    default=False, hinted=True))
-                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}", "with hint"])
+                                    default=config == chosen, hinted=True))
+                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}",
+                             "← with hint" if config == chosen else "with hint"])
     print_table(["dim", "keep", "search (digit bits, or streamed chunk)", "warps", "one token, listing kept µs",
                  "default"], rows,
                 title="One-token top-K launch configurations")

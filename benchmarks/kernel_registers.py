@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         block = 1 << (dim - 1).bit_length()
         k = keep_count(args.keep, dim)
         for silu, variant in ((False, "top-K"), (True, "SiLU, top-K, × up")):
-            chosen = launch_config(block, 1)
+            chosen = launch_config(block, 1, silu)
             others = [*_launch_candidates(block), *([] if silu else STREAMED_CANDIDATES)]  # no fused SiLU streamed
             for config in [chosen] if args.defaults_only else others:
                 launch = _row_launch(dim, k, torch.bfloat16, True, False, config, True, silu, silu).launch

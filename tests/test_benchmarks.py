@@ -35,6 +35,22 @@ def test_topk_bench_refuses_bad_widths_before_touching_a_gpu(dims, capsys):
     assert "--dims takes comma-separated widths" in capsys.readouterr().err
 
 
+def test_decode_bench_counts_graph_recordings_inside_its_block_only(monkeypatch):
+    # --profile-host warms generate(static) up until a call records no CUDA graph; the count must see every
+    # recording in the block and leave CUDAGraph as it was.
+    bench = importlib.import_module("bench_decode")
+    ended = []
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", lambda self: ended.append(self))
+    fake_end = torch.cuda.CUDAGraph.capture_end
+    with bench.counting_graph_recordings() as recorded:
+        torch.cuda.CUDAGraph.capture_end("first graph")
+        torch.cuda.CUDAGraph.capture_end("second graph")
+    assert recorded == [2] and ended == ["first graph", "second graph"]
+    assert torch.cuda.CUDAGraph.capture_end is fake_end
+    torch.cuda.CUDAGraph.capture_end("after")
+    assert recorded == [2]
+
+
 def _triton_tools_present() -> bool:
     try:
         import triton
@@ -48,15 +64,19 @@ def _triton_tools_present() -> bool:
 def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
     # Compiled for sm_90 on any machine (in a process of its own: on CPU this one runs Triton's interpreter). A
     # default one-token launch that spilled would read its keys back from local memory at every step of the
-    # search, as the 32768-key rows do (kernel_registers.py).
+    # search, as the register kernel's 32768-key rows do (kernel_registers.py); rows that wide are streamed by
+    # default, except where SiLU is fused (the streamed kernel has none).
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_registers.py"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["OUT"] = str(tmp_path)
-    subprocess.run([sys.executable, str(script), "--dims", "4096,14336", "--defaults-only"], env=env,
+    subprocess.run([sys.executable, str(script), "--dims", "4096,14336,18944", "--defaults-only"], env=env,
                    check=True, capture_output=True)
     results = json.loads((tmp_path / "kernel_registers.json").read_text())["results"]
-    assert len(results) == 4  # two widths, with and without the fused SiLU
-    assert all(row["spilled_bytes"] == 0 and row["num_warps"] >= 4 for row in results), results
+    assert len(results) == 6  # three widths, with and without the fused SiLU
+    in_registers = [row for row in results if row["block"] <= 16384 or row["variant"] == "top-K"]
+    assert len(in_registers) == 5
+    assert all(row["spilled_bytes"] == 0 and row["num_warps"] >= 4 for row in in_registers), results
+    assert [row["search"] for row in results if row["dim"] == 18944 and row["variant"] == "top-K"] == ["streamed 4096"]
 
 
 def test_kernel_registers_refuses_bad_arguments(capsys):

@@ -1047,16 +1047,21 @@ def test_streamed_selection_equals_the_reference_chunk_by_chunk(dtype):
         topk_sparsify_rows(x, k, config=("streamed", 1000, 8))
 
 
-def test_streamed_selection_of_a_row_the_register_kernel_pads_to_32768_keys():
-    from qsparse_hf.kernels.topk import STREAMED_CANDIDATES, _row_launch, _topk_rows_streamed_kernel
+def test_rows_the_register_kernel_pads_past_16384_keys_are_streamed_by_default():
+    # Past 16384 keys the register kernel spills: such rows take the streamed kernel unless SiLU is fused (it has
+    # none); narrower rows keep the register kernel.
+    from qsparse_hf.kernels.topk import _row_launch, _topk_rows_kernel, _topk_rows_streamed_kernel
 
     wide = 16384 + 100
-    config = STREAMED_CANDIDATES[2]
-    assert _row_launch(wide, 10, torch.bfloat16, True, False, config, True).launch.kernel is \
-        _topk_rows_streamed_kernel
+    def default_kernel(dim, silu=False):
+        return _row_launch(dim, 10, torch.bfloat16, True, False, None, True, silu).launch.kernel
+
+    assert default_kernel(wide) is _topk_rows_streamed_kernel
+    assert default_kernel(wide, silu=True) is _topk_rows_kernel
+    assert default_kernel(16384) is _topk_rows_kernel
     x = torch.randn(1, wide, device=DEV).to(torch.bfloat16)
     x[0, 5000:9000] = x[0, 4999]  # a tie across the 4096-key chunks
-    out, kept = topk_sparsify_rows(x, wide // 2, indices=True, config=config)
+    out, kept = topk_sparsify_rows(x, wide // 2, indices=True)
     assert torch.equal(out, x * topk_mask(x, wide // 2))
     assert torch.equal(kept[0].long(), topk_mask(x, wide // 2)[0].nonzero().flatten())
 

@@ -6,8 +6,8 @@ magnitude's bit pattern (a radix select over the bits of the key, one or two bit
 the threshold in index order (exactly K survive, the same mask as `qsparse_hf.functional.topk_mask`) and writes the
 sparse row -- and, for the decode GEMV, the K kept indices in ascending order. NaN ranks as infinity (so it is kept and propagates, as through a dense matmul). When asked, the program
 also adds the zeros it wrote to an int64 counter (one atomic per row), so measuring sparsity costs no extra kernel.
-Rows too wide for one program's registers (past 16384 keys they spill) can instead be streamed through in chunks
-from cache at every counting step (``("streamed", chunk, num_warps)`` launches; same result).
+Rows too wide for one program's registers (past 16384 keys they spill) are streamed through in chunks from cache
+at every counting step instead (``("streamed", chunk, num_warps)`` launches, the default there; same result).
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -266,20 +266,27 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
 
 
-def launch_config(block: int, rows: int) -> tuple[int, int]:
-    """Default ``(digit_bits, num_warps)`` for ``rows`` rows padded to ``block`` features.
+def launch_config(block: int, rows: int, silu: bool = False) -> tuple:
+    """Default launch for ``rows`` rows padded to ``block`` features: ``(digit_bits, num_warps)`` of the register
+    kernel, or ``("streamed", chunk, num_warps)`` of the streamed one.
 
     One bit per reduction step and at most 1024 keys per warp (32 per thread), 4 to 32 warps. On an H200 this was
     within 0.5 µs of the best of every (digit bits, warps) pair for one decode token of 4096 and 14336 features
     (``bench_topk.py --one-row``), and timing the candidates at conversion picked worse launches than this rule
-    (the differences are below the noise of one-shot timing). Rows wider than 16384 (Qwen2-7B's 18944-wide
-    activation, padded to 32768) take 32 warps: 16, twice the keys per thread, made a compiled Qwen2 decode step's
-    selections 10 µs per layer slower (``benchmarks/results/decode_qwen2_profile_4layers.json``).
+    (the differences are below the noise of one-shot timing). Rows padded past 16384 keys (Qwen2-7B's 18944-wide
+    activation) spill registers in the register kernel, so they are streamed in 4096-key chunks by 16 warps: one
+    hinted token of 18944 features took 17.5 µs against 33.6 µs, and a compiled Qwen2 decode step's selections
+    fell from 51.4 to 38.6 µs per layer (``benchmarks/results/decode_qwen2_profile_4layers.json``). The streamed
+    kernel has no fused SiLU: ``silu=True`` launches of wide rows keep the register kernel, with 32 warps.
 
     Example:
-        >>> launch_config(4096, 4096)
+        >>> launch_config(4096, 1)
         (1, 4)
+        >>> launch_config(32768, 1)
+        ('streamed', 4096, 16)
     """
+    if block > 16384 and not silu:
+        return STREAMED_WIDE_ROWS
     return 1, max(4, min(32, block // 1024))
 
 
@@ -290,6 +297,7 @@ def _launch_candidates(block: int) -> list[tuple[int, int]]:
 
 #: ``("streamed", chunk, num_warps)`` launches worth timing against the register kernel's (bench_topk.py).
 STREAMED_CANDIDATES = (("streamed", 2048, 8), ("streamed", 4096, 8), ("streamed", 4096, 16), ("streamed", 8192, 16))
+STREAMED_WIDE_ROWS = STREAMED_CANDIDATES[2]
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 # Compiled kernels compute SiLU with libdevice; Triton's interpreter has none (see `_silu`).
 _PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
@@ -318,7 +326,7 @@ class _RowLaunch:
         if multiply and not silu:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
-        config = config or launch_config(block, 1)
+        config = config or launch_config(block, 1, silu)
         if config[0] == "streamed":
             _, chunk, num_warps = config
             if silu or chunk & (chunk - 1) or not 32 * num_warps <= chunk <= 32768:
