@@ -25,6 +25,7 @@ enable_pdl``), for dense and sparse alike. The title and the JSON say which were
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -143,11 +144,33 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
     return best * 1000 / new_tokens
 
 
+@contextlib.contextmanager
+def counting_graph_recordings():
+    """Count the CUDA graphs recorded inside the block (``CUDAGraph.capture_end`` calls, cudagraph trees' included):
+    ``with counting_graph_recordings() as recorded: ...`` then ``recorded[0]``."""
+    recorded = [0]
+    original = torch.cuda.CUDAGraph.capture_end
+
+    def capture_end(self, *args, **kwargs):
+        recorded[0] += 1
+        return original(self, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_end = capture_end
+    try:
+        yield recorded
+    finally:
+        torch.cuda.CUDAGraph.capture_end = original
+
+
 def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, static: bool = False,
-                 top: int = 25) -> str:
+                 top: int = 25, max_warmups: int = 8) -> str:
     """cProfile of one ``model.generate`` (after warm-up calls; ``static``: ``cache_implementation="static"``, whose
     decode forward transformers compiles): where the host time of a decode step goes. Returns the report (functions
-    by own time, then by cumulative time), also written to ``host_profile_<way>_<label>.json`` beside the results."""
+    by own time, then by cumulative time), also written to ``host_profile_<way>_<label>.json`` beside the results.
+
+    A static call makes a new cache, and cudagraph trees record again whenever its address differs from every
+    recording's: the first few calls record, later ones settle. Warm-up continues (up to ``max_warmups`` calls)
+    until a call records no graph, and the report says how many the profiled call recorded."""
     import cProfile
     import io
     import pstats
@@ -157,22 +180,29 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, stati
         kwargs["cache_implementation"] = "static"
         torch._dynamo.reset()
     with torch.no_grad():
-        for _ in range(2 if static else 1):  # the first static call compiles, the second records CUDA graphs
-            model.generate(prompt, **kwargs)
+        for call in range(max_warmups if static else 1):
+            with counting_graph_recordings() as recorded:
+                model.generate(prompt, **kwargs)
+            if call > 0 and not recorded[0]:  # the first static call compiles
+                break
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
-        profiler.enable()
-        model.generate(prompt, **kwargs)
-        torch.cuda.synchronize()
-        profiler.disable()
+        with counting_graph_recordings() as recorded:
+            profiler.enable()
+            model.generate(prompt, **kwargs)
+            torch.cuda.synchronize()
+            profiler.disable()
     stream = io.StringIO()
+    stream.write(f"{label}: {call + 1} warm-up calls; CUDA graphs recorded in the profiled call: {recorded[0]}\n")
     stats = pstats.Stats(profiler, stream=stream)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     report = stream.getvalue()
     way = "static" if static else "eager"
     write_json(f"host_profile_{way}_{label.replace(' ', '_')}.json", {"model": label, "way": way,
-                                                                       "tokens": new_tokens, "report": report})
+                                                                       "tokens": new_tokens, "warmup_calls": call + 1,
+                                                                       "graphs_recorded": recorded[0],
+                                                                       "report": report})
     return report
 
 
