@@ -121,29 +121,6 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str)
     return start.elapsed_time(end) / new_tokens
 
 
-def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: bool, repeats: int = 3,
-                          warmups: int = 2) -> float:
-    """Wall time of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens) per new token, the best of
-    ``repeats`` calls after ``warmups`` warm-up calls (the first compiles when ``static``). Eager generate() is bound
-    by host time, which on a shared host varies by ~20 % from one call to the next: the best call is the stable
-    figure."""
-    torch._dynamo.reset()
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    if static:
-        kwargs["cache_implementation"] = "static"
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(warmups):
-            model.generate(prompt, **kwargs)
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(prompt, **kwargs)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-    return best * 1000 / new_tokens
-
-
 @contextlib.contextmanager
 def counting_graph_recordings():
     """Count the CUDA graphs recorded inside the block (``CUDAGraph.capture_end`` calls, cudagraph trees' included):
@@ -162,15 +139,52 @@ def counting_graph_recordings():
         torch.cuda.CUDAGraph.capture_end = original
 
 
+def warm_up_generate(model, prompt: torch.Tensor, kwargs: dict, calls: int, max_calls: int = 8) -> int:
+    """Call ``model.generate(prompt, **kwargs)`` ``calls`` times, and more (``max_calls`` in all at most) until a
+    call records no CUDA graph. A ``generate(static)`` call makes a new cache and cudagraph trees record again
+    whenever its address matches no recording: the first few calls record, later ones settle (an H200 run of a
+    4-layer Qwen2: one or two recordings in the first four calls, none after). Returns the calls made."""
+    for made in range(1, max_calls + 1):
+        with counting_graph_recordings() as recorded:
+            model.generate(prompt, **kwargs)
+        if made >= calls and not recorded[0]:
+            break
+    return made
+
+
+def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: bool, repeats: int = 3,
+                          warmups: int = 2) -> float:
+    """Wall time of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens) per new token, the best of
+    ``repeats`` calls after ``warmups`` warm-up calls or more (`warm_up_generate`; the first compiles when
+    ``static``). Eager generate() is bound by host time, which on a shared host varies by ~20 % from one call to the
+    next: the best call is the stable figure."""
+    torch._dynamo.reset()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    best = float("inf")
+    with torch.no_grad(), counting_graph_recordings() as recorded:
+        warm_up_generate(model, prompt, kwargs, warmups)
+        recorded[0] = 0
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompt, **kwargs)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    if recorded[0]:
+        print(f"note: {recorded[0]} CUDA graph recordings during the timed generate() calls", file=sys.stderr)
+    return best * 1000 / new_tokens
+
+
 def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, static: bool = False,
-                 top: int = 25, max_warmups: int = 8) -> str:
+                 top: int = 25) -> str:
     """cProfile of one ``model.generate`` (after warm-up calls; ``static``: ``cache_implementation="static"``, whose
     decode forward transformers compiles): where the host time of a decode step goes. Returns the report (functions
     by own time, then by cumulative time), also written to ``host_profile_<way>_<label>.json`` beside the results.
 
-    A static call makes a new cache, and cudagraph trees record again whenever its address differs from every
-    recording's: the first few calls record, later ones settle. Warm-up continues (up to ``max_warmups`` calls)
-    until a call records no graph, and the report says how many the profiled call recorded."""
+    Warm-up calls go on until one records no CUDA graph (`warm_up_generate`); the report says how many the
+    profiled call recorded."""
     import cProfile
     import io
     import pstats
@@ -180,11 +194,7 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, stati
         kwargs["cache_implementation"] = "static"
         torch._dynamo.reset()
     with torch.no_grad():
-        for call in range(max_warmups if static else 1):
-            with counting_graph_recordings() as recorded:
-                model.generate(prompt, **kwargs)
-            if call > 0 and not recorded[0]:  # the first static call compiles
-                break
+        warmups = warm_up_generate(model, prompt, kwargs, 2 if static else 1)  # the first static call compiles
         torch.cuda.synchronize()
         profiler = cProfile.Profile()
         with counting_graph_recordings() as recorded:
@@ -193,14 +203,14 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, stati
             torch.cuda.synchronize()
             profiler.disable()
     stream = io.StringIO()
-    stream.write(f"{label}: {call + 1} warm-up calls; CUDA graphs recorded in the profiled call: {recorded[0]}\n")
+    stream.write(f"{label}: {warmups} warm-up calls; CUDA graphs recorded in the profiled call: {recorded[0]}\n")
     stats = pstats.Stats(profiler, stream=stream)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
     report = stream.getvalue()
     way = "static" if static else "eager"
     write_json(f"host_profile_{way}_{label.replace(' ', '_')}.json", {"model": label, "way": way,
-                                                                       "tokens": new_tokens, "warmup_calls": call + 1,
+                                                                       "tokens": new_tokens, "warmup_calls": warmups,
                                                                        "graphs_recorded": recorded[0],
                                                                        "report": report})
     return report

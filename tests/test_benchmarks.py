@@ -51,6 +51,26 @@ def test_decode_bench_counts_graph_recordings_inside_its_block_only(monkeypatch)
     assert recorded == [2]
 
 
+class _RecordingModel:
+    """Stands in for a model whose first ``recording_calls`` generate() calls record a CUDA graph."""
+
+    def __init__(self, recording_calls: int) -> None:
+        self.calls, self.recording_calls = 0, recording_calls
+
+    def generate(self, prompt, **kwargs):
+        self.calls += 1
+        if self.calls <= self.recording_calls:
+            torch.cuda.CUDAGraph.capture_end(self)
+
+
+@pytest.mark.parametrize("recording_calls, asked, made", [(3, 2, 4), (0, 1, 1), (0, 2, 2), (20, 2, 8)])
+def test_decode_bench_warms_generate_up_until_a_call_records_no_graph(monkeypatch, recording_calls, asked, made):
+    bench = importlib.import_module("bench_decode")
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", lambda self: None)
+    model = _RecordingModel(recording_calls)
+    assert bench.warm_up_generate(model, None, {}, asked) == made == model.calls
+
+
 def _triton_tools_present() -> bool:
     try:
         import triton
