@@ -163,9 +163,9 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
     if static:
         kwargs["cache_implementation"] = "static"
     best = float("inf")
-    with torch.no_grad(), counting_graph_recordings() as recorded:
+    with torch.no_grad():
         warm_up_generate(model, prompt, kwargs, warmups)
-        recorded[0] = 0
+    with torch.no_grad(), counting_graph_recordings() as recorded:
         for _ in range(repeats):
             torch.cuda.synchronize()
             start = time.perf_counter()

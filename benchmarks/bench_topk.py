@@ -33,8 +33,8 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
     (chunk, warps)), listing the kept features, against the default; and hinted launches, as the model's decode
     steps run (four tokens of the same distribution in turn, so each search starts from the previous token's
     threshold): the default, the register kernel's default and the streamed kernel's launches."""
-    from qsparse_hf.kernels.topk import (STREAMED_CANDIDATES, _launch_candidates, launch_config, new_hint,
-                                         topk_sparsify_rows)
+    from qsparse_hf.kernels.topk import (STREAMED_CANDIDATES, _launch_candidates, _register_launch, launch_config,
+                                         new_hint, topk_sparsify_rows)
 
     rows, results = [], []
     for dim in dims:
@@ -58,9 +58,7 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
                 assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
             # hinted: the default, the register kernel's default (where the default streams) and the streamed
             # kernel's other launches
-            register_default = launch_config(block, 1, silu=True)
-            hinted_configs = dict.fromkeys([chosen, register_default, *STREAMED_CANDIDATES])
-            for config in hinted_configs:
+            for config in dict.fromkeys([chosen, _register_launch(block), *STREAMED_CANDIDATES]):
                 us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
                                    calls_per_graph=5)
                 results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,

@@ -1053,6 +1053,7 @@ def test_rows_the_register_kernel_pads_past_16384_keys_are_streamed_by_default()
     from qsparse_hf.kernels.topk import _row_launch, _topk_rows_kernel, _topk_rows_streamed_kernel
 
     wide = 16384 + 100
+
     def default_kernel(dim, silu=False):
         return _row_launch(dim, 10, torch.bfloat16, True, False, None, True, silu).launch.kernel
 

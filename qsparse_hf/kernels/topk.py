@@ -287,6 +287,12 @@ def launch_config(block: int, rows: int, silu: bool = False) -> tuple:
     """
     if block > 16384 and not silu:
         return STREAMED_WIDE_ROWS
+    return _register_launch(block)
+
+
+def _register_launch(block: int) -> tuple[int, int]:
+    """The register kernel's default ``(digit_bits, num_warps)`` for rows padded to ``block`` keys (see
+    `launch_config`)."""
     return 1, max(4, min(32, block // 1024))
 
 
