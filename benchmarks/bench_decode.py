@@ -14,7 +14,8 @@ over all models (dense and sparse alternated, two calls each), and each model ke
 A/B for eager steps' single launch; for dense it is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
-lists the kernels of the compiled step by time, per layer.
+lists the kernels of the compiled step by time, per layer, and with ``static`` in ``--ways`` those of one decode
+token of ``generate(static)`` beside them (with its wall time per token, prefill excluded).
 Programmatic dependent launch is off by default for our kernels and Inductor's alike; ``QSPARSE_PDL=1`` turns it
 on for ours (Hopper and later GPUs) and ``--inductor-pdl on`` for Inductor's (``torch._inductor.config.triton.
 enable_pdl``), for dense and sparse alike. The title and the JSON say which were on.
@@ -36,7 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import print_table, write_json  # noqa: E402
 
-from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config, StaticCache  # noqa: E402
+from transformers import (AutoModelForCausalLM, MistralConfig, Qwen2Config, StaticCache,  # noqa: E402
+                          StoppingCriteria, StoppingCriteriaList)
 
 import qsparse_hf  # noqa: E402
 from qsparse_hf import convert_to_qsparse, revert_qsparse  # noqa: E402
@@ -216,6 +218,30 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, stati
     return report
 
 
+def _kernel_times(prof) -> dict[str, list]:
+    """``{kernel name: [calls, µs]}`` of the CUDA kernels a torch.profiler session saw."""
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(event.name[:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time
+    return kernels
+
+
+def _kernel_report(kernels: dict[str, list], steps: float, layers: int, heading: str, top: int) -> list[str]:
+    """Report lines of `_kernel_times` spread over ``steps`` decode steps: a heading with kernels and µs of kernel
+    time per layer, then the ``top`` kernels by time."""
+    per_step = sum(t for _, t in kernels.values()) / steps
+    count = sum(c for c, _ in kernels.values()) / steps
+    lines = [f"{heading}, {count / layers:.1f} kernels and {per_step / layers:.1f} µs of kernel time per layer "
+             f"({per_step:.0f} µs per step)"]
+    for name, (calls, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"{calls / steps / layers:6.2f}/layer {total / steps / layers:8.2f} µs/layer "
+                     f"{total / calls if calls else 0.0:7.2f} µs/call  {name}")
+    return lines
+
+
 def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> list[str]:
     """Per-kernel time of the compiled decode step (reduce-overhead, replays profiled), per decoder layer: where a
     step's time goes. Returns the report lines (kernels by time), also written to ``kernels_<label>.json``."""
@@ -233,20 +259,64 @@ def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> li
             for _ in range(steps):
                 step()
             torch.cuda.synchronize()
-    kernels: dict[str, list] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = kernels.setdefault(event.name[:90], [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.device_time
-    per_step = sum(t for _, t in kernels.values()) / steps
-    count = sum(c for c, _ in kernels.values()) / steps
-    lines = [f"{label}: compiled step, {count / layers:.1f} kernels and {per_step / layers:.1f} µs of kernel time "
-             f"per layer ({per_step:.0f} µs per step)"]
-    for name, (calls, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"{calls / steps / layers:6.2f}/layer {total / steps / layers:8.2f} µs/layer "
-                     f"{total / calls:7.2f} µs/call  {name}")
+    lines = _kernel_report(_kernel_times(prof), steps, layers, f"{label}: compiled step", top)
     write_json(f"kernels_{label.replace(' ', '_')}.json", {"model": label, "layers": layers, "lines": lines})
+    return lines
+
+
+class StopAfter(StoppingCriteria):
+    """Stops ``generate`` once sequences are ``length`` tokens long, whatever ``max_new_tokens`` says: calls that
+    stop at different lengths keep the static cache's shape (and so its compiled graphs)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def per_token_difference(short: dict[str, list], long: dict[str, list]) -> dict[str, list]:
+    """``long - short`` per kernel (`_kernel_times` of two calls that differ only in their number of decode
+    steps): the kernels of the extra decode steps, the prefill and set-up common to both cancelled out."""
+    names = dict.fromkeys([*long, *short])
+    return {name: [long.get(name, [0, 0.0])[0] - short.get(name, [0, 0.0])[0],
+                   long.get(name, [0, 0.0])[1] - short.get(name, [0, 0.0])[1]] for name in names}
+
+
+def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens: int = 64, short: int = 8,
+                            long: int = 40, top: int = 30) -> list[str]:
+    """What ``generate(..., cache_implementation="static")`` runs per decode token, for comparison with
+    `kernel_profile`'s step: two profiled calls that stop after ``short`` and ``long`` new tokens (same cache, same
+    graphs), differenced per kernel and divided by ``long - short``, with the wall time per token taken the same
+    way (no prefill in either). Also written to ``kernels_static_<label>.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  cache_implementation="static")
+    torch._dynamo.reset()
+    layers = model.config.num_hidden_layers
+    kernels, wall = {}, {}
+    with torch.no_grad():
+        warm_up_generate(model, prompt, kwargs, 2)
+        for tokens in (short, long):
+            stop = StoppingCriteriaList([StopAfter(prompt.shape[1] + tokens)])
+            warm_up_generate(model, prompt, dict(kwargs, stopping_criteria=stop), 1)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompt, **kwargs, stopping_criteria=stop)
+            torch.cuda.synchronize()
+            wall[tokens] = time.perf_counter() - start
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.generate(prompt, **kwargs, stopping_criteria=stop)
+                torch.cuda.synchronize()
+            kernels[tokens] = _kernel_times(prof)
+    steps = long - short
+    wall_ms = (wall[long] - wall[short]) * 1000 / steps
+    lines = _kernel_report(per_token_difference(kernels[short], kernels[long]), steps, layers,
+                           f"{label}: generate(static), {wall_ms:.2f} ms wall per decode token", top)
+    write_json(f"kernels_static_{label.replace(' ', '_')}.json",
+               {"model": label, "layers": layers, "wall_ms_per_token": wall_ms, "lines": lines})
     return lines
 
 
@@ -285,7 +355,8 @@ def main(argv=None) -> int:
                         help="print where the host time of eager generate() goes (cProfile, own time per function), "
                              "and of generate(static) when --ways has static")
     parser.add_argument("--profile-kernels", action="store_true",
-                        help="print the kernels of the compiled decode step by time, per layer (torch.profiler)")
+                        help="print the kernels of the compiled decode step by time, per layer (torch.profiler), "
+                             "and of a decode token of generate(static) when --ways has static")
     parser.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
                         help="programmatic dependent launch for Inductor's kernels (compiled ways; Hopper and later)")
     args = parser.parse_args(argv)
@@ -344,6 +415,8 @@ def main(argv=None) -> int:
                 print(profile_host(model, prompt, 32, label, static=static), flush=True)
         if args.profile_kernels:
             print("\n".join(kernel_profile(model, prompt, label)), flush=True)
+            if "static" in ways:
+                print("\n".join(generate_kernel_profile(model, prompt, label)), flush=True)
 
     def for_each_model(work) -> None:
         """``work(index, label)`` for the dense model, then for each keep setting converted (and reverted)."""

@@ -71,6 +71,22 @@ def test_decode_bench_warms_generate_up_until_a_call_records_no_graph(monkeypatc
     assert bench.warm_up_generate(model, None, {}, asked) == made == model.calls
 
 
+def test_decode_bench_stops_generate_at_a_length_and_differences_kernel_profiles():
+    # generate(static)'s per-token kernels come from two calls that stop at different lengths (same cache): the
+    # criterion must stop exactly there, and the difference must cancel what both calls ran (the prefill).
+    bench = importlib.import_module("bench_decode")
+    stop = bench.StopAfter(5)
+    assert not stop(torch.zeros(2, 4, dtype=torch.long), None).any()
+    assert stop(torch.zeros(2, 5, dtype=torch.long), None).all()
+    short = {"prefill_gemm": [3, 30.0], "gemv": [8, 16.0]}
+    long = {"prefill_gemm": [3, 30.5], "gemv": [40, 80.0], "sdpa_mask": [32, 32.0]}
+    assert bench.per_token_difference(short, long) == {"prefill_gemm": [0, 0.5], "gemv": [32, 64.0],
+                                                       "sdpa_mask": [32, 32.0]}
+    lines = bench._kernel_report(bench.per_token_difference(short, long), 32, 2, "m: generate(static)", top=2)
+    assert lines[0].startswith("m: generate(static), 1.0 kernels and 1.5 µs of kernel time per layer (3 µs per step)")
+    assert "gemv" in lines[1] and "sdpa_mask" in lines[2] and len(lines) == 3
+
+
 def _triton_tools_present() -> bool:
     try:
         import triton
