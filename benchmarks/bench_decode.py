@@ -123,6 +123,15 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str)
     return start.elapsed_time(end) / new_tokens
 
 
+def generate_kwargs(new_tokens: int, static: bool) -> dict:
+    """``model.generate`` arguments of every timed or profiled call: greedy, exactly ``new_tokens`` new tokens,
+    and with ``static`` the static cache (whose decode forward transformers compiles)."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
 @contextlib.contextmanager
 def counting_graph_recordings():
     """Count the CUDA graphs recorded inside the block (``CUDAGraph.capture_end`` calls, cudagraph trees' included):
@@ -161,9 +170,7 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
     ``static``). Eager generate() is bound by host time, which on a shared host varies by ~20 % from one call to the
     next: the best call is the stable figure."""
     torch._dynamo.reset()
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    if static:
-        kwargs["cache_implementation"] = "static"
+    kwargs = generate_kwargs(new_tokens, static)
     best = float("inf")
     with torch.no_grad():
         warm_up_generate(model, prompt, kwargs, warmups)
@@ -191,9 +198,8 @@ def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, stati
     import io
     import pstats
 
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    kwargs = generate_kwargs(new_tokens, static)
     if static:
-        kwargs["cache_implementation"] = "static"
         torch._dynamo.reset()
     with torch.no_grad():
         warmups = warm_up_generate(model, prompt, kwargs, 2 if static else 1)  # the first static call compiles
@@ -279,9 +285,9 @@ class StopAfter(StoppingCriteria):
 def per_token_difference(short: dict[str, list], long: dict[str, list]) -> dict[str, list]:
     """``long - short`` per kernel (`_kernel_times` of two calls that differ only in their number of decode
     steps): the kernels of the extra decode steps, the prefill and set-up common to both cancelled out."""
-    names = dict.fromkeys([*long, *short])
-    return {name: [long.get(name, [0, 0.0])[0] - short.get(name, [0, 0.0])[0],
-                   long.get(name, [0, 0.0])[1] - short.get(name, [0, 0.0])[1]] for name in names}
+    absent = (0, 0.0)
+    return {name: [after - before for after, before in zip(long.get(name, absent), short.get(name, absent))]
+            for name in dict.fromkeys([*long, *short])}
 
 
 def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens: int = 64, short: int = 8,
@@ -292,8 +298,7 @@ def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens:
     way (no prefill in either). Also written to ``kernels_static_<label>.json``."""
     from torch.profiler import ProfilerActivity, profile
 
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  cache_implementation="static")
+    kwargs = generate_kwargs(new_tokens, static=True)
     torch._dynamo.reset()
     layers = model.config.num_hidden_layers
     kernels, wall = {}, {}

@@ -37,6 +37,14 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
                                          new_hint, topk_sparsify_rows)
 
     rows, results = [], []
+
+    def record(config: tuple, us: float, hinted: bool) -> None:  # a timed launch of the width and keep in hand
+        default = config == chosen
+        results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
+                            default=default, **({"hinted": True} if hinted else {})))
+        marks = (["←"] if default else []) + (["with hint"] if hinted else [])
+        rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}", " ".join(marks)])
+
     for dim in dims:
         for keep in (0.7, 0.5):
             k = keep_count(keep, dim)
@@ -46,11 +54,8 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             reference = xs[0] * topk_mask(xs[0], k)
             for config in [*_launch_candidates(block), *STREAMED_CANDIDATES]:
                 assert torch.equal(topk_sparsify_rows(xs[0], k, config=config), reference), config
-                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
-                                   calls_per_graph=5)
-                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
-                                    default=config == chosen))
-                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}", "←" if config == chosen else ""])
+                record(config, graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, config=config),
+                                             calls_per_graph=5), hinted=False)
             expected = [topk_sparsify_rows(x, k, indices=True) for x in xs]
             hint = new_hint("cuda", 1)
             for x, (out, kept) in zip(xs, expected):  # the same result from any hint
@@ -59,12 +64,9 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             # hinted: the default, the register kernel's default (where the default streams) and the streamed
             # kernel's other launches
             for config in dict.fromkeys([chosen, _register_launch(block), *STREAMED_CANDIDATES]):
-                us = graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint, config=config),
-                                   calls_per_graph=5)
-                results.append(dict(dim=dim, keep=keep, digit_bits=config[0], num_warps=config[-1], listed_us=us,
-                                    default=config == chosen, hinted=True))
-                rows.append([dim, keep, *_launch_columns(config), f"{us:.1f}",
-                             "← with hint" if config == chosen else "with hint"])
+                record(config, graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint,
+                                                                          config=config), calls_per_graph=5),
+                       hinted=True)
     print_table(["dim", "keep", "search (digit bits, or streamed chunk)", "warps", "one token, listing kept µs",
                  "default"], rows,
                 title="One-token top-K launch configurations")
