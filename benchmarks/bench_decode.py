@@ -296,6 +296,9 @@ def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens:
     `kernel_profile`'s step: two profiled calls that stop after ``short`` and ``long`` new tokens (same cache, same
     graphs), differenced per kernel and divided by ``long - short``, with the wall time per token taken the same
     way (no prefill in either). Also written to ``kernels_static_<label>.json``."""
+    if not 0 < short < long <= new_tokens:
+        raise ValueError(f"generate_kernel_profile needs 0 < short < long <= new_tokens, got short={short}, "
+                         f"long={long}, new_tokens={new_tokens}")
     from torch.profiler import ProfilerActivity, profile
 
     kwargs = generate_kwargs(new_tokens, static=True)

@@ -85,6 +85,9 @@ def test_decode_bench_stops_generate_at_a_length_and_differences_kernel_profiles
     lines = bench._kernel_report(bench.per_token_difference(short, long), 32, 2, "m: generate(static)", top=2)
     assert lines[0].startswith("m: generate(static), 1.0 kernels and 1.5 µs of kernel time per layer (3 µs per step)")
     assert "gemv" in lines[1] and "sdpa_mask" in lines[2] and len(lines) == 3
+    for short, long in ((8, 8), (0, 8), (8, 65)):  # no decode steps between the calls, or past the cache
+        with pytest.raises(ValueError, match="0 < short < long <= new_tokens"):
+            bench.generate_kernel_profile(None, torch.zeros(1, 4), "m", new_tokens=64, short=short, long=long)
 
 
 def _triton_tools_present() -> bool:
