@@ -10,6 +10,9 @@ dynamic cache (``eager``), and ``cache_implementation="static"`` (``static``: tr
 forward), each against dense called the same way (``--ways`` picks; sparsity tracking stays on, as users have it).
 Eager ``generate()`` is bound by the host's CPU: it is timed first, before any compilation, in ``--rounds`` rounds
 over all models (dense and sparse alternated, two calls each), and each model keeps its best call.
+``generate(static)`` is timed last, each keep setting as a converted copy beside the dense model, the two called in
+turn for ``--rounds`` rounds (its ratio is against the dense calls of its own rounds); it also reports the prefill
+call and the time per decode token apart (`generate_static_side_by_side`).
 ``eager2`` is eager ``generate()`` with the selection in a launch of its own (``QSPARSE_SELECT_IN_GEMV=0``), the
 A/B for eager steps' single launch; for dense it is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import sys
 import time
@@ -163,6 +167,15 @@ def warm_up_generate(model, prompt: torch.Tensor, kwargs: dict, calls: int, max_
     return made
 
 
+def _timed_generate(model, prompt: torch.Tensor, kwargs: dict) -> float:
+    """Seconds of one ``model.generate(prompt, **kwargs)``, the GPU drained before and after."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(prompt, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: bool, repeats: int = 3,
                           warmups: int = 2) -> float:
     """Wall time of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens) per new token, the best of
@@ -176,14 +189,80 @@ def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: 
         warm_up_generate(model, prompt, kwargs, warmups)
     with torch.no_grad(), counting_graph_recordings() as recorded:
         for _ in range(repeats):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(prompt, **kwargs)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            best = min(best, _timed_generate(model, prompt, kwargs))
     if recorded[0]:
         print(f"note: {recorded[0]} CUDA graph recordings during the timed generate() calls", file=sys.stderr)
     return best * 1000 / new_tokens
+
+
+def generate_static_side_by_side(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 5) -> dict:
+    """``generate(..., cache_implementation="static")`` of several models timed side by side: each warmed up
+    (compiled, its graphs recorded: `warm_up_generate`), then ``rounds`` rounds that call every model in turn, once
+    for ``new_tokens`` tokens and once for one (the prefill and its token); each model keeps its best of each.
+
+    Returns ``{label: {"static": ms per new token of the whole call, as users see it, "static_decode": ms per
+    decode token (the two calls' difference over ``new_tokens - 1``), "static_prefill": ms of the one-token call,
+    "static_recordings": CUDA graphs recorded in the timed calls}}``. Timed one after the other, minutes apart, two
+    models whose compiled decode is the same graph (a 28-layer Qwen2 at keep 0.5 with sparsity tracking on and off:
+    tracking only counts in the eager prefill) measured 6.20 and 6.69 ms per decode token on an H200; side by side
+    they share whatever drifts.
+
+    Example:
+        >>> generate_static_side_by_side({"dense": dense, "keep 0.5": sparse}, prompt, 128)  # doctest: +SKIP
+        {'dense': {'static': 6.71, 'static_decode': 6.53, ...}, 'keep 0.5': {...}}
+    """
+    if new_tokens < 2 or rounds < 1:
+        raise ValueError(f"generate_static_side_by_side needs new_tokens >= 2 and rounds >= 1, got new_tokens="
+                         f"{new_tokens}, rounds={rounds}")
+    whole, prefill = generate_kwargs(new_tokens, static=True), generate_kwargs(1, static=True)
+    best = {label: {"static": float("inf"), "static_prefill": float("inf"), "static_recordings": 0} for label in models}
+    with torch.no_grad():
+        for model in models.values():
+            warm_up_generate(model, prompt, whole, 2)
+            warm_up_generate(model, prompt, prefill, 1)
+        with counting_graph_recordings() as recorded:
+            for _ in range(rounds):
+                for label, model in models.items():
+                    before = recorded[0]
+                    seconds = {"static": _timed_generate(model, prompt, whole),
+                               "static_prefill": _timed_generate(model, prompt, prefill)}
+                    for key, value in seconds.items():
+                        best[label][key] = min(best[label][key], value)
+                    best[label]["static_recordings"] += recorded[0] - before
+    for timing in best.values():
+        timing["static_decode"] = (timing["static"] - timing["static_prefill"]) * 1000 / (new_tokens - 1)
+        timing["static"] *= 1000 / new_tokens
+        timing["static_prefill"] *= 1000
+    return best
+
+
+def measure_static_side_by_side(model, prompt: torch.Tensor, keeps: list[float], results: list[dict],
+                                new_tokens: int, rounds: int) -> None:
+    """``generate(static)`` of each keep setting side by side with the dense ``model`` (a converted copy beside
+    it, one at a time: `generate_static_side_by_side`), printed and filled into ``results`` (dense first, then one
+    entry per keep): ``static``, ``static_decode``, ``static_prefill``, ``static_recordings``, and for each keep
+    ``static_vs_dense`` against the dense calls of its own rounds. The dense entry keeps its best rounds."""
+    torch._dynamo.reset()
+    dense = results[0]
+    for keep, entry in list(zip(keeps, results[1:])) or [(None, dense)]:
+        models = {"dense": model}
+        if keep is not None:
+            sparse = convert_to_qsparse(copy.deepcopy(model), topk=keep)
+            prepare_for_decode(sparse)
+            models[entry["model"]] = sparse
+        timings = generate_static_side_by_side(models, prompt, new_tokens, rounds)
+        beside = timings["dense"]
+        for key, value in beside.items():
+            dense[key] = dense.get(key, 0) + value if key == "static_recordings" else min(dense.get(key, value), value)
+        if keep is not None:
+            entry.update(timings[entry["model"]], static_vs_dense=beside["static"] / timings[entry["model"]]["static"])
+        for label, timing in timings.items():
+            print(f"{label} static: {timing['static']:.2f} ms/token ({timing['static_decode']:.2f} per decode token, "
+                  f"prefill call {timing['static_prefill']:.1f} ms, {timing['static_recordings']} recordings in "
+                  f"timed calls)", flush=True)
+        models = timings = sparse = None
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def profile_host(model, prompt: torch.Tensor, new_tokens: int, label: str, static: bool = False,
@@ -310,11 +389,7 @@ def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens:
         for tokens in (short, long):
             stop = StoppingCriteriaList([StopAfter(prompt.shape[1] + tokens)])
             warm_up_generate(model, prompt, dict(kwargs, stopping_criteria=stop), 1)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(prompt, **kwargs, stopping_criteria=stop)
-            torch.cuda.synchronize()
-            wall[tokens] = time.perf_counter() - start
+            wall[tokens] = _timed_generate(model, prompt, dict(kwargs, stopping_criteria=stop))
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 model.generate(prompt, **kwargs, stopping_criteria=stop)
                 torch.cuda.synchronize()
@@ -357,7 +432,8 @@ def main(argv=None) -> int:
                              "(model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of eager generate() over all models, dense and sparse alternated (best kept)")
+                        help="rounds of eager generate() over all models, dense and sparse alternated, and of "
+                             "generate(static) of each keep beside dense (best kept)")
     parser.add_argument("--count-kernels", action="store_true", help="kernels per layer of an eager decode step")
     parser.add_argument("--profile-host", action="store_true",
                         help="print where the host time of eager generate() goes (cProfile, own time per function), "
@@ -412,7 +488,7 @@ def main(argv=None) -> int:
             if way in ("graph", "compile"):
                 entry[way] = decode_ms_per_token(model, prompt, args.new_tokens, way)
                 print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
-            elif way not in HOST_BOUND:
+            elif way not in HOST_BOUND and way != "static":  # static: side by side with dense, below
                 measure_generate(entry, way)
 
     def diagnose(label: str, entry: dict) -> None:
@@ -449,6 +525,8 @@ def main(argv=None) -> int:
         for_each_model(measure_host_bound)
     for_each_model(measure)
     dense = results[0]
+    if "static" in ways:
+        measure_static_side_by_side(model, prompt, keeps, results, min(args.new_tokens, 128), args.rounds)
     # Profilers only after every timing: a probe timed eager generate() at 20.6 ms/token before a torch.profiler
     # session and 27.7 after it, in one process (single calls vary by ~20 %, so not settled): no model is timed
     # after a profiler ran, which with the count inside each model's turn put every model but the first after one.
@@ -466,7 +544,7 @@ def main(argv=None) -> int:
         best = min(entry[m] for m in modes)
         entry["speedup_vs_best_dense"] = baseline / best
         for way in ways:
-            entry[f"{way}_vs_dense"] = dense[way] / entry[way]
+            entry.setdefault(f"{way}_vs_dense", dense[way] / entry[way])  # static: against its own dense sample
         rows.append([entry["model"]] + [f"{entry[w]:.2f}" for w in ways] + [f"{baseline / best:.2f}×"]
                     + [f"{entry[f'{w}_vs_dense']:.2f}×" for w in ways]
                     + ([f"{entry['kernels_per_layer']:.1f}"] if args.count_kernels else []))

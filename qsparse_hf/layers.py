@@ -46,6 +46,24 @@ _TRACED_KEPT: dict = {}
 _SPARSIFIER_KEYS = itertools.count()
 
 
+def _take_traced_shared(key: int, x: torch.Tensor, decoded_only: bool):
+    """In a compiled forward: what the sparsifier ``key`` shared for this very input, counted as one more use (the
+    entry goes with its last member), else None; ``decoded_only``: only the members' outputs of a decode step.
+    Looked up by key, so a member need not read its sibling's sparsifier: reaching one object through two modules
+    makes Dynamo check their identity in Python before every call (five such checks per decoder layer)."""
+    entry = _TRACED_SHARED.get(key)
+    # The identity test is traced, so one op serves q/k/v in a compiled graph too; the graph never mutates its
+    # own activations, so no version check is needed.
+    if entry is None or entry[0] is not x or (decoded_only and type(entry[1]) is not tuple):
+        return None
+    _, output, uses, members = entry
+    if uses + 1 >= members:
+        del _TRACED_SHARED[key]
+    else:
+        _TRACED_SHARED[key] = (x, output, uses + 1, members)
+    return output
+
+
 def _unhooked(*modules: nn.Module) -> bool:
     """Whether calling these modules would run nothing but their class's forward: no forward hooks (module or
     global) and no forward set on the instance (accelerate's offloading and device hooks wrap it so). A fused step
@@ -297,8 +315,8 @@ class InputSparsifier:
     # sparsifier, evaluated before every compiled decode step: 315 -> 239 µs for 32 layers on a CPU).
     __slots__ = (
         "activation_bits", "block_size", "counter", "decode_weights", "feeds_adapters", "hint_slot",
-        "input_within_topk", "kept", "key", "linears", "members", "plan", "publishes_kept", "rescale", "source", "ste",
-        "_hint_device", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_topk", "_uses", "_version",
+        "input_within_topk", "kept", "key", "linears", "members", "plan", "publishes_kept", "rescale", "ste",
+        "_hint_device", "_source", "_source_key", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_topk", "_uses", "_version",
     )
 
     def __init__(
@@ -322,10 +340,7 @@ class InputSparsifier:
         #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
         #: after a top-K activation): the top-K is then the identity and is skipped.
         self.input_within_topk = False
-        #: The activation's sparsifier whose kept features bound this input (down_proj after a top-K activation,
-        #: set with ``input_within_topk``): on one-token decode steps its list of kept features is exactly the
-        #: list of weight rows the GEMV has to read, so no selection runs here.
-        self.source: InputSparsifier | None = None
+        self.source = None  # (`source`)
         #: Whether one-token inference forwards publish the kept features in `kept` (an activation that a
         #: down_proj's sparsifier names as its `source`).
         self.publishes_kept = False
@@ -345,6 +360,18 @@ class InputSparsifier:
         #: The last eager one-token decode step, worked out for repeating (`EagerDecodePlan`), or None.
         self.plan: EagerDecodePlan | None = None
         self._clear()
+
+    @property
+    def source(self) -> "InputSparsifier | None":
+        """The activation's sparsifier whose kept features bound this input (down_proj after a top-K activation,
+        set with ``input_within_topk``): on one-token decode steps its list of kept features is exactly the list
+        of weight rows the GEMV has to read, so no selection runs here."""
+        return self._source
+
+    @source.setter
+    def source(self, value: "InputSparsifier | None") -> None:
+        self._source = value
+        self._source_key = None if value is None else value.key  # what compiled forwards read instead
 
     def settings(self) -> tuple:
         """Everything that determines the output; linears may share a sparsifier only if these are equal."""
@@ -387,7 +414,7 @@ class InputSparsifier:
         return (
             x.dtype in _KERNEL_DTYPES
             and self._plain_topk()
-            and (self.ste or not (torch.is_grad_enabled() and x.requires_grad))
+            and (not (torch.is_grad_enabled() and x.requires_grad) or self.ste)
             and kernels.kernels_available(x)
         )
 
@@ -437,13 +464,13 @@ class InputSparsifier:
 
     def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """The source activation's kept features for this one-token input (used once), or None."""
-        source = self.source
-        if source is None:
-            return None
         if torch.compiler.is_compiling():
-            kept, width = _TRACED_KEPT.pop(source.key, (None, 0))
+            if self._source_key is None:
+                return None
+            kept, width = _TRACED_KEPT.pop(self._source_key, (None, 0))
         else:
-            if source.kept is None:
+            source = self._source
+            if source is None or source.kept is None:
                 return None
             kept, width, source.kept = source.kept, source._kept_width, None
         return kept if kept is not None and width == x.shape[-1] and kept.device == x.device else None
@@ -452,16 +479,7 @@ class InputSparsifier:
         """The shared result for this very input (counted as one more use), else None; ``decoded_only``: only
         the members' outputs of a decode step, not a sparse input."""
         if compiling:
-            # The identity test is traced, so one op serves q/k/v in a compiled graph too; the graph never mutates
-            # its own activations, so no version check is needed.
-            entry = _TRACED_SHARED.get(self.key)
-            if entry is None or entry[0] is not x or (decoded_only and type(entry[1]) is not tuple):
-                return None
-            if entry[2] + 1 >= self.members:
-                del _TRACED_SHARED[self.key]
-            else:
-                _TRACED_SHARED[self.key] = (x, entry[1], entry[2] + 1)
-            return entry[1]
+            return _take_traced_shared(self.key, x, decoded_only)
         if self._input is x and self._version == x._version and not (decoded_only and type(self._output) is not tuple):
             output = self._output
             self._uses += 1
@@ -473,7 +491,7 @@ class InputSparsifier:
     def _remember(self, x: torch.Tensor, output, compiling: bool) -> None:
         if compiling:  # (a single member never stores an entry, so none can be stale)
             if self.members > 1:
-                _TRACED_SHARED[self.key] = (x, output, 1)
+                _TRACED_SHARED[self.key] = (x, output, 1, self.members)
             return
         self._clear()
         if self.members > 1:
@@ -482,9 +500,10 @@ class InputSparsifier:
 
     def produced(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the sparse tensor this sparsifier returned last, unmodified (outside compilation)."""
+        if not self.feeds_adapters or torch.compiler.is_compiling():
+            return False
         produced = self._produced
-        return (self.feeds_adapters and produced is not None and not torch.compiler.is_compiling()
-                and produced[0]() is x and produced[1] == x._version)
+        return produced is not None and produced[0]() is x and produced[1] == x._version
 
     def __call__(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The sparse input, counted once (when tracking is on; as a training- or eval-mode forward) and shared
@@ -499,7 +518,7 @@ class InputSparsifier:
             return x
         out = self._cached(x, compiling)
         if out is None:
-            counting = self.counter.active(x)
+            counting = not compiling and self.counter.active(x)  # (compiling first: no guards on the counter)
             zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
             select = self.publishes_kept and self._one_token_inference(x) and self._listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
@@ -589,7 +608,7 @@ class InputSparsifier:
         eager one-token step, `selects_in_gemv`); the members after the first take their outputs from the cache
         (`decoded`)."""
         compiling = torch.compiler.is_compiling()
-        counting = self.counter.active(x)
+        counting = not compiling and self.counter.active(x)  # (compiling first: no guards on the counter)
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
         plan = kept = None
         if self.selects_in_gemv(x, compiling):
@@ -867,10 +886,13 @@ class GatedFFNForward:
         'GatedFFNForward'
     """
 
-    __slots__ = ("module", "names", "members")
+    __slots__ = ("module", "module_forward", "names", "members")
 
     def __init__(self, module: nn.Module, gate: str, up: str, down: str, act: str) -> None:
         self.module = module
+        # the class's forward, kept: reaching it as ``type(self.module).forward`` made compiled forwards check in
+        # Python, before every call, that each layer's module has the type of the first one's
+        self.module_forward = type(module).forward
         self.names = (gate, up, down, act)
         self.members = tuple(module._modules[name] for name in self.names)
 
@@ -900,7 +922,7 @@ class GatedFFNForward:
             out = self._planned_step(args[0])
             if out is not None:
                 return out
-        return type(self.module).forward(self.module, *args, **kwargs)
+        return self.module_forward(self.module, *args, **kwargs)
 
     def _as_converted(self) -> bool:
         """The members still in place, sharing as converted, and no hooks that a fused step would skip."""
@@ -983,6 +1005,16 @@ class QSparseLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(sparsifier or InputSparsifier(topk=1.0), weight_bits, role, layer_index)
 
+    @property
+    def sparsifier(self) -> InputSparsifier:
+        """The `InputSparsifier` of this linear's input, possibly shared with siblings that read the same input."""
+        return self._sparsifier
+
+    @sparsifier.setter
+    def sparsifier(self, value: InputSparsifier) -> None:
+        self._sparsifier = value
+        self.share_key = value.key  # what a compiled forward looks its siblings' outputs up by
+
     def _setup(self, sparsifier, weight_bits, role, layer_index) -> None:
         self.sparsifier = sparsifier
         sparsifier.members += 1
@@ -1052,10 +1084,13 @@ class QSparseLinear(nn.Linear):
                 destination[key] = destination[key].detach().clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sparsifier = self.sparsifier
-        outputs = sparsifier.decoded(x)
+        if torch.compiler.is_compiling():  # (by key: the sibling's sparsifier is not read, see _take_traced_shared)
+            outputs = _take_traced_shared(self.share_key, x, decoded_only=True)
+        else:
+            outputs = self.sparsifier.decoded(x)
         if outputs is not None:  # a sibling's decode step already computed this output
             return outputs[self.decode_slot]
+        sparsifier = self.sparsifier
         # An eager one-token step like the last one (is_compiling first: see InputSparsifier.__call__)
         if not torch.compiler.is_compiling() and sparsifier.plan is not None and sparsifier.plan.kind != "select":
             outputs = sparsifier.plan.run(sparsifier, x, self.training)

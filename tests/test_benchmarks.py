@@ -124,3 +124,78 @@ def test_kernel_registers_refuses_bad_arguments(capsys):
     assert bench.main(["--keep", "2"]) == 2
     err = capsys.readouterr().err
     assert "--dims takes" in err and "--keep takes" in err
+
+
+class _TimedModel:
+    """Stands in for a model whose generate() takes ``prefill + per_token * (max_new_tokens - 1)`` seconds of a
+    fake clock (``clock[0]``), and whose ``recording_calls`` first calls record a CUDA graph."""
+
+    def __init__(self, name: str, clock: list, calls: list, prefill: float, per_token: float,
+                 recording_calls: int = 0) -> None:
+        self.name, self.clock, self.calls = name, clock, calls
+        self.prefill, self.per_token, self.recording_calls, self.made = prefill, per_token, recording_calls, 0
+
+    def generate(self, prompt, max_new_tokens, **kwargs):
+        assert kwargs["cache_implementation"] == "static" and kwargs["min_new_tokens"] == max_new_tokens
+        self.made += 1
+        if self.made <= self.recording_calls:
+            torch.cuda.CUDAGraph.capture_end(self)
+        self.calls.append((self.name, max_new_tokens))
+        self.clock[0] += self.prefill + self.per_token * (max_new_tokens - 1)
+
+
+def test_decode_bench_times_generate_static_side_by_side_and_splits_the_prefill(monkeypatch):
+    # Each round calls every model in turn (whole call, then the prefill-only call); the decode time per token is
+    # the difference of the best of each over the decode steps, the whole-call figure is per new token.
+    bench = importlib.import_module("bench_decode")
+    clock, calls = [0.0], []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", lambda self: None)
+    dense = _TimedModel("dense", clock, calls, prefill=0.030, per_token=0.006, recording_calls=3)
+    sparse = _TimedModel("sparse", clock, calls, prefill=0.040, per_token=0.005)
+    timings = bench.generate_static_side_by_side({"dense": dense, "sparse": sparse}, None, new_tokens=11, rounds=2)
+    timed = calls[-8:]
+    assert timed == [("dense", 11), ("dense", 1), ("sparse", 11), ("sparse", 1)] * 2
+    assert timings["dense"]["static_decode"] == pytest.approx(6.0)
+    assert timings["sparse"]["static_decode"] == pytest.approx(5.0)
+    assert timings["sparse"]["static_prefill"] == pytest.approx(40.0)
+    assert timings["sparse"]["static"] == pytest.approx((40 + 50) / 11)
+    # dense recorded in its first three warm-up calls (one more than asked for), none in the timed ones
+    assert dense.made == 4 + 1 + 4 and timings["dense"]["static_recordings"] == 0
+    with pytest.raises(ValueError, match="new_tokens >= 2 and rounds >= 1"):
+        bench.generate_static_side_by_side({"dense": dense}, None, new_tokens=1)
+
+
+def test_decode_bench_static_pairs_each_keep_with_the_dense_model_it_leaves_dense(monkeypatch):
+    # Each keep setting runs as a converted copy beside the untouched dense model; its ratio is against the dense
+    # calls of its own rounds, and the dense entry keeps its best.
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from qsparse_hf import QSparseLinear
+
+    bench = importlib.import_module("bench_decode")
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    seen = []
+
+    def side_by_side(models, prompt, new_tokens, rounds):
+        (dense_label, dense), (label, sparse) = models.items()
+        assert dense_label == "dense" and dense is model and sparse is not model and (new_tokens, rounds) == (16, 2)
+        assert isinstance(sparse.model.layers[0].mlp.down_proj, QSparseLinear)
+        assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+        seen.append(label)
+        dense_ms = 6.0 if len(seen) == 1 else 5.0
+        return {"dense": {"static": dense_ms, "static_decode": dense_ms - 0.1, "static_prefill": 30.0,
+                          "static_recordings": 1},
+                label: {"static": 4.0, "static_decode": 3.9, "static_prefill": 40.0, "static_recordings": 0}}
+
+    monkeypatch.setattr(bench, "generate_static_side_by_side", side_by_side)
+    results = [{"model": "dense"}, {"model": "qsparse keep 0.7"}, {"model": "qsparse keep 0.5"}]
+    bench.measure_static_side_by_side(model, None, [0.7, 0.5], results, 16, 2)
+    assert seen == ["qsparse keep 0.7", "qsparse keep 0.5"]
+    assert results[0] == {"model": "dense", "static": 5.0, "static_decode": 4.9, "static_prefill": 30.0,
+                          "static_recordings": 2}
+    assert results[1]["static_vs_dense"] == pytest.approx(1.5) and results[2]["static_vs_dense"] == pytest.approx(1.25)
+    assert results[2]["static_prefill"] == 40.0
