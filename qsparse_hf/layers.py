@@ -316,7 +316,8 @@ class InputSparsifier:
     __slots__ = (
         "activation_bits", "block_size", "counter", "decode_weights", "feeds_adapters", "hint_slot",
         "input_within_topk", "kept", "key", "linears", "members", "plan", "publishes_kept", "rescale", "ste",
-        "_hint_device", "_source", "_source_key", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_topk", "_uses", "_version",
+        "_hint_device", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_source", "_source_key",
+        "_topk", "_uses", "_version",
     )
 
     def __init__(
@@ -340,7 +341,7 @@ class InputSparsifier:
         #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
         #: after a top-K activation): the top-K is then the identity and is skipped.
         self.input_within_topk = False
-        self.source = None  # (`source`)
+        self.source = None  # (a property: see there)
         #: Whether one-token inference forwards publish the kept features in `kept` (an activation that a
         #: down_proj's sparsifier names as its `source`).
         self.publishes_kept = False
@@ -979,6 +980,8 @@ class QSparseLinear(nn.Linear):
 
     Attributes:
         sparsifier: the `InputSparsifier`, possibly shared with siblings that read the same input.
+        share_key: the sparsifier's `InputSparsifier.key` (set with it), by which a compiled forward finds what a
+            sibling computed without reading the sibling's sparsifier.
         role: projection kind used in reports (``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``,
             ``"down"``, or the module's own name outside known architectures).
         layer_index: decoder layer number, or None.
@@ -1087,10 +1090,10 @@ class QSparseLinear(nn.Linear):
         if torch.compiler.is_compiling():  # (by key: the sibling's sparsifier is not read, see _take_traced_shared)
             outputs = _take_traced_shared(self.share_key, x, decoded_only=True)
         else:
-            outputs = self.sparsifier.decoded(x)
+            outputs = self._sparsifier.decoded(x)
         if outputs is not None:  # a sibling's decode step already computed this output
             return outputs[self.decode_slot]
-        sparsifier = self.sparsifier
+        sparsifier = self._sparsifier
         # An eager one-token step like the last one (is_compiling first: see InputSparsifier.__call__)
         if not torch.compiler.is_compiling() and sparsifier.plan is not None and sparsifier.plan.kind != "select":
             outputs = sparsifier.plan.run(sparsifier, x, self.training)
