@@ -176,23 +176,16 @@ def _timed_generate(model, prompt: torch.Tensor, kwargs: dict) -> float:
     return time.perf_counter() - start
 
 
-def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, static: bool, repeats: int = 3,
-                          warmups: int = 2) -> float:
-    """Wall time of ``model.generate`` (greedy, exactly ``new_tokens`` new tokens) per new token, the best of
-    ``repeats`` calls after ``warmups`` warm-up calls or more (`warm_up_generate`; the first compiles when
-    ``static``). Eager generate() is bound by host time, which on a shared host varies by ~20 % from one call to the
-    next: the best call is the stable figure."""
-    torch._dynamo.reset()
-    kwargs = generate_kwargs(new_tokens, static)
-    best = float("inf")
+def generate_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int = 2, warmups: int = 1) -> float:
+    """Wall time of eager ``model.generate`` (greedy, exactly ``new_tokens`` new tokens, dynamic cache) per new
+    token, the best of ``repeats`` calls after ``warmups`` warm-up calls. It is bound by host time, which on a shared
+    host varies by ~20 % from one call to the next: the best call is the stable figure. (``generate(static)``:
+    `generate_static_side_by_side`.)"""
+    kwargs = generate_kwargs(new_tokens, static=False)
     with torch.no_grad():
-        warm_up_generate(model, prompt, kwargs, warmups)
-    with torch.no_grad(), counting_graph_recordings() as recorded:
-        for _ in range(repeats):
-            best = min(best, _timed_generate(model, prompt, kwargs))
-    if recorded[0]:
-        print(f"note: {recorded[0]} CUDA graph recordings during the timed generate() calls", file=sys.stderr)
-    return best * 1000 / new_tokens
+        for _ in range(warmups):
+            model.generate(prompt, **kwargs)
+        return min(_timed_generate(model, prompt, kwargs) for _ in range(repeats)) * 1000 / new_tokens
 
 
 def generate_static_side_by_side(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int = 5) -> dict:
@@ -470,13 +463,11 @@ def main(argv=None) -> int:
 
     results = [{"model": "dense"}] + [{"model": f"qsparse keep {keep}"} for keep in keeps]
 
-    def measure_generate(entry: dict, way: str) -> None:
+    def measure_generate(entry: dict, way: str) -> None:  # eager ways, sampled in several rounds
         single_launch = kernels.SELECT_IN_GEMV
         kernels.SELECT_IN_GEMV = single_launch and way != "eager2"
         try:
-            host_bound = way in HOST_BOUND  # sampled in several rounds: fewer calls per round
-            sample = generate_ms_per_token(model, prompt, min(args.new_tokens, 128), way == "static",
-                                           repeats=2 if host_bound else 3, warmups=1 if host_bound else 2)
+            sample = generate_ms_per_token(model, prompt, min(args.new_tokens, 128))
         finally:
             kernels.SELECT_IN_GEMV = single_launch
         entry[way] = min(entry.get(way, float("inf")), sample)
@@ -484,12 +475,9 @@ def main(argv=None) -> int:
 
     def measure(index: int, label: str) -> None:
         entry = results[index]
-        for way in ways:
-            if way in ("graph", "compile"):
-                entry[way] = decode_ms_per_token(model, prompt, args.new_tokens, way)
-                print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
-            elif way not in HOST_BOUND and way != "static":  # static: side by side with dense, below
-                measure_generate(entry, way)
+        for way in modes:
+            entry[way] = decode_ms_per_token(model, prompt, args.new_tokens, way)
+            print(f"{label} {way}: {entry[way]:.2f} ms/token", flush=True)
 
     def diagnose(label: str, entry: dict) -> None:
         if args.count_kernels:
