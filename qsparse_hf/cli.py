@@ -458,9 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the GPU benchmarks (kernels, decode, training step); needs CUDA",
                        epilog=EPILOG)
     p.add_argument("which", nargs="?", default="all",
-                   choices=["all", "topk", "gemv", "decode", "train_step", "eager_host"],
-                   help="which benchmark (default all; eager_host, where an eager decode step's time goes, runs "
-                        "only when named)")
+                   choices=["all", "topk", "gemv", "decode", "train_step", "eager_host", "compiled_host"],
+                   help="which benchmark (default all; the diagnostics eager_host, where an eager decode step's "
+                        "time goes, and compiled_host, what a compiled decode call costs the host, run only when "
+                        "named)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark script")
     p.set_defaults(func=_bench)
 

@@ -626,7 +626,10 @@ class InputSparsifier:
                 # The top-K kept everything (keep 1.0) or down_proj's source listed nothing: a plain GEMV
                 plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
-            outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
+            if compiling:
+                outputs = self.decode_weights.multiply_through(linear, x_sparse, kept)
+            else:
+                outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
         if counting:
             self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training, checked=True)
         self._remember(x, outputs, compiling)
@@ -644,7 +647,9 @@ class DecodeWeights:
     concatenated bias (members without a bias get zeros there). Dense matmuls read the views at full speed, and
     `QSparseLinear` saves them as ordinary contiguous tensors. A single linear is simply stored transposed.
     If anything replaces a member's storage later (``model.to(...)``, ``model.half()``), `current` turns False and
-    the next eager decode step builds the block again.
+    the next eager decode step builds the block again. A compiled step reaches the block through the calling
+    member's own Parameters (`multiply_through`), so it guards nothing held here, and refuses (`ops.block_of`)
+    Parameters that are no longer views of a block.
 
     Example:
         >>> q, k = nn.Linear(8, 4, dtype=torch.bfloat16), nn.Linear(8, 2, dtype=torch.bfloat16)
@@ -655,13 +660,18 @@ class DecodeWeights:
         (torch.Size([8, 6]), True, True)
     """
 
-    __slots__ = ("linears", "weight_t", "bias", "widths", "_pointers")  # see InputSparsifier.__slots__
+    __slots__ = ("linears", "weight_t", "bias", "widths", "width", "bias_source", "_pointers")  # see InputSparsifier
 
     def __init__(self, linears, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int]) -> None:
         self.linears = linears
         self.weight_t = weight_t
         self.bias = bias
         self.widths = widths
+        self.width = weight_t.shape[1]
+        #: Where a compiled step finds the bias (`multiply_through`): None, "members" (every member has one, a view
+        #: of `bias`), or "block" (`bias` itself: zeros for the members without).
+        self.bias_source = (None if bias is None else
+                            "members" if all(m.bias is not None for m in linears) else "block")
         self._pointers = self._storage_pointers()
         sparsifier = linears[0].sparsifier
         selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
@@ -698,8 +708,10 @@ class DecodeWeights:
         ):
             return None
         widths = [m.out_features for m in linears]
+        column = 0
         for slot, m in enumerate(linears):
-            m.decode_slot = slot
+            m.decode_slot, m.decode_column = slot, column
+            column += m.out_features
         with torch.no_grad():
             if len(linears) == 1:
                 if not kernels.is_input_major(first):
@@ -725,6 +737,23 @@ class DecodeWeights:
         """Every member's output for an already sparse input (with ``kept``, the list of its kept features: only
         those weight rows are read): one GEMV, split into per-member views."""
         return self._members(_kernel_ops().sparse_linear(x_sparse, self.weight_t, self.bias, zeros, kept))
+
+    def multiply_through(self, linear: "QSparseLinear", x_sparse: torch.Tensor,
+                         kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`multiply` as a compiled forward runs it: reaching the block through ``linear``'s own ``weight`` and
+        ``bias`` Parameters (views of it) instead of `weight_t`. Dynamo then guards Parameters of modules, which it
+        skips while a module is unchanged, rather than tensors held here, which it checks before every call (with
+        their aliasing and dynamic-shape markers: the larger part of a compiled decode step's guard time)."""
+        # (plain ints and flags only: reading `weight_t` or `bias` here would bring their guards back)
+        column = linear.decode_column
+        if self.bias_source == "members":
+            bias, bias_column = linear.bias, column
+        elif self.bias_source == "block":  # some members have no bias: the block's own (zeros for them)
+            bias, bias_column = self.bias, 0
+        else:
+            bias, bias_column = None, 0
+        out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, self.width)
+        return self._members(out)
 
     def multiply_selecting(self, x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
                            hint_slot: int = -1) -> tuple[torch.Tensor, ...]:
@@ -982,6 +1011,8 @@ class QSparseLinear(nn.Linear):
         sparsifier: the `InputSparsifier`, possibly shared with siblings that read the same input.
         share_key: the sparsifier's `InputSparsifier.key` (set with it), by which a compiled forward finds what a
             sibling computed without reading the sibling's sparsifier.
+        decode_slot, decode_column: this linear's place among its sparsifier's linears in the decode layout
+            (`DecodeWeights`): its output's index, and the first column of its weight in the side-by-side block.
         role: projection kind used in reports (``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``,
             ``"down"``, or the module's own name outside known architectures).
         layer_index: decoder layer number, or None.
@@ -1024,6 +1055,7 @@ class QSparseLinear(nn.Linear):
         sparsifier.linears.append(self)
         sparsifier.decode_weights = None
         self.decode_slot = 0
+        self.decode_column = 0
         self.weight_bits = weight_bits
         self.role = role
         self.layer_index = layer_index

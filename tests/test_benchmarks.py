@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("script", ["bench_topk", "bench_gemv", "bench_decode", "bench_train_step",
-                                    "bench_eager_host"])
+                                    "bench_eager_host", "bench_compiled_host"])
 def test_benchmark_without_gpu_exits_2(script, capsys):
     assert importlib.import_module(script).main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
@@ -26,6 +26,31 @@ def test_eager_host_refuses_bad_arguments_before_loading(argv, capsys):
     bench = importlib.import_module("bench_eager_host")
     assert bench.main(argv) == 2
     assert "--keep a fraction in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--layers", "0"], ["--calls", "0"]])
+def test_compiled_host_refuses_bad_arguments_before_loading(argv, capsys):
+    bench = importlib.import_module("bench_compiled_host")
+    assert bench.main(argv) == 2
+    assert "--keep in (0, 1]" in capsys.readouterr().err
+
+
+def test_compiled_host_times_a_compiled_call_that_decodes_like_eager():
+    # The call it times is a real decode step: compiled (also with every guard dropped) it gives the eager logits.
+    from conftest import tiny_model
+
+    bench = importlib.import_module("bench_compiled_host")
+    model = tiny_model("qwen2")
+    prompt = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        eager_cache = bench.StaticCache(config=model.config, max_cache_len=8)
+        model(prompt, past_key_values=eager_cache, cache_position=torch.arange(6))
+        eager = model(prompt[:, -1:], past_key_values=eager_cache, cache_position=torch.tensor([6])).logits
+        for guard_filter in (None, bench.drop_all_guards):
+            call = bench.compiled_decode_call(model, prompt, backend="eager", guard_filter=guard_filter,
+                                              max_cache_len=16)
+            torch.testing.assert_close(call(), eager)
+            assert bench.host_us_per_call(call, calls=3, warmup=1) > 0
 
 
 @pytest.mark.parametrize("dims", ["x", "", "4096,1"])

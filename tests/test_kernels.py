@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 pytest.importorskip("triton")
 
@@ -21,7 +23,7 @@ from qsparse_hf.kernels import is_input_major, kernels_available, prepare_for_de
 from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv  # noqa: E402
 from qsparse_hf.kernels.ops import sparse_linear, topk_sparsify  # noqa: E402
 from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows  # noqa: E402
-from qsparse_hf.layers import QSparseLinear  # noqa: E402
+from qsparse_hf.layers import InputSparsifier, QSparseLinear  # noqa: E402
 
 DEV = KERNEL_DEVICE
 DTYPES = [torch.bfloat16, torch.float16]
@@ -872,17 +874,13 @@ def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):
     assert torch.equal(first, second)
 
 
-def test_compiled_decode_checks_no_module_identities_in_python():
-    # Reaching one object through two modules (q/k/v's shared sparsifier, down's source activation, each layer's
-    # module type) makes Dynamo check their identity with a Python expression before every compiled call; an H200
-    # trace of transformers' compiled generate() spent 3.1 ms per token in the guards of a 28-layer sparse model,
-    # 0.3 ms for dense. Siblings look their outputs up by key instead.
+def _compiled_decode_guards(model) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The guard lines Dynamo logs for one compiled one-token forward of ``model`` (eager backend), with that
+    forward's logits and the eager forward's."""
     import io
     import logging
 
     torch._dynamo.reset()
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -897,12 +895,67 @@ def test_compiled_decode_checks_no_module_identities_in_python():
     finally:
         logger.removeHandler(handler)
         torch._logging.set_logs()
-    python_guards = [line.split("LAMBDA_GUARD:", 1)[1] for line in stream.getvalue().splitlines()
-                     if "LAMBDA_GUARD:" in line]
+    return [line for line in stream.getvalue().splitlines() if "+- " in line], compiled, eager
+
+
+def test_compiled_decode_checks_no_module_identities_in_python():
+    # Reaching one object through two modules (q/k/v's shared sparsifier, down's source activation, each layer's
+    # module type) makes Dynamo check their identity with a Python expression before every compiled call; an H200
+    # trace of transformers' compiled generate() spent 3.1 ms per token in the guards of a 28-layer sparse model,
+    # 0.3 ms for dense. Siblings look their outputs up by key instead.
+    model = convert_to_qsparse(tiny_model("llama").to(DEV, torch.bfloat16), topk=0.5)
+    guards, compiled, eager = _compiled_decode_guards(model)
+    python_guards = [line.split("LAMBDA_GUARD:", 1)[1] for line in guards if "LAMBDA_GUARD:" in line]
     assert python_guards, "no guards logged: this torch logs them some other way"
-    ours = [g for g in python_guards if ".sparsifier" in g or ".source" in g or ("type(" in g and "mlp" in g)]
+    checked = [g.split("#", 1)[0] for g in python_guards]  # the expression, not the source line it came from
+    ours = [g for g in checked if "sparsifier" in g or "source" in g or ("type(" in g and "mlp" in g)]
     assert ours == []
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_compiled_decode_guards_parameters_not_the_decode_layout(arch):
+    # Dynamo skips the guards of a module's Parameters while the module is unchanged, but checks every other tensor
+    # it reads (metadata, aliasing, dynamic-shape markers) before each call: the decode step reaches its side-by-side
+    # block through the members' own weight (and bias) Parameters, views of it, never through `DecodeWeights`.
+    model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
+    guards, compiled, eager = _compiled_decode_guards(model)
+    assert guards, "no guards logged: this torch logs them some other way"
+    assert [g for g in guards if "decode_weights" in g and ("TENSOR_MATCH" in g or "torch.Tensor" in g)] == []
+    assert any("TENSOR_MATCH" in g and ("q_proj" in g or "qkv_proj" in g) for g in guards)  # Parameters instead
+    assert _rel_err(compiled, eager) < 2e-2
+
+
+@pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
+def test_block_product_through_a_member_equals_the_block_product(biases):
+    # A compiled step multiplies through a member's Parameters (`DecodeWeights.multiply_through`): the same outputs
+    # as the block itself, whether every member has a bias, none does, or only some (then the block's own bias).
+    from qsparse_hf.layers import DecodeWeights
+
+    torch.manual_seed(0)
+    sparsifier = InputSparsifier(0.5)
+    members = [QSparseLinear.from_linear(nn.Linear(48, width, bias=bias, dtype=torch.bfloat16, device=DEV),
+                                         sparsifier) for width, bias in zip((32, 16), biases)]
+    weights = DecodeWeights.build(members)
+    x = torch.randn(1, 48, dtype=torch.bfloat16, device=DEV)
+    x[0, ::2] = 0
+    expected = weights.multiply(x)
+    for member in members:
+        through = weights.multiply_through(member, x)
+        assert all(torch.equal(a, b) for a, b in zip(through, expected))
+    for member, out in zip(members, expected):
+        assert _rel_err(out, F.linear(x, member.weight, member.bias)) < 1e-2
+
+
+def test_block_of_refuses_a_tensor_outside_a_side_by_side_block():
+    from qsparse_hf.kernels.ops import block_of
+
+    block = torch.zeros(8, 6)
+    assert block_of(block[:, 2:6].t(), 2, 6).data_ptr() == block.data_ptr()
+    with pytest.raises(ValueError, match="prepare_for_decode"):
+        block_of(torch.zeros(4, 8), 0, 4)  # an ordinary [out, in] weight
+    with pytest.raises(ValueError, match="prepare_for_decode"):
+        block_of(torch.zeros(6)[2:], 4, 6)  # a bias that does not start where its column says
 
 
 @requires_cuda

@@ -6,6 +6,10 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
+- ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width)``: the same product over the
+  side-by-side block that one member's ``weight`` (and ``bias``) Parameter is a view of (`block_of`), so that a
+  compiled step reads only Parameters, whose guards Dynamo skips while their module is unchanged, rather than the
+  block itself, whose guards it evaluates before every call.
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -20,8 +24,8 @@ import torch
 from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
 from .topk import repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "select_linear", "register_hint",
-           "repeatable_linear", "repeatable_select"]
+__all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
+           "register_hint", "block_of", "repeatable_linear", "repeatable_select"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -89,6 +93,38 @@ def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch
 @_sparse_linear.register_fake
 def _(x, weight_t, bias, kept):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+def block_of(member: torch.Tensor, column: int, width: int) -> torch.Tensor:
+    """The ``[in_features, width]`` side-by-side block that ``member`` -- a linear's ``[out, in]`` weight stored as
+    the block's columns ``column : column + out`` (or a bias: its entries ``column : column + out``) -- is a view of.
+
+    Example:
+        >>> block = torch.arange(12.0).reshape(3, 4)   # in_features 3, two members of widths 1 and 3
+        >>> second = block[:, 1:4].t()
+        >>> torch.equal(block_of(second, 1, 4), block)
+        True
+    """
+    if member.dim() == 1:
+        if member.stride(0) != 1 or member.storage_offset() < column:
+            raise ValueError("the bias is not a view of a side-by-side bias (prepare_for_decode lays it out)")
+        return member.as_strided((width,), (1,), member.storage_offset() - column)
+    if member.stride() != (1, width) or member.storage_offset() < column:
+        raise ValueError(f"the weight (strides {member.stride()}) is not a view of a side-by-side block of width "
+                         f"{width} (prepare_for_decode lays it out)")
+    return member.as_strided((member.shape[1], width), (width, 1), member.storage_offset() - column)
+
+
+@torch.library.custom_op("qsparse::sparse_linear_block", mutates_args=())
+def _sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         kept: Optional[torch.Tensor], column: int, bias_column: int, width: int) -> torch.Tensor:
+    block_bias = None if bias is None else block_of(bias, bias_column, width)
+    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept)
+
+
+@_sparse_linear_block.register_fake
+def _(x, weight, bias, kept, column, bias_column, width):
+    return x.new_empty(*x.shape[:-1], width)
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -174,6 +210,23 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
     if torch.compiler.is_compiling():
         return _sparse_linear(x, weight_t, bias, kept)
     return sparse_gemv(x, weight_t, bias, zeros=zeros, kept=kept)
+
+
+def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor | None,
+                        column: int, bias_column: int, width: int) -> torch.Tensor:
+    """`sparse_linear` over the side-by-side block of width ``width`` whose columns ``column :`` the Parameter
+    ``weight`` views (``bias``: a view of the block's bias from ``bias_column``, or None); see `block_of`. The form a
+    compiled decode step uses (``qsparse::sparse_linear_block``); eager steps pass the block itself.
+
+    Example:
+        >>> out = sparse_linear_block(x, k_proj.weight, k_proj.bias, None, 512, 512, 1536)  # doctest: +SKIP
+    """
+    if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
+    if torch.compiler.is_compiling():
+        return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width)
+    block_bias = None if bias is None else block_of(bias, bias_column, width)
+    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept)
 
 
 def select_linear(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
