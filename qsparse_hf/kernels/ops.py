@@ -115,11 +115,15 @@ def block_of(member: torch.Tensor, column: int, width: int) -> torch.Tensor:
     return member.as_strided((member.shape[1], width), (width, 1), member.storage_offset() - column)
 
 
+def _gemv_through(x, weight, bias, kept, column: int, bias_column: int, width: int) -> torch.Tensor:
+    block_bias = None if bias is None else block_of(bias, bias_column, width)
+    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept)
+
+
 @torch.library.custom_op("qsparse::sparse_linear_block", mutates_args=())
 def _sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          kept: Optional[torch.Tensor], column: int, bias_column: int, width: int) -> torch.Tensor:
-    block_bias = None if bias is None else block_of(bias, bias_column, width)
-    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept)
+    return _gemv_through(x, weight, bias, kept, column, bias_column, width)
 
 
 @_sparse_linear_block.register_fake
@@ -225,8 +229,7 @@ def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
     if torch.compiler.is_compiling():
         return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width)
-    block_bias = None if bias is None else block_of(bias, bias_column, width)
-    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept)
+    return _gemv_through(x, weight, bias, kept, column, bias_column, width)
 
 
 def select_linear(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
