@@ -947,6 +947,18 @@ def test_block_product_through_a_member_equals_the_block_product(biases):
         assert _rel_err(out, F.linear(x, member.weight, member.bias)) < 1e-2
 
 
+def test_decode_products_refuse_more_tokens_than_a_decode_step():
+    from qsparse_hf.kernels import MAX_DECODE_TOKENS
+    from qsparse_hf.kernels.ops import sparse_linear_block
+
+    weight = torch.zeros(16, 32, dtype=torch.bfloat16, device=DEV).t().contiguous().t()  # input-major, [out, in]
+    prefill = torch.ones(MAX_DECODE_TOKENS + 1, 32, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="use F.linear for prefill"):
+        sparse_linear(prefill, weight.t())
+    with pytest.raises(ValueError, match="use F.linear for prefill"):
+        sparse_linear_block(prefill, weight, None, None, 0, 0, 16)
+
+
 def test_block_of_refuses_a_tensor_outside_a_side_by_side_block():
     from qsparse_hf.kernels.ops import block_of
 

@@ -194,6 +194,11 @@ def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zero
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
 
 
+def _check_decode_tokens(x: torch.Tensor) -> None:
+    if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
+        raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
+
+
 def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                   zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight_t.T, bias)`` for up to `MAX_DECODE_TOKENS` tokens, reading only the needed weight rows.
@@ -209,8 +214,7 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
         >>> sparse_linear(x, w.t().contiguous()).shape  # doctest: +SKIP
         torch.Size([1, 16])
     """
-    if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
-        raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
+    _check_decode_tokens(x)
     if torch.compiler.is_compiling():
         return _sparse_linear(x, weight_t, bias, kept)
     return sparse_gemv(x, weight_t, bias, zeros=zeros, kept=kept)
@@ -225,8 +229,7 @@ def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     Example:
         >>> out = sparse_linear_block(x, k_proj.weight, k_proj.bias, None, 512, 512, 1536)  # doctest: +SKIP
     """
-    if x.numel() // x.shape[-1] > MAX_DECODE_TOKENS:
-        raise ValueError(f"sparse_linear serves at most {MAX_DECODE_TOKENS} tokens; use F.linear for prefill")
+    _check_decode_tokens(x)
     if torch.compiler.is_compiling():
         return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width)
     return _gemv_through(x, weight, bias, kept, column, bias_column, width)
