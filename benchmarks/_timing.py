@@ -44,6 +44,19 @@ def graph_time_us(step, calls_per_graph: int = 20, warmup: int = 3, repeats: int
     return sorted(times)[len(times) // 2]
 
 
+def ms_per_call(call, calls: int) -> float:
+    """Mean ms of ``call()`` over ``calls`` calls back to back (the GPU drained first), timed by CUDA events: what the
+    GPU takes per call when the host keeps ahead of it."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def print_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     """Print (and return) a Markdown table."""
     lines = ([f"### {title}", ""] if title else []) + [

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import print_table, write_json  # noqa: E402
+from _timing import ms_per_call, print_table, write_json  # noqa: E402
 from bench_decode import CONFIGS  # noqa: E402
 
 from transformers import AutoModelForCausalLM, StaticCache  # noqa: E402
@@ -82,20 +82,6 @@ def host_us_per_call(call, calls: int = 100, warmup: int = 4) -> float:
     return statistics.median(times) * 1e6
 
 
-def gpu_ms_per_call(call, calls: int = 30) -> float:
-    """GPU time per call in ms, calls back to back (0 without a GPU)."""
-    if not torch.cuda.is_available():
-        return 0.0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2")
@@ -121,7 +107,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             call = compiled_decode_call(model, prompt, guard_filter=guard_filter,
                                         max_cache_len=prompt.shape[1] + args.calls + 64)  # warm-up, GPU timing
-            host, gpu = host_us_per_call(call, args.calls), gpu_ms_per_call(call)
+            host, gpu = host_us_per_call(call, args.calls), ms_per_call(call, 30)
         results.append({"model": label, "host_us": host, "gpu_ms": gpu})
         rows.append([label, f"{host:.0f}", f"{host / args.layers:.1f}", f"{gpu:.3f}"])
         print(f"{label}: {host:.0f} µs host, {gpu:.3f} ms GPU per call", flush=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import print_table, write_json  # noqa: E402
+from _timing import ms_per_call, print_table, write_json  # noqa: E402
 
 from transformers import (AutoModelForCausalLM, MistralConfig, Qwen2Config, StaticCache,  # noqa: E402
                           StoppingCriteria, StoppingCriteriaList)
@@ -117,14 +117,7 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str)
                 step()
             replay = graph.replay
         position.fill_(prompt.shape[1] + 8)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(new_tokens):
-            replay()
-        end.record()
-        end.synchronize()
-    return start.elapsed_time(end) / new_tokens
+        return ms_per_call(replay, new_tokens)
 
 
 def generate_kwargs(new_tokens: int, static: bool) -> dict:
