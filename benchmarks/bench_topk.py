@@ -33,8 +33,8 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
     (chunk, warps)), listing the kept features, against the default; and hinted launches, as the model's decode
     steps run (four tokens of the same distribution in turn, so each search starts from the previous token's
     threshold): the default, the register kernel's default and the streamed kernel's launches."""
-    from qsparse_hf.kernels.topk import (STREAMED_CANDIDATES, _launch_candidates, _register_launch, launch_config,
-                                         new_hint, topk_sparsify_rows)
+    from qsparse_hf.kernels.topk import (SPLIT_CANDIDATES, STREAMED_CANDIDATES, _launch_candidates, _register_launch,
+                                         launch_config, new_hint, topk_sparsify_rows)
 
     rows, results = [], []
 
@@ -61,21 +61,25 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             for x, (out, kept) in zip(xs, expected):  # the same result from any hint
                 hinted = topk_sparsify_rows(x, k, indices=True, hint=hint)
                 assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept)
-            # hinted: the default, the register kernel's default (where the default streams) and the streamed
-            # kernel's other launches
-            for config in dict.fromkeys([chosen, _register_launch(block), *STREAMED_CANDIDATES]):
+            # hinted: the default, the register kernel's default (where the default streams or splits), the
+            # streamed kernel's other launches and the split kernel's
+            chosen = launch_config(block, 1, hinted=True)
+            for config in dict.fromkeys([chosen, _register_launch(block), *STREAMED_CANDIDATES, *SPLIT_CANDIDATES]):
+                for x, (out, kept) in zip(xs, expected):
+                    hinted = topk_sparsify_rows(x, k, indices=True, hint=hint, config=config)
+                    assert torch.equal(hinted[0], out) and torch.equal(hinted[1], kept), config
                 record(config, graph_time_us(lambda i: topk_sparsify_rows(xs[i % 4], k, indices=True, hint=hint,
                                                                           config=config), calls_per_graph=5),
                        hinted=True)
-    print_table(["dim", "keep", "search (digit bits, or streamed chunk)", "warps", "one token, listing kept µs",
-                 "default"], rows,
+    print_table(["dim", "keep", "search (digit bits, or streamed chunk / split part)", "warps",
+                 "one token, listing kept µs", "default"], rows,
                 title="One-token top-K launch configurations")
     return results
 
 
 def _launch_columns(config: tuple) -> list:
     """``(search, warps)`` table cells of a launch: digit bits of the register kernel, or the streamed chunk."""
-    return [f"streamed {config[1]}", config[2]] if config[0] == "streamed" else [config[0], config[1]]
+    return [f"{config[0]} {config[1]}", config[2]] if len(config) == 3 else [config[0], config[1]]
 
 
 def triton_next_power_of_2(n: int) -> int:

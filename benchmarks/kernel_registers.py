@@ -4,7 +4,8 @@ for Hopper (sm_90: H100, H200) with the ptxas and cuobjdump that ship with Trito
 A program holds its whole row in registers (``BLOCK`` keys, the width padded to a power of two). Once a thread's
 share no longer fits, the compiler spills to local memory, and every step of the search reads the spilled keys
 back: Qwen2-7B's 18944-wide activation (padded to 32768) spills with 16 warps and with 32, where 14336 (16384) fits
-in 16 warps. Prints a table, writes kernel_registers.json.
+in 16 warps. Rows that a hinted one-token selection splits over programs by default also list that launch's two
+kernels (the last counting program holds every part's histogram). Prints a table, writes kernel_registers.json.
 
     python benchmarks/kernel_registers.py --dims 4096,14336,18944
     python benchmarks/kernel_registers.py --defaults-only   # each width's default launch only
@@ -24,7 +25,7 @@ from _timing import parse_widths, print_table, write_json  # noqa: E402
 
 #: Pointer arguments of the top-K kernel by name (bf16 rows, an int64 zero counter, int32 lists and hints).
 _POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16", "zeros_ptr": "*i64", "index_ptr": "*i32",
-                  "hint_ptr": "*i32"}
+                  "hint_ptr": "*i32", "part_ptr": "*i32", "ticket_ptr": "*i32"}
 #: Launch options among a KernelLaunch's constants (the rest are the kernel's constexpr arguments).
 _OPTIONS = ("num_warps", "num_stages", "enable_reflect_ftz", "launch_pdl")
 
@@ -99,8 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                                     registers=registers, spilled_bytes=spilled, default=config == chosen))
                 rows.append([dim, block, variant, search, config[-1], registers, spilled,
                              "←" if config == chosen else ""])
-    print_table(["dim", "keys (padded)", "kernel", "digit bits or streamed chunk", "warps", "registers/thread", "spilled bytes/thread",
-                 "default"], rows, title="One-token top-K, sm_90, hinted")
+        split = launch_config(block, 1, hinted=True)
+        if split[0] == "split":
+            launches = _row_launch(dim, k, torch.bfloat16, True, False, split, True)
+            for variant, launch in (("split: count", launches.launch), ("split: write", launches.write)):
+                registers, spilled = sm90_resources(launch)
+                results.append(dict(dim=dim, block=block, variant=variant, search=f"split {split[1]}",
+                                    num_warps=split[2], registers=registers, spilled_bytes=spilled, default=True))
+                rows.append([dim, block, variant, f"split {split[1]}", split[2], registers, spilled, "←"])
+    print_table(["dim", "keys (padded)", "kernel", "digit bits, streamed chunk or split part", "warps",
+                 "registers/thread", "spilled bytes/thread", "default"], rows, title="One-token top-K, sm_90, hinted")
     write_json("kernel_registers.json", {"results": results})
     return 0
 

@@ -1145,19 +1145,74 @@ def test_streamed_selection_equals_the_reference_chunk_by_chunk(dtype):
         topk_sparsify_rows(x, k, config=("streamed", 1000, 8))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_selection_equals_the_reference_from_any_hint(dtype):
+    # Programs count their slices into histograms of the hint's window; the last one resolves the threshold (or
+    # searches the row itself when it lies outside the window) and writes the row: ties across slices, zeros, NaN,
+    # a short last slice, hints that place the threshold at either edge of the window or just outside it.
+    from qsparse_hf.kernels import launch
+    from qsparse_hf.kernels.topk import HINT_RADIUS, new_hint
+
+    dim, k = 1100, 440  # the last part short
+    x = torch.randn(4, dim, device=DEV).to(dtype)
+    x[0, 200:700] = x[0, 199]  # one tie over several 128-key slices, cut inside it
+    x[1, ::2] = 0
+    x[2, 999] = float("nan")
+    x[3] = x[3, 0]  # all tied
+    mask = topk_mask(x, k)
+    expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
+    expected_kept = torch.stack([row.nonzero().flatten() for row in mask])
+    thresholds = torch.stack([(row.view(torch.int16).int() & 0x7FFF).clamp(max=0x7F80 if dtype == torch.bfloat16
+                                                                          else 0x7C00)[m].min()
+                              for row, m in zip(x, mask)]).int()
+    radius = HINT_RADIUS[dtype]
+    hints = [new_hint(DEV, 4), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
+             thresholds + radius + 1, thresholds - radius, torch.full((4,), 0x3F00, dtype=torch.int32, device=DEV)]
+    # bf16: 9, 5 and 2 parts; fp16 (a 512-key window: the last program holds at most 8 histograms): 5, 3 and 2
+    small = ("split", 128, 4) if dtype == torch.bfloat16 else ("split", 512, 4)
+    for config in [small, ("split", 256, 8), ("split", 1024, 8)]:
+        for hint in hints:
+            hint = hint.clone()
+            zeros = torch.zeros((), dtype=torch.int64, device=DEV)
+            out, kept = topk_sparsify_rows(x, k, zeros, indices=True, config=config, hint=hint)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+            assert torch.equal(kept.long(), expected_kept), config
+            assert zeros.item() == int((expected == 0).sum()), config
+            assert torch.equal(hint, thresholds), config  # the next search starts from this one's threshold
+            assert int(launch._semaphores(x.device, 4)[:4].abs().sum()) == 0  # the tickets are re-armed
+        torch.testing.assert_close(topk_sparsify_rows(x, k, config=config, hint=new_hint(DEV, 4)), expected, rtol=0,
+                                   atol=0, equal_nan=True)  # without the listing
+    with pytest.raises(ValueError, match="takes a threshold hint"):
+        topk_sparsify_rows(x, k, config=("split", 256, 8))
+    with pytest.raises(ValueError, match="power-of-two part"):
+        topk_sparsify_rows(x, k, config=("split", 1000, 8), hint=new_hint(DEV, 4))
+    if dtype == torch.float16:
+        with pytest.raises(ValueError, match="at most 8 parts"):
+            topk_sparsify_rows(x, k, config=("split", 128, 4), hint=new_hint(DEV, 4))
+
+
 def test_rows_the_register_kernel_pads_past_16384_keys_are_streamed_by_default():
     # Past 16384 keys the register kernel spills: such rows take the streamed kernel unless SiLU is fused (it has
-    # none); narrower rows keep the register kernel.
-    from qsparse_hf.kernels.topk import _row_launch, _topk_rows_kernel, _topk_rows_streamed_kernel
+    # none); narrower rows keep the register kernel. With a hint, rows past 8192 keys are split over programs.
+    from qsparse_hf.kernels.topk import (_row_launch, _topk_rows_kernel, _topk_rows_split_count_kernel,
+                                         _topk_rows_streamed_kernel, launch_config)
 
     wide = 16384 + 100
 
-    def default_kernel(dim, silu=False):
-        return _row_launch(dim, 10, torch.bfloat16, True, False, None, True, silu).launch.kernel
+    def default_kernel(dim, silu=False, hinted=False):
+        return _row_launch(dim, 10, torch.bfloat16, True, False, None, hinted, silu).launch.kernel
 
     assert default_kernel(wide) is _topk_rows_streamed_kernel
     assert default_kernel(wide, silu=True) is _topk_rows_kernel
+    assert default_kernel(wide, silu=True, hinted=True) is _topk_rows_kernel
     assert default_kernel(16384) is _topk_rows_kernel
+    assert default_kernel(8192 + 1, hinted=True) is _topk_rows_split_count_kernel
+    assert default_kernel(8192, hinted=True) is _topk_rows_kernel
+    for dtype, most in ((torch.bfloat16, 64), (torch.float16, 8)):  # what the last program's registers hold
+        for block in (16384, 32768, 1 << 17):
+            _, part, warps = launch_config(block, 1, hinted=True, dtype=dtype)
+            assert block // part <= most and part >= 32 * warps
+            _row_launch(block, 10, dtype, False, False, None, True)  # a launch it accepts
     x = torch.randn(1, wide, device=DEV).to(torch.bfloat16)
     x[0, 5000:9000] = x[0, 4999]  # a tie across the 4096-key chunks
     out, kept = topk_sparsify_rows(x, wide // 2, indices=True)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS
-from .launch import KernelLaunch, _dependent_launch_start, pdl_constants
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
 __all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "repeat_launch", "choose_config", "prepare_weight",
@@ -245,45 +245,6 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     return best
 
 
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
-# Ticket buffers outgrown by a wider launch: CUDA graphs captured earlier still hold their addresses, so they are
-# kept for the life of the process rather than freed (and reused by the allocator under a graph's feet).
-_OUTGROWN: list[torch.Tensor] = []
-
-
-def _semaphores(device: torch.device, count: int) -> torch.Tensor:
-    """Per-device split-K tickets, all zero between launches (each launch re-arms the ones it used). Launches on one
-    stream never overlap, so they can share them; the buffer only grows, outside graph capture."""
-    tickets = _SEMAPHORES.get(device)
-    if tickets is None or tickets.numel() < count:
-        if _capturing(device):
-            raise RuntimeError("the sparse GEMV must run once before CUDA-graph capture (it allocates its tickets)")
-        if tickets is not None:
-            _OUTGROWN.append(tickets)
-        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _SEMAPHORES[device] = tickets
-    return tickets
-
-
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
-
-
-def _scratch(device: torch.device, count: int) -> torch.Tensor:
-    """Per-device fp32 split-K partials of at least ``count`` entries. Each launch writes and reads its partials
-    within itself, and launches on one stream never overlap (as for the tickets), so one buffer serves them all: an
-    eager decode step then allocates only its outputs. It grows outside graph capture (the outgrown buffer is kept:
-    a captured graph may hold its address); inside a capture that needs more, the partials come from the graph's
-    pool instead."""
-    partials = _SCRATCH.get(device)
-    if partials is None or partials.numel() < count:
-        if _capturing(device):
-            return torch.empty(count, dtype=torch.float32, device=device)
-        if partials is not None:
-            _OUTGROWN.append(partials)
-        partials = _SCRATCH[device] = torch.empty(max(count, 1 << 16), dtype=torch.float32, device=device)
-    return partials
-
-
 def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     """Do, outside any graph capture, what the first launch on ``weight_t`` would otherwise do inside one: allocate
     the split-K tickets and partials, and tune the one-token launch configurations, with ``rows`` listed kept
@@ -295,10 +256,6 @@ def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     if rows is not None and rows < n_in:
         splits.append(choose_config(sample, weight_t, rows=rows)[2])
     _scratch(weight_t.device, max(splits) * n_out)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -181,3 +181,49 @@ def _launcher(compiled) -> tuple | None:
             and hasattr(run, "launch") and hasattr(run, "launch_pdl")):
         return run.launch, compiled.function, compiled.packed_metadata, run.launch_cooperative_grid, run.launch_pdl
     return run, compiled.function, compiled.packed_metadata, None, None
+
+
+_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
+# Ticket buffers outgrown by a wider launch: CUDA graphs captured earlier still hold their addresses, so they are
+# kept for the life of the process rather than freed (and reused by the allocator under a graph's feet).
+_OUTGROWN: list[torch.Tensor] = []
+
+
+def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device tickets of the decode kernels whose last program to finish completes the work (split-K GEMVs,
+    split top-K rows), all zero between launches (each launch re-arms the ones it used). Launches on one stream
+    never overlap, so they can share them; the buffer only grows, outside graph capture."""
+    tickets = _SEMAPHORES.get(device)
+    if tickets is None or tickets.numel() < count:
+        if _capturing(device):
+            raise RuntimeError("the decode kernels must run once before CUDA-graph capture (they allocate their "
+                               "tickets)")
+        if tickets is not None:
+            _OUTGROWN.append(tickets)
+        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[device] = tickets
+    return tickets
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device fp32 partials (split-K sums; viewed as int32: split top-K histograms) of at least ``count``
+    entries. Each launch writes and reads its partials
+    within itself, and launches on one stream never overlap (as for the tickets), so one buffer serves them all: an
+    eager decode step then allocates only its outputs. It grows outside graph capture (the outgrown buffer is kept:
+    a captured graph may hold its address); inside a capture that needs more, the partials come from the graph's
+    pool instead."""
+    partials = _SCRATCH.get(device)
+    if partials is None or partials.numel() < count:
+        if _capturing(device):
+            return torch.empty(count, dtype=torch.float32, device=device)
+        if partials is not None:
+            _OUTGROWN.append(partials)
+        partials = _SCRATCH[device] = torch.empty(max(count, 1 << 16), dtype=torch.float32, device=device)
+    return partials
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -8,6 +8,9 @@ sparse row -- and, for the decode GEMV, the K kept indices in ascending order. N
 also adds the zeros it wrote to an int64 counter (one atomic per row), so measuring sparsity costs no extra kernel.
 Rows too wide for one program's registers (past 16384 keys they spill) are streamed through in chunks from cache
 at every counting step instead (``("streamed", chunk, num_warps)`` launches, the default there; same result).
+A decode token's wide row with a threshold hint is split over many programs instead (``("split", part,
+num_warps)``): each counts its part into a histogram of the keys around the hint in one pass, the last to finish
+resolves the threshold, and a second launch writes the parts (same result).
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -21,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import KernelLaunch, _dependent_launch_start, pdl_constants
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
@@ -207,6 +210,58 @@ def _count_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.co
 
 
 @triton.jit
+def _search_streamed(row_ptr, dim, k, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
+    """The k-th largest key of the row at ``row_ptr``, bit by bit from the top (fifteen streamed counts)."""
+    prefix = 0
+    for bit in tl.static_range(14, -1, -1):
+        candidate = prefix | (1 << bit)
+        reached = _count_streamed(row_ptr, dim, candidate, 0, INF_KEY, CHUNK, CHUNKS)[0] >= k
+        prefix = tl.where(reached, candidate, prefix)
+    return prefix
+
+
+@triton.jit
+def _write_chunk(x, key, valid, offs, out_row_ptr, kept_row_ptr, threshold, ties_kept, greater_before, ties_before,
+                 WRITE_INDICES: tl.constexpr):
+    """Write one chunk of a sparse row (and its slots of the ascending list of kept features), given the threshold
+    key, how many ties at it are kept, and the strictly greater keys and ties before the chunk. Returns the chunk's
+    (greater keys, ties, kept non-zeros)."""
+    greater = (key > threshold) & valid
+    at_threshold = (key == threshold) & valid
+    # Each 16-bit half of the scan holds one count (chunks are at most 32768 wide); unsigned, as in _topk_rows_kernel.
+    packed = greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16)
+    both = tl.cumsum(packed, 0)
+    ties_up_to = (both >> 16).to(tl.int32) + ties_before
+    keep = greater | (at_threshold & (ties_up_to <= ties_kept))
+    if WRITE_INDICES:
+        slot = (both & 0xFFFF).to(tl.int32) + greater_before + tl.minimum(ties_up_to, ties_kept) - 1
+        tl.store(kept_row_ptr + slot, offs, mask=keep)
+    tl.store(out_row_ptr + offs, tl.where(keep, x, 0.0), mask=valid)
+    counts = tl.sum(packed, 0)
+    nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
+    return (counts & 0xFFFF).to(tl.int32), (counts >> 16).to(tl.int32), nonzero
+
+
+@triton.jit
+def _write_streamed(row_ptr, out_row_ptr, kept_row_ptr, zeros_ptr, dim, threshold, ties_kept, INF_KEY: tl.constexpr,
+                    CHUNK: tl.constexpr, CHUNKS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
+                    WRITE_INDICES: tl.constexpr):
+    """Write the sparse row (and its kept features' list) chunk by chunk, carrying the counts across chunks."""
+    greater_before = 0
+    ties_before = 0
+    nonzero = 0
+    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
+        x, key, valid, offs = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
+        greater, ties, kept_nonzero = _write_chunk(x, key, valid, offs, out_row_ptr, kept_row_ptr, threshold,
+                                                   ties_kept, greater_before, ties_before, WRITE_INDICES)
+        greater_before += greater
+        ties_before += ties
+        nonzero += kept_nonzero
+    if COUNT_ZEROS:
+        tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
+
+
+@triton.jit
 def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y,
                                stride_out, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
                                COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr,
@@ -231,44 +286,105 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
                 high = tl.where(reached, high, middle - 1)
             threshold = low
     if threshold < 0:  # no hint, or not in its window: bit by bit from the top
-        prefix = 0
-        for bit in tl.static_range(14, -1, -1):
-            candidate = prefix | (1 << bit)
-            reached = _count_streamed(row_ptr, dim, candidate, 0, INF_KEY, CHUNK, CHUNKS)[0] >= k
-            prefix = tl.where(reached, candidate, prefix)
-        threshold = prefix
+        threshold = _search_streamed(row_ptr, dim, k, INF_KEY, CHUNK, CHUNKS)
     if USE_HINT:
         tl.store(hint_ptr + row, threshold)
     ties_kept = k - _count_streamed(row_ptr, dim, threshold + 1, 0, INF_KEY, CHUNK, CHUNKS)[0]
-    # Write the row chunk by chunk, carrying the strictly greater keys and the ties seen so far (each 16-bit half
-    # of a chunk's scan holds one count: chunks are at most 32768 wide).
-    greater_before = 0
-    ties_before_chunk = 0
-    nonzero = 0
-    for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
-        x, key, valid, offs = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
-        greater = (key > threshold) & valid
-        at_threshold = (key == threshold) & valid
-        packed = greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16)  # unsigned, as in _topk_rows_kernel
-        both = tl.cumsum(packed, 0)
-        ties_before = (both >> 16).to(tl.int32) + ties_before_chunk
-        keep = greater | (at_threshold & (ties_before <= ties_kept))
-        if WRITE_INDICES:
-            slot = (both & 0xFFFF).to(tl.int32) + greater_before + tl.minimum(ties_before, ties_kept) - 1
-            tl.store(index_ptr + row * k + slot, offs, mask=keep)
-        tl.store(out_ptr + row * stride_out + offs, tl.where(keep, x, 0.0), mask=valid)
-        if COUNT_ZEROS:
-            nonzero += tl.sum((keep & (x != 0)).to(tl.int32), 0)
-        chunk_counts = tl.sum(packed, 0)
-        greater_before += (chunk_counts & 0xFFFF).to(tl.int32)
-        ties_before_chunk += (chunk_counts >> 16).to(tl.int32)
+    _write_streamed(row_ptr, out_ptr + row * stride_out, index_ptr + row * k, zeros_ptr, dim, threshold, ties_kept,
+                    INF_KEY, CHUNK, CHUNKS, COUNT_ZEROS, WRITE_INDICES)
+
+
+@triton.jit
+def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
+                                  PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
+                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr):
+    """First launch of a hinted selection split over ``PARTS`` programs per row: each counts its ``PART``-key slice
+    in one pass, as a histogram of the keys in the hint's window (``2 * HINT_RADIUS`` bins) with one bin for the
+    keys above it. The last program of the row to finish (an atomic ticket) adds the histograms and reads off them
+    the threshold and, for every part, the strictly greater keys and ties in the parts before it; where the
+    threshold lies outside the window (a hint that missed, or none yet) it searches the row bit by bit and counts
+    the parts itself. It stores ``[threshold, ties kept, greater before, ties before]`` of each part over the
+    part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint."""
+    _dependent_launch_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    row_ptr = x_ptr + row * stride_x
+    guess = tl.load(hint_ptr + row)
+    low = tl.maximum(guess - HINT_RADIUS, 0)
+    high = guess + HINT_RADIUS - 1
+    WINDOW: tl.constexpr = 2 * HINT_RADIUS
+    _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART)
+    # bins 0 .. WINDOW - 1: the window's keys; WINDOW: below it (not needed); WINDOW + 1: above it
+    bin_of = tl.where(key > high, WINDOW + 1, tl.where(key >= low, key - low, WINDOW))
+    bins = tl.arange(0, BINS)
+    row_parts = part_ptr + row * PARTS * BINS
+    tl.store(row_parts + part * BINS + bins, tl.histogram(bin_of, BINS, mask=valid))
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel")
+    if ticket == PARTS - 1:
+        parts = tl.arange(0, PARTS_PAD)
+        histograms = tl.load(row_parts + parts[:, None] * BINS + bins[None, :], mask=parts[:, None] < PARTS,
+                             other=0, cache_modifier=".cg")
+        total = tl.sum(histograms, 0)
+        above = tl.sum(tl.where(bins == WINDOW + 1, total, 0), 0)
+        window = tl.where(bins < WINDOW, total, 0)
+        # keys strictly above each window key: those above the window and those in later bins
+        greater = above + tl.sum(window, 0) - tl.cumsum(window, 0)
+        reaching = (greater + window >= k) & (bins < WINDOW)
+        found = (above < k) & (tl.max(reaching.to(tl.int32), 0) > 0)
+        threshold_bin = tl.max(tl.where(reaching, bins, -1), 0)
+        if found:
+            threshold = low + threshold_bin
+            above_threshold = ((bins > threshold_bin) & (bins < WINDOW)) | (bins == WINDOW + 1)
+            part_greater = tl.sum(tl.where(above_threshold[None, :], histograms, 0), 1)
+            part_ties = tl.sum(tl.where(bins[None, :] == threshold_bin, histograms, 0), 1)
+        else:  # outside the window: the whole search and the parts' counts, by this program alone
+            threshold = _search_streamed(row_ptr, dim, k, INF_KEY, PART, PARTS)
+            part_greater = tl.zeros([PARTS_PAD], dtype=tl.int32)
+            part_ties = tl.zeros([PARTS_PAD], dtype=tl.int32)
+            for other in tl.range(0, PARTS, loop_unroll_factor=1):
+                _, other_key, other_valid, _ = _chunk_of_row(row_ptr, dim, other, INF_KEY, PART)
+                greater_here, ties_here = tl.reduce((((other_key > threshold) & other_valid).to(tl.int32),
+                                                     ((other_key == threshold) & other_valid).to(tl.int32)), 0, _add2)
+                part_greater = tl.where(parts == other, greater_here, part_greater)
+                part_ties = tl.where(parts == other, ties_here, part_ties)
+        tl.store(hint_ptr + row, threshold)
+        ties_kept = k - tl.sum(part_greater, 0)
+        greater_before = tl.cumsum(part_greater, 0) - part_greater
+        ties_before = tl.cumsum(part_ties, 0) - part_ties
+        resolved = row_parts + parts * BINS
+        valid_part = parts < PARTS
+        tl.store(resolved, tl.zeros([PARTS_PAD], dtype=tl.int32) + threshold, mask=valid_part)
+        tl.store(resolved + 1, tl.zeros([PARTS_PAD], dtype=tl.int32) + ties_kept, mask=valid_part)
+        tl.store(resolved + 2, greater_before, mask=valid_part)
+        tl.store(resolved + 3, ties_before, mask=valid_part)
+        tl.atomic_xchg(ticket_ptr + row, 0)
+
+
+@triton.jit
+def _topk_rows_split_write_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, part_ptr, dim, k, stride_x, stride_out,
+                                  INF_KEY: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr,
+                                  BINS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr,
+                                  PDL: tl.constexpr):
+    """Second launch of a split selection: each program writes its part of the sparse row (and its slots of the
+    kept features' list) from what `_topk_rows_split_count_kernel` resolved for it."""
+    _dependent_launch_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    resolved = part_ptr + (row * PARTS + part) * BINS
+    x, key, valid, offs = _chunk_of_row(x_ptr + row * stride_x, dim, part, INF_KEY, PART)
+    _, _, nonzero = _write_chunk(x, key, valid, offs, out_ptr + row * stride_out, index_ptr + row * k,
+                                 tl.load(resolved), tl.load(resolved + 1), tl.load(resolved + 2),
+                                 tl.load(resolved + 3), WRITE_INDICES)
     if COUNT_ZEROS:
-        tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
+        tl.atomic_add(zeros_ptr, (tl.sum(valid.to(tl.int32), 0) - nonzero).to(tl.int64))
 
 
-def launch_config(block: int, rows: int, silu: bool = False) -> tuple:
+def launch_config(block: int, rows: int, silu: bool = False, hinted: bool = False,
+                  dtype: torch.dtype = torch.bfloat16) -> tuple:
     """Default launch for ``rows`` rows padded to ``block`` features: ``(digit_bits, num_warps)`` of the register
-    kernel, or ``("streamed", chunk, num_warps)`` of the streamed one.
+    kernel, ``("streamed", chunk, num_warps)`` of the streamed one, or (``hinted``: the search starts from a
+    threshold hint) ``("split", part, num_warps)`` of the split one.
 
     One bit per reduction step and at most 1024 keys per warp (32 per thread), 4 to 32 warps. On an H200 this was
     within 0.5 µs of the best of every (digit bits, warps) pair for one decode token of 4096 and 14336 features
@@ -279,15 +395,40 @@ def launch_config(block: int, rows: int, silu: bool = False) -> tuple:
     fell from 51.4 to 38.6 µs per layer (``benchmarks/results/decode_qwen2_profile_4layers.json``). The streamed
     kernel has no fused SiLU: ``silu=True`` launches of wide rows keep the register kernel, with 32 warps.
 
+    Hinted rows padded past 8192 keys (a decode step's FFN activation) are split over programs of 512 keys (4
+    warps; wider parts where a row would need more than `_split_parts_limit` of them), which count their part in
+    one pass; the last to finish resolves the threshold, and a second launch writes the parts. One hinted token on
+    an H200 (``benchmarks/results/topk_one_row_split.json``), µs: 14336 features 6.3 against 13.6 (register
+    kernel), 18944 features 7.1 against 19.2 (streamed). At 4096 features it measured 5.5 against 6.3, once; rows
+    that narrow keep the register kernel until a decode run confirms it.
+
     Example:
         >>> launch_config(4096, 1)
         (1, 4)
         >>> launch_config(32768, 1)
         ('streamed', 4096, 16)
+        >>> launch_config(16384, 1, hinted=True)
+        ('split', 512, 4)
     """
+    if hinted and not silu and block > SPLIT_FROM_KEYS:
+        part = SPLIT_PART
+        while block // part > _split_parts_limit(dtype):
+            part *= 2
+        return "split", part, max(4, part // 1024)
     if block > 16384 and not silu:
         return STREAMED_WIDE_ROWS
     return _register_launch(block)
+
+
+def _split_bins(dtype: torch.dtype) -> int:
+    """Histogram bins of a split launch: the hint's window, one bin below it and one above, to a power of two."""
+    return 1 << (2 * HINT_RADIUS[dtype] + 1).bit_length()
+
+
+def _split_parts_limit(dtype: torch.dtype) -> int:
+    """The most parts a split launch divides a row into: the last program holds every part's histogram in
+    registers (64 x 128 bins for bf16; fp16's 512-key window allows 8 parts)."""
+    return min(64, 8192 // _split_bins(dtype))
 
 
 def _register_launch(block: int) -> tuple[int, int]:
@@ -304,6 +445,12 @@ def _launch_candidates(block: int) -> list[tuple[int, int]]:
 #: ``("streamed", chunk, num_warps)`` launches worth timing against the register kernel's (bench_topk.py).
 STREAMED_CANDIDATES = (("streamed", 2048, 8), ("streamed", 4096, 8), ("streamed", 4096, 16), ("streamed", 8192, 16))
 STREAMED_WIDE_ROWS = STREAMED_CANDIDATES[2]
+#: ``("split", part, num_warps)`` launches worth timing (bench_topk.py), hinted rows only.
+SPLIT_CANDIDATES = (("split", 256, 2), ("split", 256, 4), ("split", 512, 4), ("split", 1024, 8), ("split", 1024, 16),
+                    ("split", 2048, 16))
+#: Hinted rows padded past this many keys take the split launch by default, in parts of (at least) this many keys.
+SPLIT_FROM_KEYS = 8192
+SPLIT_PART = 512
 _INF_KEY = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 # Compiled kernels compute SiLU with libdevice; Triton's interpreter has none (see `_silu`).
 _PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
@@ -327,12 +474,30 @@ class _RowLaunch:
             raise ValueError(f"topk_sparsify_rows lists kept features of rows up to {MAX_LISTED_FEATURES} wide, "
                              f"got {dim}")
         block = 1 << (dim - 1).bit_length()  # next power of two (triton.next_power_of_2 costs microseconds)
-        if config is not None and len(config) != 2 and (len(config) != 3 or config[0] != "streamed"):
-            raise ValueError(f"config is (digit_bits, num_warps) or ('streamed', chunk, num_warps), got {config!r}")
+        if config is not None and len(config) != 2 and (len(config) != 3 or config[0] not in ("streamed", "split")):
+            raise ValueError(f"config is (digit_bits, num_warps), ('streamed', chunk, num_warps) or ('split', part, "
+                             f"num_warps), got {config!r}")
         if multiply and not silu:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
-        config = config or launch_config(block, 1, silu)
+        self.parts = 0  # programs per row of a split launch
+        config = config or launch_config(block, 1, silu, hinted, dtype)
+        if config[0] == "split":
+            _, part, num_warps = config
+            self.parts = -(-dim // part)
+            limit = _split_parts_limit(dtype)
+            if silu or not hinted or part & (part - 1) or not 32 * num_warps <= part <= 32768 or self.parts > limit:
+                raise ValueError(f"a split launch takes a threshold hint, no SiLU and a power-of-two part of "
+                                 f"32 * num_warps to 32768 keys, at most {limit} parts a row, got part {part}, "
+                                 f"{num_warps} warps, {self.parts} parts, hint {hinted}, silu={silu}")
+            self.bins = _split_bins(dtype)
+            shared = dict(INF_KEY=_INF_KEY[dtype], PART=part, PARTS=self.parts, BINS=self.bins, num_warps=num_warps,
+                          **pdl_constants())
+            self.launch = KernelLaunch(_topk_rows_split_count_kernel, dict(
+                PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype], **shared))
+            self.write = KernelLaunch(_topk_rows_split_write_kernel, dict(
+                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, **shared))
+            return
         if config[0] == "streamed":
             _, chunk, num_warps = config
             if silu or chunk & (chunk - 1) or not 32 * num_warps <= chunk <= 32768:
@@ -362,7 +527,13 @@ class _RowLaunch:
         apart) that a launch with ``multiply`` multiplies the kept values by."""
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         kept = torch.empty(rows, self.k, dtype=torch.int32, device=x.device) if self.indices else None
-        if rows:
+        if rows and self.parts:
+            histograms = _scratch(x.device, rows * self.parts * self.bins).view(torch.int32)
+            self.launch((rows, self.parts), (x, hint, histograms, _semaphores(x.device, rows)),
+                        (self.dim, self.k, stride))
+            self.write((rows, self.parts), (x, out, x if zeros is None else zeros, out if kept is None else kept,
+                                            histograms), (self.dim, self.k, stride, self.dim))
+        elif rows:
             self.launch((rows,), (x, x if y is None else y, out, x if zeros is None else zeros,
                                   out if kept is None else kept, out if hint is None else hint),
                         (self.dim, self.k, stride, stride_y, self.dim))
@@ -420,9 +591,10 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     NaN ranked as infinity). With ``zeros`` (an int64 scalar tensor on the same device) the number of zeros written
     is added to it in the same launch. With ``indices=True`` the result is ``(sparse, kept)``: ``kept`` is an int32
     ``[rows, k]`` tensor of the kept positions of each row, ascending (rows = all leading dimensions flattened).
-    ``config`` (``(digit_bits, num_warps)``, or ``("streamed", chunk, num_warps)``: the kernel that streams the row
-    in chunks instead of holding it in registers, for wide rows) overrides the default launch (`launch_config`);
-    the result is the same.
+    ``config`` (``(digit_bits, num_warps)``, ``("streamed", chunk, num_warps)``: the kernel that streams the row
+    in chunks instead of holding it in registers, for wide rows, or ``("split", part, num_warps)``, with ``hint``
+    only: the row counted by many programs, a part each) overrides the default launch (`launch_config`); the result
+    is the same.
     ``hint`` (int32, one entry per row, from `new_hint`) is where the kernel keeps each row's last threshold and
     starts its search from: decode steps of one sparsifier find the next threshold in fewer steps. It never
     changes the result, only how fast it is found; the kernel updates it in place.
