@@ -926,6 +926,29 @@ def test_compiled_decode_guards_parameters_not_the_decode_layout(arch):
     assert _rel_err(compiled, eager) < 2e-2
 
 
+def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager():
+    # A compiled one-token step selects the FFN activation with `topk_select`, hinted: past 8192 features that is
+    # the split launch by default; the eager step fuses SiLU into the register kernel. Same logits, token after token
+    # (the hint carried from one to the next), and the split launch is what ran.
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from qsparse_hf.kernels import topk
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=32, intermediate_size=8200, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    model = convert_to_qsparse(AutoModelForCausalLM.from_config(config).eval().to(DEV, torch.bfloat16), topk=0.5)
+    step = torch.compile(model, fullgraph=True, backend="eager")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for token in (3, 17):  # eager first: the first eager inference forward lays the decode weights out
+            ids = torch.tensor([[token]], device=DEV)
+            eager = model(ids).logits
+            assert torch.equal(step(ids).logits, eager), token
+    split = [launch for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts]
+    assert split and split[0].parts == -(-8200 // topk.SPLIT_PART)
+
+
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
 def test_block_product_through_a_member_equals_the_block_product(biases):
     # A compiled step multiplies through a member's Parameters (`DecodeWeights.multiply_through`): the same outputs
