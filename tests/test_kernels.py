@@ -1174,7 +1174,7 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     # searches the row itself when it lies outside the window) and writes the row: ties across slices, zeros, NaN,
     # a short last slice, hints that place the threshold at either edge of the window or just outside it.
     from qsparse_hf.kernels import launch
-    from qsparse_hf.kernels.topk import HINT_RADIUS, new_hint
+    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, new_hint
 
     dim, k = 1100, 440  # the last part short
     x = torch.randn(4, dim, device=DEV).to(dtype)
@@ -1185,9 +1185,8 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     mask = topk_mask(x, k)
     expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
     expected_kept = torch.stack([row.nonzero().flatten() for row in mask])
-    thresholds = torch.stack([(row.view(torch.int16).int() & 0x7FFF).clamp(max=0x7F80 if dtype == torch.bfloat16
-                                                                          else 0x7C00)[m].min()
-                              for row, m in zip(x, mask)]).int()
+    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])  # NaN ranks as infinity
+    thresholds = torch.stack([row_keys[m].min() for row_keys, m in zip(keys, mask)]).int()
     radius = HINT_RADIUS[dtype]
     hints = [new_hint(DEV, 4), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
              thresholds + radius + 1, thresholds - radius, torch.full((4,), 0x3F00, dtype=torch.int32, device=DEV)]
