@@ -14,11 +14,14 @@ over all models (dense and sparse alternated, two calls each), and each model ke
 turn for ``--rounds`` rounds (its ratio is against the dense calls of its own rounds); it also reports the prefill
 call and the time per decode token apart (`generate_static_side_by_side`).
 ``eager2`` is eager ``generate()`` with the selection in a launch of its own (``QSPARSE_SELECT_IN_GEMV=0``), the
-A/B for eager steps' single launch; for dense it is a second sample of the same call.
+A/B for eager steps' single launch; ``compile2`` is the compiled step with the FFN activation's SiLU and product
+in the split selection's launches (``QSPARSE_FUSED_ACTIVATION=1``), the A/B for that fusion. For dense each is a
+second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer, and with ``static`` in ``--ways`` those of one decode
-token of ``generate(static)`` beside them (with its wall time per token, prefill excluded).
+token of ``generate(static)`` beside them (with its wall time per token, prefill excluded), and those and the host's
+operators of its prefill call.
 Programmatic dependent launch is off by default for our kernels and Inductor's alike; ``QSPARSE_PDL=1`` turns it
 on for ours (Hopper and later GPUs) and ``--inductor-pdl on`` for Inductor's (``torch._inductor.config.triton.
 enable_pdl``), for dense and sparse alike. The title and the JSON say which were on.
@@ -52,6 +55,8 @@ from qsparse_hf.kernels.launch import pdl_enabled  # noqa: E402
 
 #: Ways bound by host time, timed first (see main).
 HOST_BOUND = ("eager", "eager2")
+#: Ways that time the decode step itself (the dense baseline is the fastest of them).
+STEP_WAYS = ("graph", "compile", "compile2")
 
 CONFIGS = {
     # sliding_window=None: with Mistral's default window Dynamo recompiles at every step (for dense and sparse).
@@ -97,8 +102,16 @@ def greedy_step(model, prompt: torch.Tensor, max_cache_len: int, compiled: bool)
 
 def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
     """Prefill eagerly, then time ``new_tokens`` greedy steps: replayed from one captured CUDA graph (``graph``) or
-    through ``torch.compile`` reduce-overhead (``compile``)."""
+    through ``torch.compile`` reduce-overhead (``compile``; ``compile2``: with the FFN activation fused, see the
+    module's docstring)."""
     torch._dynamo.reset()
+    if mode == "compile2":
+        fused = kernels.FUSED_ACTIVATION
+        kernels.FUSED_ACTIVATION = True
+        try:
+            return decode_ms_per_token(model, prompt, new_tokens, "compile")
+        finally:
+            kernels.FUSED_ACTIVATION = fused
     with torch.no_grad():
         step, position = greedy_step(model, prompt, prompt.shape[1] + new_tokens + 16, mode == "compile")
         if mode == "compile":
@@ -389,6 +402,29 @@ def generate_kernel_profile(model, prompt: torch.Tensor, label: str, new_tokens:
     return lines
 
 
+def prefill_profile(model, prompt: torch.Tensor, label: str, top: int = 20) -> list[str]:
+    """Where the prefill call of ``generate(..., cache_implementation="static")`` goes (``max_new_tokens=1``, as
+    `generate_static_side_by_side` times it; transformers runs the prefill eagerly): its wall time, the GPU's kernel
+    time in it (a call whose kernels take far less than its wall time waits on the host), the kernels by time per
+    layer, and the host's operators by their own time. Also written to ``kernels_prefill_<label>.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kwargs = generate_kwargs(1, static=True)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        warm_up_generate(model, prompt, kwargs, 2)
+        wall_ms = min(_timed_generate(model, prompt, kwargs) for _ in range(3)) * 1000
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(prompt, **kwargs)
+            torch.cuda.synchronize()
+    lines = _kernel_report(_kernel_times(prof), 1, layers,
+                           f"{label}: prefill call of generate(static), {wall_ms:.1f} ms wall", top)
+    host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    write_json(f"kernels_prefill_{label.replace(' ', '_')}.json",
+               {"model": label, "layers": layers, "wall_ms": wall_ms, "lines": lines, "host_ops": host})
+    return lines + [host]
+
+
 def kernels_per_layer(model, prompt: torch.Tensor) -> float:
     """CUDA kernels launched by one eager decode step (static cache), divided by the number of decoder layers."""
     from torch.profiler import ProfilerActivity, profile
@@ -414,8 +450,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--keeps", default="1.0,0.9,0.7,0.5")
     parser.add_argument("--ways", default="graph,compile",
-                        help="comma-separated subset of graph, compile (decode step), eager, eager2, static "
-                             "(model.generate)")
+                        help="comma-separated subset of graph, compile, compile2 (decode step), eager, eager2, "
+                             "static (model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds of eager generate() over all models, dense and sparse alternated, and of "
@@ -426,7 +462,8 @@ def main(argv=None) -> int:
                              "and of generate(static) when --ways has static")
     parser.add_argument("--profile-kernels", action="store_true",
                         help="print the kernels of the compiled decode step by time, per layer (torch.profiler), "
-                             "and of a decode token of generate(static) when --ways has static")
+                             "and of a decode token and the prefill call of generate(static) when --ways has "
+                             "static")
     parser.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
                         help="programmatic dependent launch for Inductor's kernels (compiled ways; Hopper and later)")
     args = parser.parse_args(argv)
@@ -435,10 +472,10 @@ def main(argv=None) -> int:
         return 2
     ways = [w for w in args.ways.split(",") if w] + (["eager", "static"] if args.generate else [])
     ways = list(dict.fromkeys(ways))
-    modes = [w for w in ways if w in ("graph", "compile")]
-    if not modes or set(ways) - {"graph", "compile", "eager", "eager2", "static"}:
-        print(f"--ways takes graph, compile, eager, eager2, static (graph or compile at least), got {args.ways!r}",
-              file=sys.stderr)
+    modes = [w for w in ways if w in STEP_WAYS]
+    if not modes or set(ways) - {*STEP_WAYS, *HOST_BOUND, "static"}:
+        print(f"--ways takes graph, compile, compile2, eager, eager2, static (one of the first three at least), got "
+              f"{args.ways!r}", file=sys.stderr)
         return 2
     keeps = [float(k) for k in args.keeps.split(",") if k]
     if args.rounds < 1:
@@ -482,6 +519,7 @@ def main(argv=None) -> int:
             print("\n".join(kernel_profile(model, prompt, label)), flush=True)
             if "static" in ways:
                 print("\n".join(generate_kernel_profile(model, prompt, label)), flush=True)
+                print("\n".join(prefill_profile(model, prompt, label)), flush=True)
 
     def for_each_model(work) -> None:
         """``work(index, label)`` for the dense model, then for each keep setting converted (and reverted)."""
@@ -516,7 +554,8 @@ def main(argv=None) -> int:
 
     baseline_way = min(modes, key=lambda m: dense[m])
     baseline = dense[baseline_way]
-    names = {"graph": "step in CUDA graph", "compile": "step compiled", "eager": "generate()",
+    names = {"graph": "step in CUDA graph", "compile": "step compiled",
+             "compile2": "step compiled, activation fused", "eager": "generate()",
              "eager2": "generate(), selection launched apart", "static": "generate(static)"}
     headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]
     headers += [f"{names[w]} vs dense" for w in ways] + (["kernels/layer"] if args.count_kernels else [])

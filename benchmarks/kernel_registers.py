@@ -5,7 +5,8 @@ A program holds its whole row in registers (``BLOCK`` keys, the width padded to 
 share no longer fits, the compiler spills to local memory, and every step of the search reads the spilled keys
 back: Qwen2-7B's 18944-wide activation (padded to 32768) spills with 16 warps and with 32, where 14336 (16384) fits
 in 16 warps. Rows that a hinted one-token selection splits over programs by default also list that launch's two
-kernels (the last counting program holds every part's histogram). Prints a table, writes kernel_registers.json.
+kernels (the last counting program holds every part's histogram), plain and with SiLU and the product with up (a
+compiled decode step's FFN activation). Prints a table, writes kernel_registers.json.
 
     python benchmarks/kernel_registers.py --dims 4096,14336,18944
     python benchmarks/kernel_registers.py --defaults-only   # each width's default launch only
@@ -101,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append([dim, block, variant, search, config[-1], registers, spilled,
                              "←" if config == chosen else ""])
         split = launch_config(block, 1, hinted=True)
-        if split[0] == "split":
-            launches = _row_launch(dim, k, torch.bfloat16, True, False, split, True)
-            for variant, launch in (("split: count", launches.launch), ("split: write", launches.write)):
+        if split[0] != "split":
+            continue
+        for silu in (False, True):  # a compiled decode step's FFN activation: SiLU and the product with up fused
+            launches = _row_launch(dim, k, torch.bfloat16, True, False, split, True, silu, silu)
+            name = "split, SiLU × up" if silu else "split"
+            for variant, launch in ((f"{name}: count", launches.launch), (f"{name}: write", launches.write)):
                 registers, spilled = sm90_resources(launch)
                 results.append(dict(dim=dim, block=block, variant=variant, search=f"split {split[1]}",
                                     num_warps=split[2], registers=registers, spilled_bytes=spilled, default=True))

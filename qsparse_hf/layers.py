@@ -15,8 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks as _GLOBAL_FORWARD_HOOKS
-from torch.nn.modules.module import _global_forward_pre_hooks as _GLOBAL_FORWARD_PRE_HOOKS
+from torch.nn.modules import module as _torch_module
 
 from . import functional as QF
 from . import kernels
@@ -30,6 +29,7 @@ __all__ = [
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_LISTED_FEATURES = 32768  # kernels.topk.MAX_LISTED_FEATURES, without importing Triton here
 _MAX_SELECT_FEATURES = 8192  # kernels.gemv.MAX_SELECT_FEATURES, likewise
+_SPLIT_FROM_KEYS = 8192  # kernels.topk.SPLIT_FROM_KEYS, likewise
 
 
 _OPS = None
@@ -68,7 +68,9 @@ def _unhooked(*modules: nn.Module) -> bool:
     """Whether calling these modules would run nothing but their class's forward: no forward hooks (module or
     global) and no forward set on the instance (accelerate's offloading and device hooks wrap it so). A fused step
     that skips their calls must not skip any of that."""
-    if _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS:
+    # (read through torch's module, as Dynamo does: the same dicts under a second name cost compiled calls an
+    # identity check each)
+    if _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks:
         return False
     for module in modules:
         if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
@@ -563,6 +565,23 @@ class InputSparsifier:
         return (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
                 and self._listable(x) and self.uses_kernel(x) and self.keep(width) < width)
 
+    def fuses_silu_product(self, x: torch.Tensor, width: int) -> bool:
+        """Whether a compiled one-token inference step of a gated FFN whose input is ``x`` computes this
+        activation's top-K of ``silu(gate)``, ``width`` features wide, and the product with up in one op
+        (`select_silu_product`): `kernels.FUSED_ACTIVATION` on, the kernels serve ``x``, a plain top-K that drops
+        features, a threshold hint, and rows wide enough for the split selection (`kernels.topk.SPLIT_FROM_KEYS`)."""
+        return (kernels.FUSED_ACTIVATION and self.publishes_kept and self.activation_bits is None
+                and self.hint_slot >= 0 and _SPLIT_FROM_KEYS < width <= _MAX_LISTED_FEATURES
+                and x.numel() == x.shape[-1] and self.uses_kernel(x) and self.keep(width) < width)
+
+    def select_silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``self(F.silu(gate)) * up`` of a compiled one-token step (`fuses_silu_product`), its kept features
+        published for down_proj as `__call__` does; the same result bit for bit."""
+        width = gate.shape[-1]
+        out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self.hint_slot)
+        self._publish_kept(kept, width, True)
+        return out
+
     # -- decode path -------------------------------------------------------------------------------------------
 
     def decoded(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
@@ -904,11 +923,14 @@ class GatedFFNForward:
     An eager one-token inference step runs in three launches instead of five kernels and five module calls: the
     gate/up GEMV that selects its input's top-K, SiLU with the top-K and the product with up (`kernels.topk.
     silu_topk_rows`), down's GEMV over the kept rows. It repeats the plans (`EagerDecodePlan`) its members made on
-    the step before and checks them all before launching anything. It steps aside for everything else (prefill,
-    training, ``torch.compile``, hooks on any member, a member replaced, e.g. by a peft adapter), where the
-    module's own forward runs. The result and the sparsity counts are those of the module's forward, bit for bit.
-    (Compiled steps keep the compiler's SiLU and product around the top-K op: traced as this one-program launch,
-    they were slower on the H200, see benchmarks/README.md.)
+    the step before and checks them all before launching anything. With `kernels.FUSED_ACTIVATION` on
+    (``QSPARSE_FUSED_ACTIVATION=1``), a compiled one-token step of an FFN wider than
+    `kernels.topk.SPLIT_FROM_KEYS` computes SiLU, the top-K and the product with up in one op
+    (`InputSparsifier.select_silu_product`: the split selection's two launches, where the compiler would add a SiLU
+    kernel and a product kernel around the top-K). It steps aside for everything else (prefill, training, other
+    compiled steps, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's own forward
+    runs. The result and the sparsity counts are those of the
+    module's forward, bit for bit.
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
@@ -948,11 +970,26 @@ class GatedFFNForward:
             del module.__dict__["forward"]
 
     def __call__(self, *args, **kwargs):
-        if not torch.compiler.is_compiling() and len(args) == 1 and not kwargs:
-            out = self._planned_step(args[0])
+        if len(args) == 1 and not kwargs:
+            if torch.compiler.is_compiling():
+                out = self._compiled_step(args[0])
+            else:
+                out = self._planned_step(args[0])
             if out is not None:
                 return out
         return self.module_forward(self.module, *args, **kwargs)
+
+    def _compiled_step(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A compiled one-token step with the activation's SiLU, top-K and product with up in one op
+        (`InputSparsifier.fuses_silu_product`), else None. The members are reached by name, as the module's own
+        forward reaches them: holding them twice would make Dynamo check their identity before every call."""
+        module = self.module
+        gate, up, down, act = (getattr(module, name) for name in self.names)
+        if (torch.is_grad_enabled() or not isinstance(act, QSparseActivation) or not act.silu
+                or not act.sparsifier.fuses_silu_product(x, getattr(gate, "out_features", 0))
+                or not _unhooked(act, act.act)):
+            return None  # (no op of this step has a backward: inference under no_grad only)
+        return down(act.sparsifier.select_silu_product(gate(x), up(x)))
 
     def _as_converted(self) -> bool:
         """The members still in place, sharing as converted, and no hooks that a fused step would skip."""

@@ -136,9 +136,10 @@ def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
     subprocess.run([sys.executable, str(script), "--dims", "4096,14336,18944", "--defaults-only"], env=env,
                    check=True, capture_output=True)
     results = json.loads((tmp_path / "kernel_registers.json").read_text())["results"]
-    # three widths, with and without the fused SiLU; the two wide ones also split (two kernels) when hinted
-    assert len(results) == 10
-    assert sum(row["variant"].startswith("split") for row in results) == 4
+    # three widths, with and without the fused SiLU; the two wide ones also split (two kernels) when hinted, with
+    # and without SiLU and the product
+    assert len(results) == 14
+    assert sum(row["variant"].startswith("split") for row in results) == 8
     whole_rows = [row for row in results if not row["variant"].startswith("split")]
     in_registers = [row for row in whole_rows if row["block"] <= 16384 or row["variant"] == "top-K"]
     assert len(in_registers) == 5

@@ -926,14 +926,19 @@ def test_compiled_decode_guards_parameters_not_the_decode_layout(arch):
     assert _rel_err(compiled, eager) < 2e-2
 
 
-def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager():
-    # A compiled one-token step selects the FFN activation with `topk_select`, hinted: past 8192 features that is
-    # the split launch by default; the eager step fuses SiLU into the register kernel. Same logits, token after token
-    # (the hint carried from one to the next), and the split launch is what ran.
+@pytest.mark.parametrize("fused", [True, False])
+def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(fused, monkeypatch):
+    # A compiled one-token step selects the FFN activation hinted: past 8192 features that is the split launch,
+    # with SiLU and the product with up inside it (`fused`: QSPARSE_FUSED_ACTIVATION=1) or around `topk_select`;
+    # the eager step fuses them into the register kernel. Same logits, token after token (the hint carried from one to the next),
+    # and the split launch is what ran.
     from transformers import AutoModelForCausalLM, MistralConfig
 
+    from qsparse_hf import kernels
     from qsparse_hf.kernels import topk
 
+    monkeypatch.setattr(kernels, "FUSED_ACTIVATION", fused)
+    monkeypatch.setattr(topk, "_ROW_LAUNCHES", {})
     torch.manual_seed(0)
     config = MistralConfig(hidden_size=32, intermediate_size=8200, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
@@ -945,8 +950,10 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
             ids = torch.tensor([[token]], device=DEV)
             eager = model(ids).logits
             assert torch.equal(step(ids).logits, eager), token
-    split = [launch for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts]
-    assert split and split[0].parts == -(-8200 // topk.SPLIT_PART)
+    split = [(key, launch) for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts]
+    assert len(split) == 1 and split[0][1].parts == -(-8200 // topk.SPLIT_PART)
+    assert split[0][0][7:] == ((True, True) if fused else ())  # (silu, multiply) in the launch, or neither
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
@@ -1211,6 +1218,39 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     if dtype == torch.float16:
         with pytest.raises(ValueError, match="at most 8 parts"):
             topk_sparsify_rows(x, k, config=("split", 128, 4), hint=new_hint(DEV, 4))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype):
+    # The split launches with SiLU computed on the way and the product with up in the writer (what a compiled
+    # decode step runs for a gated FFN's activation): the same bits, kept list and zero count as the register
+    # kernel's fused launch, from any hint (none, the threshold, either edge of the window, just outside it).
+    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, silu_topk_rows
+
+    dim, k = 700, 280  # the last part short
+    gate = (torch.randn(3, dim, device=DEV) * 2).to(dtype)
+    gate[0, 100:400] = gate[0, 99]  # equal SiLU values across parts, cut inside them
+    gate[1, ::3] = 0
+    gate[2, 650] = float("nan")
+    up = torch.randn(3, dim, device=DEV).to(dtype)
+    up[1, 1] = float("inf")  # a dropped feature times inf is NaN, as in the unfused product
+    expected, expected_kept = silu_topk_rows(gate, k, up, indices=True)
+    mask = topk_mask(F.silu(gate), k)
+    assert torch.equal(expected_kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+    keys = (F.silu(gate).view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
+    thresholds = torch.stack([row_keys[m].min() for row_keys, m in zip(keys, mask)]).int()
+    radius = HINT_RADIUS[dtype]
+    config = ("split", 256, 4) if dtype == torch.bfloat16 else ("split", 512, 4)
+    for hint in (new_hint(DEV, 3), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
+                 thresholds + radius + 1):
+        zeros = torch.zeros((), dtype=torch.int64, device=DEV)
+        out, kept = silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config)
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+        assert torch.equal(kept, expected_kept)
+        assert zeros.item() == int((~mask | (gate == 0)).sum())  # the top-K's zeros, before the product
+        assert torch.equal(hint, thresholds)
+    no_product = silu_topk_rows(gate, k, hint=new_hint(DEV, 3), config=config)
+    assert torch.equal(no_product.view(torch.int16), silu_topk_rows(gate, k).view(torch.int16))
 
 
 def test_rows_the_register_kernel_pads_past_16384_keys_are_streamed_by_default():

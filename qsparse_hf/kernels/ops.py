@@ -4,6 +4,8 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
 - ``qsparse::topk_select(x, k, hint_slot)``: the same sparse tensor and the kept positions of each row (inference
   only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
+- ``qsparse::silu_select(gate, up, k, hint_slot)``: `topk_select` of ``F.silu(gate)``, times ``up`` when given: a
+  gated FFN's activation, split over many programs per row where a hint serves it (inference only).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 - ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width)``: the same product over the
@@ -22,7 +24,7 @@ from typing import Optional
 import torch
 
 from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
-from .topk import repeat_row_launch, silu_topk_rows, topk_sparsify_rows
+from .topk import SPLIT_FROM_KEYS, repeat_row_launch, silu_topk_rows, split_launch, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
            "register_hint", "block_of", "repeatable_linear", "repeatable_select"]
@@ -82,6 +84,25 @@ def _topk_select(x: torch.Tensor, k: int, hint_slot: int) -> tuple[torch.Tensor,
 @_topk_select.register_fake
 def _(x, k, hint_slot):
     return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
+
+
+def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_slot: int):
+    hint = _hint_for(hint_slot, gate)
+    block = 1 << (gate.shape[-1] - 1).bit_length()
+    # Wide hinted rows: many programs a row (SiLU computed by each for its part), not the one-program launch
+    config = split_launch(block, gate.dtype) if hint is not None and block > SPLIT_FROM_KEYS else None
+    return silu_topk_rows(gate, k, up, indices=True, hint=hint, config=config)
+
+
+@torch.library.custom_op("qsparse::silu_select", mutates_args=())
+def _silu_select(gate: torch.Tensor, up: Optional[torch.Tensor], k: int,
+                 hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _silu_select_rows(gate, up, k, hint_slot)
+
+
+@_silu_select.register_fake
+def _(gate, up, k, hint_slot):
+    return torch.empty_like(gate), gate.new_empty(gate.numel() // gate.shape[-1], k, dtype=torch.int32)
 
 
 @torch.library.custom_op("qsparse::sparse_linear", mutates_args=())
@@ -181,16 +202,22 @@ def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
 
 def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
                 hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`topk_select` of ``F.silu(gate)`` (times ``up`` when given) in one launch (`topk.silu_topk_rows`): a gated
-    FFN's activation on an eager decode step, ``(sparse, kept)``, where three kernels (SiLU, top-K, product) would
-    run. ``zeros`` counts the zeros of the top-K, before the product. Eager only, no custom op: in a compiled step
-    the compiler's SiLU and product around `topk_select` cost less GPU time than this one-program launch (which
-    computes SiLU and the product over the whole row itself), and there launches cost no host time.
+    """`topk_select` of ``F.silu(gate)`` (times ``up`` when given): a gated FFN's activation on a decode step,
+    ``(sparse, kept)``, where three kernels (SiLU, top-K, product) would run. ``zeros`` counts the zeros of the
+    top-K, before the product (eager only).
+
+    In eager mode this is one launch of one program per row (`topk.silu_topk_rows`): eager decode waits on host
+    time per launch. Under ``torch.compile`` it is the ``qsparse::silu_select`` op, which splits rows wider than
+    `topk.SPLIT_FROM_KEYS` keys over many programs (two launches, `topk.split_launch`) when the hint serves them: a
+    captured step waits on GPU time, and one program computing SiLU and the product over a whole 14336-wide row
+    was slower there than the compiler's SiLU and product around `topk_select`. Both give the same result.
 
     Example:
         >>> gate = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
         >>> sparse, kept = silu_select(gate, 16, up=torch.randn_like(gate))  # doctest: +SKIP
     """
+    if torch.compiler.is_compiling():
+        return _silu_select(gate, up, k, hint_slot)
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
 
 

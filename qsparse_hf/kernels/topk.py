@@ -26,7 +26,7 @@ from triton.language.extra import libdevice
 
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 
-__all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
+__all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config", "split_launch",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
@@ -138,6 +138,15 @@ def _round_like(value, like, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _times_row(value, row_ptr, offs, valid, PRECISE: tl.constexpr):
+    """A gated FFN's product of the sparse ``value`` with up (the row at ``row_ptr``, at ``offs``), rounded once as
+    ``a * b`` is. Taken over every position, so a dropped feature gives 0 * up (-0.0 for a negative up, NaN for an
+    infinite or NaN one), as the unfused product does."""
+    up = tl.load(row_ptr + offs, mask=valid, other=0.0)
+    return _round_like(value.to(tl.float32) * up.to(tl.float32), value, PRECISE)
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y, stride_out,
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
@@ -167,11 +176,8 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     else:
         keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
     value = tl.where(keep, x, 0.0)
-    if MULTIPLY:
-        # The gated FFN's product with up, rounded once as ``a * b`` is, over the whole row: a dropped feature
-        # gives 0 * up (-0.0 for a negative up, NaN for an infinite or NaN one), as the unfused product does.
-        y = tl.load(y_ptr + row * stride_y + offs, mask=valid, other=0.0)
-        value = _round_like(value.to(tl.float32) * y.to(tl.float32), x, PRECISE)
+    if MULTIPLY:  # over the whole row: see _times_row
+        value = _times_row(value, y_ptr + row * stride_y, offs, valid, PRECISE)
     tl.store(out_ptr + row * stride_out + offs, value, mask=valid)
     if COUNT_ZEROS:  # the zeros of the top-K itself (before any product)
         nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
@@ -179,25 +185,28 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
 
 
 @triton.jit
-def _chunk_of_row(row_ptr, dim, chunk, INF_KEY: tl.constexpr, CHUNK: tl.constexpr):
-    """Chunk ``chunk`` of the row at ``row_ptr``: its values, their magnitude keys, which of them lie inside the
-    row, and their positions."""
+def _chunk_of_row(row_ptr, dim, chunk, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, SILU: tl.constexpr = False,
+                  PRECISE: tl.constexpr = True):
+    """Chunk ``chunk`` of the row at ``row_ptr``: its values (``SILU``: their SiLU, see `_silu`), their magnitude
+    keys, which of them lie inside the row, and their positions."""
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     valid = offs < dim
     x = tl.load(row_ptr + offs, mask=valid, other=0.0)
+    if SILU:  # silu(0) == 0: the padding stays 0
+        x = _silu(x, PRECISE)
     return x, _magnitude_key(x, INF_KEY), valid, offs
 
 
 @triton.jit
 def _count_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-                    TWO: tl.constexpr = False):
+                    TWO: tl.constexpr = False, SILU: tl.constexpr = False, PRECISE: tl.constexpr = True):
     """How many keys of the row at ``row_ptr`` reach ``low`` (and, with ``TWO``, how many reach ``high``; else
     0), the row streamed in ``CHUNKS`` chunks (from cache after the first pass): one block-wide reduction, few
     registers."""
     reach_low = tl.zeros([CHUNK], dtype=tl.int32)
     reach_high = tl.zeros([CHUNK], dtype=tl.int32)
     for chunk in tl.range(0, CHUNKS, loop_unroll_factor=1):
-        _, key, valid, _ = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK)
+        _, key, valid, _ = _chunk_of_row(row_ptr, dim, chunk, INF_KEY, CHUNK, SILU, PRECISE)
         reach_low += ((key >= low) & valid).to(tl.int32)
         if TWO:
             reach_high += ((key >= high) & valid).to(tl.int32)
@@ -210,22 +219,26 @@ def _count_streamed(row_ptr, dim, low, high, INF_KEY: tl.constexpr, CHUNK: tl.co
 
 
 @triton.jit
-def _search_streamed(row_ptr, dim, k, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr):
-    """The k-th largest key of the row at ``row_ptr``, bit by bit from the top (fifteen streamed counts)."""
+def _search_streamed(row_ptr, dim, k, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                     SILU: tl.constexpr = False, PRECISE: tl.constexpr = True):
+    """The k-th largest key of the row at ``row_ptr`` (``SILU``: of its SiLU), bit by bit from the top (fifteen
+    streamed counts)."""
     prefix = 0
     for bit in tl.static_range(14, -1, -1):
         candidate = prefix | (1 << bit)
-        reached = _count_streamed(row_ptr, dim, candidate, 0, INF_KEY, CHUNK, CHUNKS)[0] >= k
+        reached = _count_streamed(row_ptr, dim, candidate, 0, INF_KEY, CHUNK, CHUNKS, False, SILU, PRECISE)[0] >= k
         prefix = tl.where(reached, candidate, prefix)
     return prefix
 
 
 @triton.jit
 def _write_chunk(x, key, valid, offs, out_row_ptr, kept_row_ptr, threshold, ties_kept, greater_before, ties_before,
-                 WRITE_INDICES: tl.constexpr):
+                 WRITE_INDICES: tl.constexpr, up_row_ptr=None, MULTIPLY: tl.constexpr = False,
+                 PRECISE: tl.constexpr = True):
     """Write one chunk of a sparse row (and its slots of the ascending list of kept features), given the threshold
-    key, how many ties at it are kept, and the strictly greater keys and ties before the chunk. Returns the chunk's
-    (greater keys, ties, kept non-zeros)."""
+    key, how many ties at it are kept, and the strictly greater keys and ties before the chunk; ``MULTIPLY``: the
+    sparse values times the row at ``up_row_ptr`` (as `_topk_rows_kernel` does). Returns the chunk's (greater keys,
+    ties, kept non-zeros)."""
     greater = (key > threshold) & valid
     at_threshold = (key == threshold) & valid
     # Each 16-bit half of the scan holds one count (chunks are at most 32768 wide); unsigned, as in _topk_rows_kernel.
@@ -236,7 +249,10 @@ def _write_chunk(x, key, valid, offs, out_row_ptr, kept_row_ptr, threshold, ties
     if WRITE_INDICES:
         slot = (both & 0xFFFF).to(tl.int32) + greater_before + tl.minimum(ties_up_to, ties_kept) - 1
         tl.store(kept_row_ptr + slot, offs, mask=keep)
-    tl.store(out_row_ptr + offs, tl.where(keep, x, 0.0), mask=valid)
+    value = tl.where(keep, x, 0.0)
+    if MULTIPLY:
+        value = _times_row(value, up_row_ptr, offs, valid, PRECISE)
+    tl.store(out_row_ptr + offs, value, mask=valid)
     counts = tl.sum(packed, 0)
     nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
     return (counts & 0xFFFF).to(tl.int32), (counts >> 16).to(tl.int32), nonzero
@@ -297,14 +313,16 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
 @triton.jit
 def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
                                   PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
-                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, PDL: tl.constexpr):
+                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, SILU: tl.constexpr,
+                                  PRECISE: tl.constexpr, PDL: tl.constexpr):
     """First launch of a hinted selection split over ``PARTS`` programs per row: each counts its ``PART``-key slice
     in one pass, as a histogram of the keys in the hint's window (``2 * HINT_RADIUS`` bins) with one bin for the
     keys above it. The last program of the row to finish (an atomic ticket) adds the histograms and reads off them
     the threshold and, for every part, the strictly greater keys and ties in the parts before it; where the
     threshold lies outside the window (a hint that missed, or none yet) it searches the row bit by bit and counts
     the parts itself. It stores ``[threshold, ties kept, greater before, ties before]`` of each part over the
-    part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint."""
+    part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint. ``SILU``: the
+    selection is of the row's SiLU (a gated FFN's activation), computed on the way."""
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -313,7 +331,7 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
     low = tl.maximum(guess - HINT_RADIUS, 0)
     high = guess + HINT_RADIUS - 1
     WINDOW: tl.constexpr = 2 * HINT_RADIUS
-    _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART)
+    _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
     # bins 0 .. WINDOW - 1: the window's keys; WINDOW: below it (not needed); WINDOW + 1: above it
     bin_of = tl.where(key > high, WINDOW + 1, tl.where(key >= low, key - low, WINDOW))
     bins = tl.arange(0, BINS)
@@ -339,11 +357,11 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
             part_greater = tl.sum(tl.where(above_threshold[None, :], histograms, 0), 1)
             part_ties = tl.sum(tl.where(bins[None, :] == threshold_bin, histograms, 0), 1)
         else:  # outside the window: the whole search and the parts' counts, by this program alone
-            threshold = _search_streamed(row_ptr, dim, k, INF_KEY, PART, PARTS)
+            threshold = _search_streamed(row_ptr, dim, k, INF_KEY, PART, PARTS, SILU, PRECISE)
             part_greater = tl.zeros([PARTS_PAD], dtype=tl.int32)
             part_ties = tl.zeros([PARTS_PAD], dtype=tl.int32)
             for other in tl.range(0, PARTS, loop_unroll_factor=1):
-                _, other_key, other_valid, _ = _chunk_of_row(row_ptr, dim, other, INF_KEY, PART)
+                _, other_key, other_valid, _ = _chunk_of_row(row_ptr, dim, other, INF_KEY, PART, SILU, PRECISE)
                 greater_here, ties_here = tl.reduce((((other_key > threshold) & other_valid).to(tl.int32),
                                                      ((other_key == threshold) & other_valid).to(tl.int32)), 0, _add2)
                 part_greater = tl.where(parts == other, greater_here, part_greater)
@@ -362,20 +380,22 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
 
 
 @triton.jit
-def _topk_rows_split_write_kernel(x_ptr, out_ptr, zeros_ptr, index_ptr, part_ptr, dim, k, stride_x, stride_out,
-                                  INF_KEY: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr,
+def _topk_rows_split_write_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, part_ptr, dim, k, stride_x, stride_y,
+                                  stride_out, INF_KEY: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr,
                                   BINS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr,
+                                  SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
                                   PDL: tl.constexpr):
     """Second launch of a split selection: each program writes its part of the sparse row (and its slots of the
-    kept features' list) from what `_topk_rows_split_count_kernel` resolved for it."""
+    kept features' list) from what `_topk_rows_split_count_kernel` resolved for it (``SILU``: of the row's SiLU;
+    ``MULTIPLY``: times the row of ``y``, a gated FFN's up projection, as `_topk_rows_kernel` does)."""
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     resolved = part_ptr + (row * PARTS + part) * BINS
-    x, key, valid, offs = _chunk_of_row(x_ptr + row * stride_x, dim, part, INF_KEY, PART)
+    x, key, valid, offs = _chunk_of_row(x_ptr + row * stride_x, dim, part, INF_KEY, PART, SILU, PRECISE)
     _, _, nonzero = _write_chunk(x, key, valid, offs, out_ptr + row * stride_out, index_ptr + row * k,
                                  tl.load(resolved), tl.load(resolved + 1), tl.load(resolved + 2),
-                                 tl.load(resolved + 3), WRITE_INDICES)
+                                 tl.load(resolved + 3), WRITE_INDICES, y_ptr + row * stride_y, MULTIPLY, PRECISE)
     if COUNT_ZEROS:
         tl.atomic_add(zeros_ptr, (tl.sum(valid.to(tl.int32), 0) - nonzero).to(tl.int64))
 
@@ -411,13 +431,26 @@ def launch_config(block: int, rows: int, silu: bool = False, hinted: bool = Fals
         ('split', 512, 4)
     """
     if hinted and not silu and block > SPLIT_FROM_KEYS:
-        part = SPLIT_PART
-        while block // part > _split_parts_limit(dtype):
-            part *= 2
-        return "split", part, max(4, part // 1024)
+        return split_launch(block, dtype)
     if block > 16384 and not silu:
         return STREAMED_WIDE_ROWS
     return _register_launch(block)
+
+
+def split_launch(block: int, dtype: torch.dtype = torch.bfloat16) -> tuple[str, int, int]:
+    """The default ``("split", part, num_warps)`` launch for hinted rows padded to ``block`` keys: parts of
+    `SPLIT_PART` keys, wider where a row would need more than `_split_parts_limit` of them, 4 warps per 1024 keys
+    (at least 4). `launch_config` picks it for wide rows without SiLU; a compiled decode step asks for it for a
+    gated FFN's activation with SiLU and the product with up (`ops.silu_select`).
+
+    Example:
+        >>> split_launch(32768), split_launch(32768, torch.float16)
+        (('split', 512, 4), ('split', 4096, 4))
+    """
+    part = SPLIT_PART
+    while block // part > _split_parts_limit(dtype):
+        part *= 2
+    return "split", part, max(4, part // 1024)
 
 
 def _split_bins(dtype: torch.dtype) -> int:
@@ -486,17 +519,17 @@ class _RowLaunch:
             _, part, num_warps = config
             self.parts = -(-dim // part)
             limit = _split_parts_limit(dtype)
-            if silu or not hinted or part & (part - 1) or not 32 * num_warps <= part <= 32768 or self.parts > limit:
-                raise ValueError(f"a split launch takes a threshold hint, no SiLU and a power-of-two part of "
-                                 f"32 * num_warps to 32768 keys, at most {limit} parts a row, got part {part}, "
-                                 f"{num_warps} warps, {self.parts} parts, hint {hinted}, silu={silu}")
+            if not hinted or part & (part - 1) or not 32 * num_warps <= part <= 32768 or self.parts > limit:
+                raise ValueError(f"a split launch takes a threshold hint and a power-of-two part of 32 * num_warps "
+                                 f"to 32768 keys, at most {limit} parts a row, got part {part}, {num_warps} warps, "
+                                 f"{self.parts} parts, hint {hinted}")
             self.bins = _split_bins(dtype)
-            shared = dict(INF_KEY=_INF_KEY[dtype], PART=part, PARTS=self.parts, BINS=self.bins, num_warps=num_warps,
-                          **pdl_constants())
+            shared = dict(INF_KEY=_INF_KEY[dtype], PART=part, PARTS=self.parts, BINS=self.bins, SILU=silu,
+                          PRECISE=_PRECISE, num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
             self.launch = KernelLaunch(_topk_rows_split_count_kernel, dict(
                 PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype], **shared))
             self.write = KernelLaunch(_topk_rows_split_write_kernel, dict(
-                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, **shared))
+                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply, **shared))
             return
         if config[0] == "streamed":
             _, chunk, num_warps = config
@@ -515,9 +548,7 @@ class _RowLaunch:
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            num_warps=num_warps, **pdl_constants())
-        if silu and _PRECISE:
-            constants["enable_reflect_ftz"] = False  # libdevice's expf and division keep denormals, as CUDA's do
+            num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
 
     def __call__(self, x: torch.Tensor, rows: int, stride: int, zeros: torch.Tensor | None,
@@ -531,13 +562,19 @@ class _RowLaunch:
             histograms = _scratch(x.device, rows * self.parts * self.bins).view(torch.int32)
             self.launch((rows, self.parts), (x, hint, histograms, _semaphores(x.device, rows)),
                         (self.dim, self.k, stride))
-            self.write((rows, self.parts), (x, out, x if zeros is None else zeros, out if kept is None else kept,
-                                            histograms), (self.dim, self.k, stride, self.dim))
+            self.write((rows, self.parts), (x, x if y is None else y, out, x if zeros is None else zeros,
+                                            out if kept is None else kept, histograms),
+                       (self.dim, self.k, stride, stride_y, self.dim))
         elif rows:
             self.launch((rows,), (x, x if y is None else y, out, x if zeros is None else zeros,
                                   out if kept is None else kept, out if hint is None else hint),
                         (self.dim, self.k, stride, stride_y, self.dim))
         return out, kept
+
+
+def _silu_options(silu: bool) -> dict:
+    """Compiler options of a launch that computes SiLU: libdevice's expf and division keep denormals, as CUDA's do."""
+    return {"enable_reflect_ftz": False} if silu and _PRECISE else {}
 
 
 _ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
@@ -633,13 +670,15 @@ def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                   *, indices: bool = False, hint: torch.Tensor | None = None):
+                   *, indices: bool = False, hint: torch.Tensor | None = None, config: tuple | None = None):
     """A gated FFN's activation in one launch: the top-``k`` of ``silu(gate)`` per row (bf16/fp16), and with ``up``
     that times ``up``: ``topk(F.silu(gate), k) * up`` bit for bit (SiLU computed as PyTorch's CUDA kernel does).
 
     ``zeros`` counts the zeros of the top-K itself (before the product), as the activation's sparsity counter
     does; ``indices`` and ``hint`` as in `topk_sparsify_rows`. On the GPU an eager one-token decode step runs this
-    instead of three kernels (SiLU, top-K, product).
+    instead of three kernels (SiLU, top-K, product). ``config``: the register kernel's ``(digit_bits, num_warps)``
+    (the default, one program a row) or, with ``hint``, a ``("split", part, num_warps)`` launch (`split_launch`:
+    many programs a row, two launches; what a compiled decode step runs for wide rows).
 
     Example:
         >>> gate = torch.tensor([[0.5, -2.0, 1.0, 3.0]], dtype=torch.bfloat16)  # doctest: +SKIP
@@ -649,7 +688,7 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
     if up is not None and (up.shape != gate.shape or up.dtype != gate.dtype or up.device != gate.device):
         raise ValueError(f"up must match gate's shape, dtype and device ({tuple(gate.shape)}, {gate.dtype}, "
                          f"{gate.device}), got {tuple(up.shape)}, {up.dtype}, {up.device}")
-    launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, None, hint is not None, True,
+    launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, config, hint is not None, True,
                          up is not None)
     out, kept = _launch_over_rows(launch, gate, zeros, hint, up)
     return (out, kept) if indices else out
