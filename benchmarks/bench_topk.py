@@ -50,7 +50,7 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             k = keep_count(keep, dim)
             xs = [torch.randn(1, dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
             block = triton_next_power_of_2(dim)
-            chosen = launch_config(block, 1)
+            chosen = launch_config(block)
             reference = xs[0] * topk_mask(xs[0], k)
             for config in [*_launch_candidates(block), *STREAMED_CANDIDATES]:
                 assert torch.equal(topk_sparsify_rows(xs[0], k, config=config), reference), config
@@ -60,7 +60,7 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
             hint = new_hint("cuda", 1)
             # hinted: the default, the register kernel's default (where the default streams or splits), the
             # streamed kernel's other launches and the split kernel's
-            chosen = launch_config(block, 1, hinted=True)
+            chosen = launch_config(block, hinted=True)
             for config in dict.fromkeys([chosen, _register_launch(block), *STREAMED_CANDIDATES, *SPLIT_CANDIDATES]):
                 for x, (out, kept) in zip(xs, expected):  # the same result from any hint
                     hinted = topk_sparsify_rows(x, k, indices=True, hint=hint, config=config)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         block = 1 << (dim - 1).bit_length()
         k = keep_count(args.keep, dim)
         for silu, variant in ((False, "top-K"), (True, "SiLU, top-K, × up")):
-            chosen = launch_config(block, 1, silu)
+            chosen = launch_config(block, silu)
             others = [*_launch_candidates(block), *([] if silu else STREAMED_CANDIDATES)]  # no fused SiLU streamed
             for config in [chosen] if args.defaults_only else others:
                 launch = _row_launch(dim, k, torch.bfloat16, True, False, config, True, silu, silu).launch
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                     registers=registers, spilled_bytes=spilled, default=config == chosen))
                 rows.append([dim, block, variant, search, config[-1], registers, spilled,
                              "←" if config == chosen else ""])
-        split = launch_config(block, 1, hinted=True)
+        split = launch_config(block, hinted=True)
         if split[0] != "split":
             continue
         for silu in (False, True):  # a compiled decode step's FFN activation: SiLU and the product with up fused

@@ -1272,7 +1272,7 @@ def test_rows_the_register_kernel_pads_past_16384_keys_are_streamed_by_default()
     assert default_kernel(8192, hinted=True) is _topk_rows_kernel
     for dtype, most in ((torch.bfloat16, 64), (torch.float16, 8)):  # what the last program's registers hold
         for block in (16384, 32768, 1 << 17):
-            _, part, warps = launch_config(block, 1, hinted=True, dtype=dtype)
+            _, part, warps = launch_config(block, hinted=True, dtype=dtype)
             assert block // part <= most and part >= 32 * warps
             _row_launch(block, 10, dtype, False, False, None, True)  # a launch it accepts
     x = torch.randn(1, wide, device=DEV).to(torch.bfloat16)

@@ -400,11 +400,12 @@ def _topk_rows_split_write_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, p
         tl.atomic_add(zeros_ptr, (tl.sum(valid.to(tl.int32), 0) - nonzero).to(tl.int64))
 
 
-def launch_config(block: int, rows: int, silu: bool = False, hinted: bool = False,
+def launch_config(block: int, silu: bool = False, hinted: bool = False,
                   dtype: torch.dtype = torch.bfloat16) -> tuple:
-    """Default launch for ``rows`` rows padded to ``block`` features: ``(digit_bits, num_warps)`` of the register
-    kernel, ``("streamed", chunk, num_warps)`` of the streamed one, or (``hinted``: the search starts from a
-    threshold hint) ``("split", part, num_warps)`` of the split one.
+    """Default launch for rows padded to ``block`` features (the same for any number of rows: one program each, or
+    a split launch's parts of each): ``(digit_bits, num_warps)`` of the register kernel, ``("streamed", chunk,
+    num_warps)`` of the streamed one, or (``hinted``: the search starts from a threshold hint) ``("split", part,
+    num_warps)`` of the split one.
 
     One bit per reduction step and at most 1024 keys per warp (32 per thread), 4 to 32 warps. On an H200 this was
     within 0.5 µs of the best of every (digit bits, warps) pair for one decode token of 4096 and 14336 features
@@ -423,11 +424,11 @@ def launch_config(block: int, rows: int, silu: bool = False, hinted: bool = Fals
     that narrow keep the register kernel until a decode run confirms it.
 
     Example:
-        >>> launch_config(4096, 1)
+        >>> launch_config(4096)
         (1, 4)
-        >>> launch_config(32768, 1)
+        >>> launch_config(32768)
         ('streamed', 4096, 16)
-        >>> launch_config(16384, 1, hinted=True)
+        >>> launch_config(16384, hinted=True)
         ('split', 512, 4)
     """
     if hinted and not silu and block > SPLIT_FROM_KEYS:
@@ -514,7 +515,7 @@ class _RowLaunch:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
         self.parts = 0  # programs per row of a split launch
-        config = config or launch_config(block, 1, silu, hinted, dtype)
+        config = config or launch_config(block, silu, hinted, dtype)
         if config[0] == "split":
             _, part, num_warps = config
             self.parts = -(-dim // part)
