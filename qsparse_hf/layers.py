@@ -568,9 +568,10 @@ class InputSparsifier:
     def fuses_silu_product(self, x: torch.Tensor, width: int) -> bool:
         """Whether a compiled one-token inference step of a gated FFN whose input is ``x`` computes this
         activation's top-K of ``silu(gate)``, ``width`` features wide, and the product with up in one op
-        (`select_silu_product`): `kernels.FUSED_ACTIVATION` on, the kernels serve ``x``, a plain top-K that drops
-        features, a threshold hint, and rows wide enough for the split selection (`kernels.topk.SPLIT_FROM_KEYS`)."""
-        return (kernels.FUSED_ACTIVATION and self.publishes_kept and self.activation_bits is None
+        (`select_silu_product`): the kernels serve ``x``, a plain top-K that drops features, a threshold hint, and
+        rows wide enough for the split selection (`kernels.topk.SPLIT_FROM_KEYS`). (`GatedFFNForward` asks only
+        with `kernels.FUSED_ACTIVATION` on.)"""
+        return (self.publishes_kept and self.activation_bits is None
                 and self.hint_slot >= 0 and _SPLIT_FROM_KEYS < width <= _MAX_LISTED_FEATURES
                 and x.numel() == x.shape[-1] and self.uses_kernel(x) and self.keep(width) < width)
 
@@ -983,6 +984,8 @@ class GatedFFNForward:
         """A compiled one-token step with the activation's SiLU, top-K and product with up in one op
         (`InputSparsifier.fuses_silu_product`), else None. The members are reached by name, as the module's own
         forward reaches them: holding them twice would make Dynamo check their identity before every call."""
+        if not kernels.FUSED_ACTIVATION:  # (first: then the traced step reads, and guards, nothing else here)
+            return None
         module = self.module
         gate, up, down, act = (getattr(module, name) for name in self.names)
         if (torch.is_grad_enabled() or not isinstance(act, QSparseActivation) or not act.silu

@@ -956,6 +956,32 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
     torch._dynamo.reset()
 
 
+@requires_cuda
+def test_inductor_compiled_fused_activation_step_equals_eager_bit_for_bit(monkeypatch):
+    # The same with Inductor, as users compile: the fused op takes gate and up straight from the gate/up GEMV's
+    # output (views of one buffer), and the compiler's own kernels around it round as eager does.
+    import torch._inductor.config as inductor_config
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from qsparse_hf import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_ACTIVATION", True)
+    # the like-for-like eager step (see test_compiled_decode_steps_equal_eager_bit_for_bit_with_emulated_casts)
+    monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
+    model = convert_to_qsparse(AutoModelForCausalLM.from_config(config).eval().to(DEV, torch.bfloat16), topk=0.5)
+    torch._dynamo.reset()
+    with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
+        step = torch.compile(model, fullgraph=True)
+        for token in (3, 17, 40):
+            ids = torch.tensor([[token]], device=DEV)
+            eager = model(ids).logits
+            assert torch.equal(step(ids).logits, eager), token
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
 def test_block_product_through_a_member_equals_the_block_product(biases):
     # A compiled step multiplies through a member's Parameters (`DecodeWeights.multiply_through`): the same outputs
