@@ -930,8 +930,8 @@ def test_compiled_decode_guards_parameters_not_the_decode_layout(arch):
 def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(fused, monkeypatch):
     # A compiled one-token step selects the FFN activation hinted: past 8192 features that is the split launch,
     # with SiLU and the product with up inside it (`fused`: QSPARSE_FUSED_ACTIVATION=1) or around `topk_select`;
-    # the eager step fuses them into the register kernel. Same logits, token after token (the hint carried from one to the next),
-    # and the split launch is what ran.
+    # the eager step fuses them into the register kernel. Same logits, token after token (the hint carried from
+    # one to the next), and the split launch is what ran.
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from qsparse_hf import kernels
@@ -1124,6 +1124,19 @@ def test_compiled_decode_compiles_no_more_often_than_dense(arch):
         assert dense_compiles == 1
 
 
+def _capture(call):
+    """``call()`` run once on a side stream (the warm-up CUDA graphs need), then captured: ``(graph, output)``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = call()
+    return graph, output
+
+
 @requires_cuda
 def test_cuda_graph_replays_give_bitwise_identical_logits():
     from transformers import StaticCache
@@ -1135,20 +1148,40 @@ def test_cuda_graph_replays_give_bitwise_identical_logits():
     token = torch.randint(3, 128, (1, 1), device="cuda")
     position = torch.tensor([0], device="cuda")
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(token, past_key_values=cache, cache_position=position)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = model(token, past_key_values=cache, cache_position=position).logits
+        graph, logits = _capture(lambda: model(token, past_key_values=cache, cache_position=position).logits)
         replays = []
         for _ in range(3):
             graph.replay()
             replays.append(logits.clone())
     assert torch.equal(replays[0], replays[1]) and torch.equal(replays[1], replays[2])
 
+
+
+@requires_cuda
+def test_captured_step_splits_the_wide_activation_and_matches_eager(monkeypatch):
+    # A captured eager step waits on GPU time: its wide activation takes the split launch with SiLU inside (the
+    # one-program launch spills at 18944 features), and replays give the uncaptured step's logits bit for bit.
+    from transformers import AutoModelForCausalLM, MistralConfig, StaticCache
+
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import topk
+
+    monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)  # the captured step's two launches, eager too
+    monkeypatch.setattr(topk, "_ROW_LAUNCHES", {})
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=64, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=32)
+    model = convert_to_qsparse(AutoModelForCausalLM.from_config(config).eval().to("cuda", torch.bfloat16), topk=0.5)
+    prepare_for_decode(model)
+    token = torch.randint(3, 128, (1, 1), device="cuda")
+    position = torch.tensor([0], device="cuda")
+    eager_cache, captured_cache = (StaticCache(config=model.config, max_cache_len=16) for _ in range(2))
+    with torch.no_grad():
+        eager = model(token, past_key_values=eager_cache, cache_position=position).logits
+        graph, logits = _capture(lambda: model(token, past_key_values=captured_cache, cache_position=position).logits)
+        graph.replay()
+    assert torch.equal(logits, eager)
+    assert any(key[0] == 14336 and key[7:8] == (True,) and launch.parts for key, launch in topk._ROW_LAUNCHES.items())
 
 
 def test_layers_know_the_widest_row_the_kernel_lists():

@@ -86,12 +86,14 @@ def _(x, k, hint_slot):
     return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
 
 
-def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_slot: int):
+def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_slot: int,
+                      zeros: torch.Tensor | None = None):
+    """`silu_select` of a step that waits on GPU time (compiled or captured): wide hinted rows split over many
+    programs, SiLU computed by each for its part, rather than the one-program launch."""
     hint = _hint_for(hint_slot, gate)
     block = 1 << (gate.shape[-1] - 1).bit_length()
-    # Wide hinted rows: many programs a row (SiLU computed by each for its part), not the one-program launch
     config = split_launch(block, gate.dtype) if hint is not None and block > SPLIT_FROM_KEYS else None
-    return silu_topk_rows(gate, k, up, indices=True, hint=hint, config=config)
+    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config)
 
 
 @torch.library.custom_op("qsparse::silu_select", mutates_args=())
@@ -207,10 +209,11 @@ def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zero
     top-K, before the product (eager only).
 
     In eager mode this is one launch of one program per row (`topk.silu_topk_rows`): eager decode waits on host
-    time per launch. Under ``torch.compile`` it is the ``qsparse::silu_select`` op, which splits rows wider than
-    `topk.SPLIT_FROM_KEYS` keys over many programs (two launches, `topk.split_launch`) when the hint serves them: a
-    captured step waits on GPU time, and one program computing SiLU and the product over a whole 14336-wide row
-    was slower there than the compiler's SiLU and product around `topk_select`. Both give the same result.
+    time per launch. Under ``torch.compile`` it is the ``qsparse::silu_select`` op, and while a CUDA graph is being
+    captured the same launches: rows wider than `topk.SPLIT_FROM_KEYS` keys split over many programs (two
+    launches, `topk.split_launch`) when the hint serves them, since those steps wait on GPU time, where one program
+    computing SiLU (and the product) over a whole 14336-wide row was slower than the compiler's kernels around
+    `topk_select`, and spills its registers at 18944. Every form gives the same result.
 
     Example:
         >>> gate = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -218,6 +221,8 @@ def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zero
     """
     if torch.compiler.is_compiling():
         return _silu_select(gate, up, k, hint_slot)
+    if gate.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _silu_select_rows(gate, up, k, hint_slot, zeros)
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
 
 
