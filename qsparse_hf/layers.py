@@ -561,9 +561,13 @@ class InputSparsifier:
     def fuses_silu(self, x: torch.Tensor) -> bool:
         """Whether this activation sparsifier's top-K of ``F.silu(x)`` runs in one launch with SiLU: one token of
         inference through the kernels, a plain top-K that drops features, its kept features listed for down_proj."""
-        width = x.shape[-1]
+        return self._selects_silu_of(x, x.shape[-1])
+
+    def _selects_silu_of(self, x: torch.Tensor, width: int) -> bool:
+        """`fuses_silu` for an activation ``width`` features wide, of a step whose tokens, dtype and device are
+        ``x``'s."""
         return (self.publishes_kept and self.activation_bits is None and self._one_token_inference(x)
-                and self._listable(x) and self.uses_kernel(x) and self.keep(width) < width)
+                and width <= _MAX_LISTED_FEATURES and self.uses_kernel(x) and self.keep(width) < width)
 
     def fuses_silu_product(self, x: torch.Tensor, width: int) -> bool:
         """Whether a compiled one-token inference step of a gated FFN whose input is ``x`` computes this
@@ -571,9 +575,7 @@ class InputSparsifier:
         (`select_silu_product`): the kernels serve ``x``, a plain top-K that drops features, a threshold hint, and
         rows wide enough for the split selection (`kernels.topk.SPLIT_FROM_KEYS`). (`GatedFFNForward` asks only
         with `kernels.FUSED_ACTIVATION` on.)"""
-        return (self.publishes_kept and self.activation_bits is None
-                and self.hint_slot >= 0 and _SPLIT_FROM_KEYS < width <= _MAX_LISTED_FEATURES
-                and x.numel() == x.shape[-1] and self.uses_kernel(x) and self.keep(width) < width)
+        return self.hint_slot >= 0 and width > _SPLIT_FROM_KEYS and self._selects_silu_of(x, width)
 
     def select_silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``self(F.silu(gate)) * up`` of a compiled one-token step (`fuses_silu_product`), its kept features
@@ -930,8 +932,7 @@ class GatedFFNForward:
     (`InputSparsifier.select_silu_product`: the split selection's two launches, where the compiler would add a SiLU
     kernel and a product kernel around the top-K). It steps aside for everything else (prefill, training, other
     compiled steps, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's own forward
-    runs. The result and the sparsity counts are those of the
-    module's forward, bit for bit.
+    runs. The result and the sparsity counts are those of the module's forward, bit for bit.
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP

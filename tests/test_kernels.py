@@ -1186,9 +1186,10 @@ def test_captured_step_splits_the_wide_activation_and_matches_eager(monkeypatch)
 
 def test_layers_know_the_widest_row_the_kernel_lists():
     from qsparse_hf import layers
-    from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES
+    from qsparse_hf.kernels.topk import MAX_LISTED_FEATURES, SPLIT_FROM_KEYS
 
     assert layers._MAX_LISTED_FEATURES == MAX_LISTED_FEATURES
+    assert layers._SPLIT_FROM_KEYS == SPLIT_FROM_KEYS  # (GatedFFNForward's compiled step fuses past it)
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES
 
     assert layers._MAX_SELECT_FEATURES == MAX_SELECT_FEATURES

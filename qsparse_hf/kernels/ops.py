@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
-from .topk import SPLIT_FROM_KEYS, repeat_row_launch, silu_topk_rows, split_launch, topk_sparsify_rows
+from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
            "register_hint", "block_of", "repeatable_linear", "repeatable_select"]
@@ -91,8 +91,9 @@ def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_
     """`silu_select` of a step that waits on GPU time (compiled or captured): wide hinted rows split over many
     programs, SiLU computed by each for its part, rather than the one-program launch."""
     hint = _hint_for(hint_slot, gate)
-    block = 1 << (gate.shape[-1] - 1).bit_length()
-    config = split_launch(block, gate.dtype) if hint is not None and block > SPLIT_FROM_KEYS else None
+    # the plain selection's default where it splits the row (`launch_config` keeps SiLU in one program: eager)
+    split = launch_config(1 << (gate.shape[-1] - 1).bit_length(), hinted=hint is not None, dtype=gate.dtype)
+    config = split if split[0] == "split" else None
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config)
 
 
