@@ -7,7 +7,13 @@ kernel starts from the last threshold (a hint), lists the kept features, and the
 "top-K inside the GEMV" is eager decode's single launch (`select_gemv`: every program selects; GPU time is spent
 to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y).
 
+``--prefill`` times what a prompt of ``--tokens`` tokens (default 32) costs per decoder layer of a converted model
+on the GPU instead: the dense products through the weights as the decode layout stores them (each member's weight a
+view of its group's input-major block) beside the same products through ordinary row-major weights and one product
+over the whole block, and the prompt's top-K selection of each group's input.
+
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
+    python benchmarks/bench_gemv.py --prefill --arch qwen2 [--tokens 32] [--keep 0.5]
 """
 
 from __future__ import annotations
@@ -34,18 +40,30 @@ SHAPES = {  # name: (in_features, out_features)
 }
 KEEPS = (1.0, 0.9, 0.7, 0.5, 0.3)
 L2_ESCAPE_BYTES = 256 * 2**20
+#: --prefill: (hidden, intermediate, key/value width, decoder layers) of the 7B shapes `bench_decode.py` runs
+PREFILL_ARCHS = {"mistral": (4096, 14336, 1024, 32), "qwen2": (3584, 18944, 512, 28)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--tokens", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per call (default 1; 32 with --prefill)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of the shape names")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="comma-separated keep fractions")
+    parser.add_argument("--prefill", action="store_true",
+                        help="time a prompt's products and selections per layer of --arch (see above)")
+    parser.add_argument("--arch", choices=list(PREFILL_ARCHS), default="qwen2", help="with --prefill")
+    parser.add_argument("--keep", type=float, default=0.5, help="with --prefill: the selections' keep fraction")
     args = parser.parse_args(argv)
+    args.tokens = args.tokens or (32 if args.prefill else 1)
+    if args.prefill and not (0 < args.keep <= 1 and 8 < args.tokens):
+        print("--prefill takes --keep in (0, 1] and --tokens above 8 (fewer take the decode GEMV)", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("bench_gemv needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
+    if args.prefill:
+        return prefill(args)
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
@@ -111,6 +129,47 @@ def main(argv=None) -> int:
                 title=f"Decode GEMV, {args.tokens} token(s), {args.dtype}, {torch.cuda.get_device_name()}")
     write_json(f"gemv_{args.dtype}_t{args.tokens}.json", {"tokens": args.tokens, "dtype": args.dtype,
                                                           "results": results})
+    return 0
+
+
+def prefill(args) -> int:
+    """``--prefill``: per group of projections that share an input (q/k/v, o, gate/up, down), µs of its products
+    for a prompt of ``args.tokens`` tokens through row-major weights (dense), through views of the input-major block
+    (the converted model's weights once stored for decode), and as one product over the block; and of the top-K of
+    its input (down's: the activation's). Sums per layer and per model."""
+    from qsparse_hf.kernels.topk import topk_sparsify_rows
+
+    dtype = getattr(torch, args.dtype)
+    hidden, intermediate, kv_width, layers = PREFILL_ARCHS[args.arch]
+    groups = {"q/k/v": (hidden, (hidden, kv_width, kv_width)), "o": (hidden, (hidden,)),
+              "gate/up": (hidden, (intermediate, intermediate)), "down": (intermediate, (hidden,))}
+    rows, totals = [], [0.0] * 4
+    for name, (n_in, widths) in groups.items():
+        copies = max(2, -(-L2_ESCAPE_BYTES // (n_in * sum(widths) * 2)))
+        weights = [[torch.randn(w, n_in, device="cuda", dtype=dtype) / n_in**0.5 for w in widths]
+                   for _ in range(copies)]
+        blocks = [torch.cat([w.t() for w in members], dim=1) for members in weights]
+        starts = [sum(widths[:m]) for m in range(len(widths))]
+        views = [[block[:, a:a + w].t() for a, w in zip(starts, widths)] for block in blocks]
+        xs = [torch.randn(args.tokens, n_in, device="cuda", dtype=dtype) for _ in range(copies)]
+        k = keep_count(args.keep, n_in)
+        timings = [
+            graph_time_us(lambda i: [F.linear(xs[i % copies], w) for w in weights[i % copies]]),
+            graph_time_us(lambda i: [F.linear(xs[i % copies], v) for v in views[i % copies]]),
+            graph_time_us(lambda i: torch.mm(xs[i % copies], blocks[i % copies])),
+            graph_time_us(lambda i: topk_sparsify_rows(xs[i % copies], k)) if k < n_in else 0.0,
+        ]
+        totals = [t + u for t, u in zip(totals, timings)]
+        rows.append([name, f"{n_in}→{'+'.join(map(str, widths))}"] + [f"{t:.1f}" for t in timings])
+    rows.append(["per layer", ""] + [f"{t:.1f}" for t in totals])
+    rows.append([f"per model ({layers} layers), ms", ""] + [f"{t * layers / 1e3:.2f}" for t in totals])
+    print_table(["group", "shape", "dense weights µs", "decode layout's views µs", "one product over the block µs",
+                 f"top-K of the input, keep {args.keep} µs"], rows,
+                title=f"Prefill of {args.tokens} tokens, {args.arch} 7B shapes, {args.dtype}, "
+                      f"{torch.cuda.get_device_name()}")
+    write_json(f"prefill_{args.arch}_{args.dtype}_t{args.tokens}.json",
+               {"tokens": args.tokens, "dtype": args.dtype, "arch": args.arch, "keep": args.keep,
+                "per_layer_us": dict(zip(("dense", "views", "block", "topk"), totals)), "table": rows})
     return 0
 
 

@@ -28,6 +28,14 @@ def test_eager_host_refuses_bad_arguments_before_loading(argv, capsys):
     assert "--keep a fraction in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--prefill", "--keep", "1.5"], ["--prefill", "--keep", "0"],
+                                  ["--prefill", "--tokens", "8"]])
+def test_gemv_prefill_refuses_bad_arguments_before_touching_a_gpu(argv, capsys):
+    bench = importlib.import_module("bench_gemv")
+    assert bench.main(argv) == 2
+    assert "--prefill takes --keep in (0, 1] and --tokens above 8" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--layers", "0"], ["--calls", "0"]])
 def test_compiled_host_refuses_bad_arguments_before_loading(argv, capsys):
     bench = importlib.import_module("bench_compiled_host")
