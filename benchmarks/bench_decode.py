@@ -66,6 +66,8 @@ CONFIGS = {
     "qwen2": lambda layers: Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=layers,
                                         num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
 }
+#: Decoder layers of each 7B model (`CONFIGS` takes any number).
+LAYERS = {"mistral": 32, "qwen2": 28}
 
 
 def set_inductor_pdl() -> bool:
@@ -481,7 +483,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         print(f"--rounds must be at least 1, got {args.rounds}", file=sys.stderr)
         return 2
-    layers = args.layers or (32 if args.arch == "mistral" else 28)
+    layers = args.layers or LAYERS[args.arch]
     inductor_pdl = args.inductor_pdl == "on" and set_inductor_pdl()
     torch.manual_seed(0)
     with torch.device("cuda"):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import graph_time_us, print_table, write_json  # noqa: E402
+from bench_decode import CONFIGS, LAYERS  # noqa: E402
 
 from qsparse_hf.functional import keep_count  # noqa: E402
 
@@ -40,8 +41,6 @@ SHAPES = {  # name: (in_features, out_features)
 }
 KEEPS = (1.0, 0.9, 0.7, 0.5, 0.3)
 L2_ESCAPE_BYTES = 256 * 2**20
-#: --prefill: (hidden, intermediate, key/value width, decoder layers) of the 7B shapes `bench_decode.py` runs
-PREFILL_ARCHS = {"mistral": (4096, 14336, 1024, 32), "qwen2": (3584, 18944, 512, 28)}
 
 
 def main(argv=None) -> int:
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="comma-separated keep fractions")
     parser.add_argument("--prefill", action="store_true",
                         help="time a prompt's products and selections per layer of --arch (see above)")
-    parser.add_argument("--arch", choices=list(PREFILL_ARCHS), default="qwen2", help="with --prefill")
+    parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill")
     parser.add_argument("--keep", type=float, default=0.5, help="with --prefill: the selections' keep fraction")
     args = parser.parse_args(argv)
     args.tokens = args.tokens or (32 if args.prefill else 1)
@@ -140,7 +139,10 @@ def prefill(args) -> int:
     from qsparse_hf.kernels.topk import topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
-    hidden, intermediate, kv_width, layers = PREFILL_ARCHS[args.arch]
+    layers = LAYERS[args.arch]
+    config = CONFIGS[args.arch](layers)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    kv_width = config.num_key_value_heads * (hidden // config.num_attention_heads)
     groups = {"q/k/v": (hidden, (hidden, kv_width, kv_width)), "o": (hidden, (hidden,)),
               "gate/up": (hidden, (intermediate, intermediate)), "down": (intermediate, (hidden,))}
     rows, totals = [], [0.0] * 4
