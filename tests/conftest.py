@@ -13,11 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
+    OlmoConfig,
     Phi3Config,
     Qwen2Config,
-    GPTNeoXConfig,
     Qwen3Config,
     StableLmConfig,
 )
@@ -37,6 +42,11 @@ TINY_CONFIGS = {
     "qwen2": lambda: Qwen2Config(**_TINY),  # biased q/k/v
     "qwen3": lambda: Qwen3Config(**_TINY, head_dim=16),  # q/k norms
     "phi3": lambda: Phi3Config(**_TINY),  # fused qkv / gate_up
+    "gemma": lambda: GemmaConfig(**_TINY, head_dim=16),  # GELU-tanh gate, scaled embeddings
+    "gemma2": lambda: Gemma2Config(**_TINY, head_dim=16),  # logit soft-capping, sandwich norms, sliding window
+    "olmo": lambda: OlmoConfig(**_TINY),  # parameter-free layer norms
+    "olmo2": lambda: Olmo2Config(**_TINY),  # norms after attention and FFN, q/k norms over all heads
+    "granite": lambda: GraniteConfig(**_TINY),  # embedding, residual, attention and logit multipliers
     # Not in ARCHITECTURES, so they go through the generic path: stablelm with Llama's names, GPT-NeoX with its own
     # (query_key_value, dense, dense_h_to_4h / dense_4h_to_h) and a non-gated GELU FFN.
     "stablelm": lambda: StableLmConfig(**_TINY),

@@ -18,7 +18,8 @@ def _ids(batch=2, seq=12):
     return torch.randint(3, 128, (batch, seq))
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "gpt_neox", "gemma", "gemma2", "olmo", "olmo2",
+                                  "granite"])
 def test_save_and_reload_gives_bit_identical_logits(arch, tmp_path):
     ids = _ids()
     model = convert_to_qsparse(tiny_model(arch), topk=0.6, topk_overrides={"down_proj": 0.4})
