@@ -58,6 +58,13 @@ def test_topk_one_is_bit_identical_and_lower_topk_is_not(arch):
     assert not torch.allclose(sparse, dense)
 
 
+def test_every_family_in_the_architecture_table_has_a_tiny_model():
+    from qsparse_hf.convert import ARCHITECTURES
+    from test_moe import MOE_CONFIGS
+
+    assert set(ARCHITECTURES) <= set(TINY_CONFIGS) | set(MOE_CONFIGS)
+
+
 def test_unknown_architecture_uses_generic_layout():
     assert layout_for(tiny_model("gpt_neox")) is GENERIC_LAYOUT
     assert layout_for(tiny_model("stablelm")) is GENERIC_LAYOUT
