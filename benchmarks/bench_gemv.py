@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill")
     parser.add_argument("--keep", type=float, default=0.5, help="with --prefill: the selections' keep fraction")
     args = parser.parse_args(argv)
-    args.tokens = args.tokens or (32 if args.prefill else 1)
+    if args.tokens is None:
+        args.tokens = 32 if args.prefill else 1
     if args.prefill and not (0 < args.keep <= 1 and 8 < args.tokens):
         print("--prefill takes --keep in (0, 1] and --tokens above 8 (fewer take the decode GEMV)", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ def test_eager_host_refuses_bad_arguments_before_loading(argv, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--prefill", "--keep", "1.5"], ["--prefill", "--keep", "0"],
-                                  ["--prefill", "--tokens", "8"]])
+                                  ["--prefill", "--tokens", "8"], ["--prefill", "--tokens", "0"]])
 def test_gemv_prefill_refuses_bad_arguments_before_touching_a_gpu(argv, capsys):
     bench = importlib.import_module("bench_gemv")
     assert bench.main(argv) == 2
