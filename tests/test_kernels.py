@@ -807,6 +807,42 @@ def test_decode_path_sparsity_counts_equal_the_reference_path(keep):
     assert counted[0] == counted[1]
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_prompt_multiplies_each_input_once_over_its_block(padded, monkeypatch):
+    # An eager prompt longer than a decode step: one product per shared input (q/k/v as one, gate/up as one), the
+    # members' outputs views of it; logits and sparsity counts (padding rows left out) as on the reference path.
+    from qsparse_hf.layers import DecodeWeights
+    from qsparse_hf.stats import collect_counts, reset_sparsity
+
+    model = tiny_model("qwen2").to(DEV, torch.bfloat16)  # (q/k/v have biases)
+    convert_to_qsparse(model, topk=0.5)
+    tokens = torch.randint(3, 128, (2, 12), device=DEV)
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :3] = 0
+    results = []
+    for enabled in (False, True):
+        set_kernels_enabled(enabled)
+        reset_sparsity(model)
+        with torch.no_grad():
+            logits = model(tokens, attention_mask=mask).logits
+        results.append((logits, {k: (c.zeros, c.elements) for k, c in collect_counts(model).items()}))
+    products = []
+    multiply_prompt = DecodeWeights.multiply_prompt
+
+    def counted(self, x_sparse):
+        products.append(len(self.widths))
+        return multiply_prompt(self, x_sparse)
+
+    monkeypatch.setattr(DecodeWeights, "multiply_prompt", counted)
+    with torch.no_grad():
+        again = model(tokens, attention_mask=mask).logits
+    assert sorted(products) == sorted([3, 1, 2, 1] * model.config.num_hidden_layers)  # q/k/v, o, gate/up, down
+    assert torch.equal(again, results[1][0])
+    assert _rel_err(results[1][0][mask.bool()], results[0][0][mask.bool()]) < 2e-2
+    assert results[1][1] == results[0][1]
+
+
 def test_keep_one_through_the_decode_path_matches_dense():
     model = tiny_model("llama").to(DEV, torch.bfloat16)
     prompt = torch.randint(3, 128, (1, 5), device=DEV)
