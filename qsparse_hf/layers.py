@@ -10,7 +10,7 @@ import contextvars
 import inspect
 import itertools
 import weakref
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -301,6 +301,57 @@ class SparsityCounter:
         return zeros / elements if elements else float("nan")
 
 
+class _Settings(NamedTuple):
+    """What an `InputSparsifier`'s forwards depend on besides their input (`InputSparsifier.stamp`)."""
+
+    key: int
+    topk: float | int
+    block_size: int | None
+    ste: bool
+    rescale: bool
+    activation_bits: int | None
+    members: int = 0
+    input_within_topk: bool = False
+    publishes_kept: bool = False
+    feeds_adapters: bool = False
+    hint_slot: int = -1
+    source_key: int | None = None
+    #: The decode layout's ``(width, member widths, bias source)`` (`DecodeWeights`), None while there is none.
+    layout: tuple | None = None
+
+
+_SETTINGS_BY_STAMP: dict[int, _Settings] = {}
+_STAMP_OF: dict[_Settings, int] = {}
+
+
+def _stamp(settings: _Settings) -> int:
+    """The number that stands for ``settings`` in this process (equal settings, equal stamps)."""
+    stamp = _STAMP_OF.get(settings)
+    if stamp is None:
+        stamp = _STAMP_OF[settings] = len(_SETTINGS_BY_STAMP)
+        _SETTINGS_BY_STAMP[stamp] = settings
+    return stamp
+
+
+@torch.compiler.assume_constant_result
+def _settings_of(stamp: int) -> _Settings:
+    """The settings ``stamp`` stands for. A compiled forward takes the result as a constant and guards only the
+    stamp it read (one guard per sparsifier instead of one per setting: each is checked before every call)."""
+    return _SETTINGS_BY_STAMP[stamp]
+
+
+def _setting(name: str, doc: str) -> property:
+    """An `InputSparsifier` setting, held in its `_Settings`: setting it gives the sparsifier a new stamp."""
+
+    def get(self):
+        return getattr(self._state, name)
+
+    def set_(self, value) -> None:
+        self._update(**{name: value})
+
+    return property(get, set_, doc=doc)
+
+
 class InputSparsifier:
     """Top-K (optionally quantize-then-top-K) of a linear's input, shared by the linears that read the same tensor.
 
@@ -323,13 +374,38 @@ class InputSparsifier:
 
     # Slots, not an instance dict: a compiled forward guards every sparsifier it reads, and with an instance dict
     # Dynamo must also check at each call that no method it called is shadowed there (a guard per method and
-    # sparsifier, evaluated before every compiled decode step: 315 -> 239 µs for 32 layers on a CPU).
+    # sparsifier, evaluated before every compiled decode step: 315 -> 239 µs for 32 layers on a CPU). The settings
+    # live in one `_Settings` tuple with a `stamp`: compiled forwards read them through `_settings_of(stamp)`, one
+    # guard per sparsifier (they were ~15, 3.6 µs per decoder layer of a compiled call's host time on a CPU).
     __slots__ = (
-        "activation_bits", "block_size", "counter", "decode_weights", "feeds_adapters", "hint_slot",
-        "input_within_topk", "kept", "key", "linears", "members", "plan", "publishes_kept", "rescale", "ste",
-        "_hint_device", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_source", "_source_key",
-        "_topk", "_uses", "_version",
+        "counter", "kept", "linears", "plan", "stamp",
+        "_decode_weights", "_hint_device", "_input", "_kept_counts", "_kept_width", "_output", "_produced", "_source",
+        "_state", "_uses", "_version",
     )
+
+    block_size = _setting("block_size", "Features per block of the per-block top-K, or None: per token.")
+    ste = _setting("ste", "Whether training passes the gradient straight through the top-K.")
+    rescale = _setting("rescale", "Whether the kept entries are rescaled to keep the input's norm.")
+    activation_bits = _setting("activation_bits", "Bits of the absmax activation quantizer before the top-K, or None.")
+    members = _setting("members", "How many modules share this sparsifier (each takes the cached result once).")
+    input_within_topk = _setting(
+        "input_within_topk", "Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per "
+        "token (down_proj after a top-K activation): the top-K is then the identity and is skipped.")
+    publishes_kept = _setting(
+        "publishes_kept", "Whether one-token inference forwards publish the kept features in `kept` (an activation "
+        "that a down_proj's sparsifier names as its `source`).")
+    feeds_adapters = _setting(
+        "feeds_adapters", "Set by `convert.sparsify_adapter_inputs`: peft adapter layers sparsify the input for both "
+        "their branches and hand the result back to this sparsifier, which then recognises it (the last sparse "
+        "tensor returned, held weakly with its version). Off otherwise, so plain forwards do none of this.")
+    hint_slot = _setting(
+        "hint_slot", "Slot of the threshold hint that one-token selections start from (`kernels.ops.register_hint`), "
+        "-1: none.")
+
+    @property
+    def key(self) -> int:
+        """This sparsifier's entry in what compiled forwards share (`_TRACED_SHARED`, `_TRACED_KEPT`)."""
+        return self._state.key
 
     def __init__(
         self,
@@ -340,38 +416,37 @@ class InputSparsifier:
         rescale: bool = False,
         activation_bits: int | None = None,
     ) -> None:
-        self.topk = topk
-        self.block_size = block_size
-        self.ste = ste
-        self.rescale = rescale
-        self.activation_bits = activation_bits
-        self.members = 0
+        self._state = _Settings(key=next(_SPARSIFIER_KEYS), topk=topk, block_size=block_size, ste=ste,
+                                rescale=rescale, activation_bits=activation_bits)
+        #: The number that stands for the current settings (`_settings_of`); it changes with any setting.
+        self.stamp = _stamp(self._state)
+        self._kept_counts: dict[int, int] = {}
+        #: The last eager one-token decode step, worked out for repeating (`EagerDecodePlan`), or None.
+        self.plan: EagerDecodePlan | None = None
         #: The `QSparseLinear` members, in the order they were converted (the column order of `decode_weights`).
         self.linears: list[QSparseLinear] = []
         self.counter = SparsityCounter()
-        #: Set by `convert_to_qsparse` when the input is known to have at most K non-zeros per token (down_proj
-        #: after a top-K activation): the top-K is then the identity and is skipped.
-        self.input_within_topk = False
-        self.source = None  # (a property: see there)
-        #: Whether one-token inference forwards publish the kept features in `kept` (an activation that a
-        #: down_proj's sparsifier names as its `source`).
-        self.publishes_kept = False
+        self._source = None
         self.kept: torch.Tensor | None = None
         self._kept_width = 0
-        self.decode_weights: DecodeWeights | None = None
-        #: Slot of the threshold hint that one-token selections start from (`kernels.ops.register_hint`), -1: none.
-        self.hint_slot = -1
+        self._decode_weights: DecodeWeights | None = None
         self._hint_device: torch.device | None = None
-        #: Set by `convert.sparsify_adapter_inputs`: peft adapter layers sparsify the input for both their branches
-        #: and hand the result back to this sparsifier, which then recognises it (the last sparse tensor returned,
-        #: held weakly with its version). Off otherwise, so plain forwards do none of this bookkeeping.
-        self.feeds_adapters = False
         self._produced: tuple[weakref.ref, int] | None = None
-        #: This sparsifier's entry in what compiled forwards share (`_TRACED_SHARED`, `_TRACED_KEPT`).
-        self.key = next(_SPARSIFIER_KEYS)
-        #: The last eager one-token decode step, worked out for repeating (`EagerDecodePlan`), or None.
-        self.plan: EagerDecodePlan | None = None
         self._clear()
+
+    def _update(self, **changes) -> None:
+        self._state = self._state._replace(**changes)
+        self.stamp = _stamp(self._state)
+
+    def _now(self) -> _Settings:
+        """The settings, as a compiled forward reads them (a constant, guarded by the stamp) or as they are."""
+        return _settings_of(self.stamp) if torch.compiler.is_compiling() else self._state
+
+    def __setstate__(self, state) -> None:
+        # (copied or unpickled: stamps are numbered per process, so the copy takes the stamp of its settings here)
+        for name, value in state[1].items():
+            object.__setattr__(self, name, value)
+        self.stamp = _stamp(self._state)
 
     @property
     def source(self) -> "InputSparsifier | None":
@@ -383,7 +458,17 @@ class InputSparsifier:
     @source.setter
     def source(self, value: "InputSparsifier | None") -> None:
         self._source = value
-        self._source_key = None if value is None else value.key  # what compiled forwards read instead
+        self._update(source_key=None if value is None else value.key)  # what compiled forwards read instead
+
+    @property
+    def decode_weights(self) -> "DecodeWeights | None":
+        """The members' weights stored for the sparse decode GEMV (`DecodeWeights`), or None."""
+        return self._decode_weights
+
+    @decode_weights.setter
+    def decode_weights(self, weights: "DecodeWeights | None") -> None:
+        self._decode_weights = weights
+        self._update(layout=None if weights is None else (weights.width, weights.widths, weights.bias_source))
 
     def settings(self) -> tuple:
         """Everything that determines the output; linears may share a sparsifier only if these are equal."""
@@ -391,23 +476,25 @@ class InputSparsifier:
 
     def keep(self, dim: int) -> int:
         """Entries kept per token (per block with ``block_size``) for an input of ``dim`` features."""
-        width = self.block_size or dim
-        if torch.compiler.is_compiling():  # folded while tracing: guards the setting, not the dict and its entry
-            return QF.keep_count(self._topk, width)
+        if torch.compiler.is_compiling():  # folded while tracing, from the settings (`_now`)
+            settings = _settings_of(self.stamp)
+            return QF.keep_count(settings.topk, settings.block_size or dim)
+        settings = self._state
+        width = settings.block_size or dim
         count = self._kept_counts.get(width)
         if count is None:  # remembered per width (until `topk` changes): this runs on every eager forward
-            count = self._kept_counts[width] = QF.keep_count(self._topk, width)
+            count = self._kept_counts[width] = QF.keep_count(settings.topk, width)
         return count
 
     @property
     def topk(self) -> float | int:
         """The keep setting: a fraction of the features (float) or K itself (int)."""
-        return self._topk
+        return self._state.topk
 
     @topk.setter
     def topk(self, value: float | int) -> None:
-        self._topk = value
-        self._kept_counts: dict[int, int] = {}
+        self._update(topk=value)
+        self._kept_counts = {}
         self.plan = None
 
     def _clear(self) -> None:
@@ -418,7 +505,8 @@ class InputSparsifier:
 
     def _plain_topk(self) -> bool:
         """A per-token top-K of the input as it is (no blocks, no rescaling): what the kernels compute."""
-        return self.block_size is None and not self.rescale
+        settings = self._now()
+        return settings.block_size is None and not settings.rescale
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether the Triton top-K kernel computes this input (CUDA bf16/fp16, plain per-token top-K, and the
@@ -426,7 +514,7 @@ class InputSparsifier:
         return (
             x.dtype in _KERNEL_DTYPES
             and self._plain_topk()
-            and (not (torch.is_grad_enabled() and x.requires_grad) or self.ste)
+            and (not (torch.is_grad_enabled() and x.requires_grad) or self._now().ste)
             and kernels.kernels_available(x)
         )
 
@@ -434,17 +522,19 @@ class InputSparsifier:
                   select: bool = False) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """The sparse input, whether its zeros were added to ``zeros`` on the way, and (``select``: an inference
         forward, the kernel path) the list of kept features, else None."""
-        if self.activation_bits is not None:
-            x = QF.absmax_quantize(x, bits=self.activation_bits, ste=self.ste)
+        settings = self._now()
+        if settings.activation_bits is not None:
+            x = QF.absmax_quantize(x, bits=settings.activation_bits, ste=settings.ste)
         k = self.keep(x.shape[-1])
-        if self.input_within_topk or (self.block_size is None and k >= x.shape[-1]):
+        if settings.input_within_topk or (settings.block_size is None and k >= x.shape[-1]):
             return x, False, None
         if self.uses_kernel(x):
             if select:
-                out, kept = _kernel_ops().topk_select(x, k, zeros, self.hint_slot)
+                out, kept = _kernel_ops().topk_select(x, k, zeros, settings.hint_slot)
                 return out, zeros is not None, kept
             return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None, None
-        return QF.sparsify(x, k, block_size=self.block_size, ste=self.ste, rescale=self.rescale), False, None
+        return (QF.sparsify(x, k, block_size=settings.block_size, ste=settings.ste, rescale=settings.rescale),
+                False, None)
 
     def ensure_hint(self, device: torch.device) -> None:
         """Give this sparsifier's decode selections a threshold hint on ``device`` (done with the decode layout,
@@ -458,19 +548,21 @@ class InputSparsifier:
 
     def _publish_kept(self, kept: torch.Tensor | None, width: int, compiling: bool) -> None:
         if compiling:
+            key = _settings_of(self.stamp).key
             if kept is None:
-                _TRACED_KEPT.pop(self.key, None)
+                _TRACED_KEPT.pop(key, None)
             else:
-                _TRACED_KEPT[self.key] = (kept, width)
+                _TRACED_KEPT[key] = (kept, width)
         else:
             self.kept, self._kept_width = kept, width
 
     def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """The source activation's kept features for this one-token input (used once), or None."""
         if torch.compiler.is_compiling():
-            if self._source_key is None:
+            source_key = _settings_of(self.stamp).source_key
+            if source_key is None:
                 return None
-            kept, width = _TRACED_KEPT.pop(self._source_key, (None, 0))
+            kept, width = _TRACED_KEPT.pop(source_key, (None, 0))
         else:
             source = self._source
             if source is None or source.kept is None:
@@ -482,28 +574,29 @@ class InputSparsifier:
         """The shared result for this very input (counted as one more use), else None; ``decoded_only``: only
         the members' outputs of a decode step, not a sparse input."""
         if compiling:
-            return _take_traced_shared(self.key, x, decoded_only)
+            return _take_traced_shared(_settings_of(self.stamp).key, x, decoded_only)
         if self._input is x and self._version == x._version and not (decoded_only and type(self._output) is not tuple):
             output = self._output
             self._uses += 1
-            if self._uses >= self.members:
+            if self._uses >= self._state.members:
                 self._clear()
             return output
         return None
 
     def _remember(self, x: torch.Tensor, output, compiling: bool) -> None:
         if compiling:  # (a single member never stores an entry, so none can be stale)
-            if self.members > 1:
-                _TRACED_SHARED[self.key] = (x, output, 1, self.members)
+            settings = _settings_of(self.stamp)
+            if settings.members > 1:
+                _TRACED_SHARED[settings.key] = (x, output, 1, settings.members)
             return
         self._clear()
-        if self.members > 1:
+        if self._state.members > 1:
             self._input, self._output, self._uses = x, output, 1
             self._version = x._version
 
     def produced(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is the sparse tensor this sparsifier returned last, unmodified (outside compilation)."""
-        if torch.compiler.is_compiling() or not self.feeds_adapters:  # (compiling first: no guard on the flag)
+        if torch.compiler.is_compiling() or not self._state.feeds_adapters:  # (compiling first: no guard on it)
             return False
         produced = self._produced
         return produced is not None and produced[0]() is x and produced[1] == x._version
@@ -523,16 +616,17 @@ class InputSparsifier:
         if out is None:
             counting = not compiling and self.counter.active(x)  # (compiling first: no guards on the counter)
             zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
-            select = self.publishes_kept and _one_token_inference(x) and _listable(x)
+            publishes_kept = self._now().publishes_kept
+            select = publishes_kept and _one_token_inference(x) and _listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
-            if self.publishes_kept:
+            if publishes_kept:
                 self._publish_kept(kept, x.shape[-1], compiling)
                 if kept is not None and not compiling:
                     self.plan = EagerDecodePlan.build(self, "select", x, training, counting, zeros)
             if counting:
                 self.counter.add(out, already_added=counted, training=training, checked=True)
             self._remember(x, out, compiling)
-            if self.feeds_adapters and not compiling:
+            if not compiling and self._state.feeds_adapters:
                 self._produced = (weakref.ref(out), out._version)
         return out
 
@@ -550,7 +644,7 @@ class InputSparsifier:
         width = x.shape[-1]
         counting = self.counter.active(x)
         zeros = self.counter.kernel_accumulator(x, training, checked=True) if counting else None
-        out, kept = _kernel_ops().silu_select(x, self.keep(width), None, zeros, self.hint_slot)
+        out, kept = _kernel_ops().silu_select(x, self.keep(width), None, zeros, self._state.hint_slot)
         self._publish_kept(kept, width, False)
         self.plan = EagerDecodePlan.build(self, "silu_select", x, training, counting, zeros)
         if counting:
@@ -566,7 +660,8 @@ class InputSparsifier:
     def _selects_silu_of(self, x: torch.Tensor, width: int) -> bool:
         """`fuses_silu` for an activation ``width`` features wide, of a step whose tokens, dtype and device are
         ``x``'s."""
-        return (self.publishes_kept and self.activation_bits is None and _one_token_inference(x)
+        settings = self._now()
+        return (settings.publishes_kept and settings.activation_bits is None and _one_token_inference(x)
                 and width <= _MAX_LISTED_FEATURES and self.uses_kernel(x) and self.keep(width) < width)
 
     def fuses_silu_product(self, x: torch.Tensor, width: int) -> bool:
@@ -575,13 +670,13 @@ class InputSparsifier:
         (`select_silu_product`): the kernels serve ``x``, a plain top-K that drops features, a threshold hint, and
         rows wide enough for the split selection (`kernels.topk.SPLIT_FROM_KEYS`). (`GatedFFNForward` asks only
         with `kernels.FUSED_ACTIVATION` on.)"""
-        return self.hint_slot >= 0 and width > _SPLIT_FROM_KEYS and self._selects_silu_of(x, width)
+        return self._now().hint_slot >= 0 and width > _SPLIT_FROM_KEYS and self._selects_silu_of(x, width)
 
     def select_silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``self(F.silu(gate)) * up`` of a compiled one-token step (`fuses_silu_product`), its kept features
         published for down_proj as `__call__` does; the same result bit for bit."""
         width = gate.shape[-1]
-        out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self.hint_slot)
+        out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self._now().hint_slot)
         self._publish_kept(kept, width, True)
         return out
 
@@ -605,14 +700,15 @@ class InputSparsifier:
             or self.produced(x)  # sparsified by an adapter layer for both its branches: a plain product
         ):
             return False
-        weights = self.decode_weights
         # A traced or captured step uses the layout as it is (set up by an eager forward).
-        traced = torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-        if not traced and (weights is None or not weights.current()):
-            weights = self.decode_weights = DecodeWeights.build(self.linears)
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._now().layout is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
+        weights = self._decode_weights
+        if weights is None or not weights.current():
+            self.decode_weights = DecodeWeights.build(self.linears)
         # A prompt (more tokens than the GEMV serves) also takes this path in eager mode: one product over the
         # whole block (`DecodeWeights.multiply_prompt`); a compiled or captured one multiplies member by member.
-        return weights is not None and (not traced or x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1])
+        return self._decode_weights is not None
 
     def selects_in_gemv(self, x: torch.Tensor, compiling: bool) -> bool:
         """Whether this decode step finds the top-K inside the GEMV launch: eager (not compiled, not captured:
@@ -622,8 +718,8 @@ class InputSparsifier:
             kernels.SELECT_IN_GEMV
             and not compiling
             and x.numel() == x.shape[-1] <= _MAX_SELECT_FEATURES
-            and not self.input_within_topk
-            and self.activation_bits is None
+            and not self._state.input_within_topk
+            and self._state.activation_bits is None
             and self._plain_topk()
             and self.keep(x.shape[-1]) < x.shape[-1]
             and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -638,13 +734,14 @@ class InputSparsifier:
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
         plan = kept = None
         if self.selects_in_gemv(x, compiling):
-            outputs = self.decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros, self.hint_slot)
+            outputs = self._decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros,
+                                                              self._state.hint_slot)
             x_sparse = x  # never built: counted below only when it is a padding token (no zeros, no elements)
             plan = "select_gemv"
         else:
             listable = _listable(x)
             x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
-            if listable and self.input_within_topk:
+            if listable and self._now().input_within_topk:
                 kept = self._take_source_kept(x)
                 plan = "gather_gemv" if kept is not None and not counted else None
             if plan is None and x_sparse is x and kept is None and not counted:
@@ -652,12 +749,12 @@ class InputSparsifier:
                 plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             if compiling:
-                outputs = self.decode_weights.multiply_through(linear, x_sparse, kept)
+                outputs = _multiply_through(_settings_of(self.stamp).layout, self, linear, x_sparse, kept)
             elif x.numel() > kernels.MAX_DECODE_TOKENS * x.shape[-1]:  # a prompt: the product counts nothing
-                outputs = self.decode_weights.multiply_prompt(x_sparse)
+                outputs = self._decode_weights.multiply_prompt(x_sparse)
                 zeros = zeros if counted else None
             else:
-                outputs = self.decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
+                outputs = self._decode_weights.multiply(x_sparse, zeros if not counted else None, kept)
         if counting:
             self.counter.add(x_sparse, already_added=zeros is not None, training=linear.training, checked=True)
         self._remember(x, outputs, compiling)
@@ -676,7 +773,7 @@ class DecodeWeights:
     `QSparseLinear` saves them as ordinary contiguous tensors. A single linear is simply stored transposed.
     If anything replaces a member's storage later (``model.to(...)``, ``model.half()``), `current` turns False and
     the next eager decode step builds the block again. A compiled step reaches the block through the calling
-    member's own Parameters (`multiply_through`), so it guards nothing held here, and refuses (`ops.block_of`)
+    member's own Parameters (`_multiply_through`), so it guards nothing held here, and refuses (`ops.block_of`)
     Parameters that are no longer views of a block.
 
     Example:
@@ -696,7 +793,7 @@ class DecodeWeights:
         self.bias = bias
         self.widths = tuple(widths)  # (a tuple: a compiled forward guards its items, not a list's length and type)
         self.width = weight_t.shape[1]
-        #: Where a compiled step finds the bias (`multiply_through`): None, "members" (every member has one, a view
+        #: Where a compiled step finds the bias (`_multiply_through`): None, "members" (every member has one, a view
         #: of `bias`), or "block" (`bias` itself: zeros for the members without).
         self.bias_source = (None if bias is None else
                             "members" if all(m.bias is not None for m in linears) else "block")
@@ -773,30 +870,37 @@ class DecodeWeights:
         three on the host, which an eager prefill waits on."""
         return self._members(F.linear(x_sparse, self.weight_t.t(), self.bias))
 
-    def multiply_through(self, linear: "QSparseLinear", x_sparse: torch.Tensor,
-                         kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """`multiply` as a compiled forward runs it: reaching the block through ``linear``'s own ``weight`` and
-        ``bias`` Parameters (views of it) instead of `weight_t`. Dynamo then guards Parameters of modules, which it
-        skips while a module is unchanged, rather than tensors held here, which it checks before every call (with
-        their aliasing and dynamic-shape markers: the larger part of a compiled decode step's guard time)."""
-        # (plain ints and flags only: reading `weight_t` or `bias` here would bring their guards back)
-        column = linear.decode_column
-        if self.bias_source == "members":
-            bias, bias_column = linear.bias, column
-        elif self.bias_source == "block":  # some members have no bias: the block's own (zeros for them)
-            bias, bias_column = self.bias, 0
-        else:
-            bias, bias_column = None, 0
-        out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, self.width)
-        return self._members(out)
-
     def multiply_selecting(self, x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
                            hint_slot: int = -1) -> tuple[torch.Tensor, ...]:
         """Every member's output for the top-``k`` of a dense one-token ``x``, selected inside the GEMV launch."""
         return self._members(_kernel_ops().select_linear(x, k, self.weight_t, self.bias, zeros, hint_slot))
 
     def _members(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (out,) if len(self.widths) == 1 else tuple(out.split(self.widths, dim=-1))
+        return _split_members(out, self.widths)
+
+
+def _split_members(out: torch.Tensor, widths: tuple) -> tuple[torch.Tensor, ...]:
+    return (out,) if len(widths) == 1 else tuple(out.split(widths, dim=-1))
+
+
+def _multiply_through(layout: tuple, sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
+                      kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """`DecodeWeights.multiply` as a compiled forward runs it: reaching the block through ``linear``'s own
+    ``weight`` and ``bias`` Parameters (views of it) instead of `DecodeWeights.weight_t`, and the block's shape
+    through the sparsifier's settings (``layout``: width, member widths, bias source). Dynamo then guards
+    Parameters of modules, which it skips while a module is unchanged, rather than tensors held elsewhere, which
+    it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
+    decode step's guard time)."""
+    width, widths, bias_source = layout
+    column = linear.decode_column
+    if bias_source == "members":
+        bias, bias_column = linear.bias, column
+    elif bias_source == "block":  # some members have no bias: the block's own (zeros for them; guarded, rare)
+        bias, bias_column = sparsifier.decode_weights.bias, 0
+    else:
+        bias, bias_column = None, 0
+    out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width)
+    return _split_members(out, widths)
 
 
 class EagerDecodePlan:
@@ -875,12 +979,12 @@ class EagerDecodePlan:
         the step makes, is checked."""
         if (torch.is_grad_enabled() or (not pending and x.shape != self.shape) or x.dtype != self.dtype
                 or x.device != self.device or training != self.training or not x.is_contiguous()
-                or sparsifier.feeds_adapters or sparsifier.hint_slot != self.hint_slot
+                or sparsifier._state.feeds_adapters or sparsifier._state.hint_slot != self.hint_slot
                 or not (x.is_cuda or kernels.kernels_available(x))
                 or not kernels._ENABLED or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
             return False
         weights = self.weights
-        if weights is not None and (sparsifier.decode_weights is not weights or not weights.current()):
+        if weights is not None and (sparsifier._decode_weights is not weights or not weights.current()):
             return False
         if self.kind == "select_gemv" and kernels.SELECT_IN_GEMV != self.select_in_gemv:
             return False

@@ -1020,22 +1020,59 @@ def test_inductor_compiled_fused_activation_step_equals_eager_bit_for_bit(monkey
     torch._dynamo.reset()
 
 
+def test_compiled_decode_follows_a_changed_setting():
+    # A compiled step reads each sparsifier's settings as one constant, guarded by its stamp only: a setting changed
+    # after compiling (here the keep ratio) must recompile the step, not keep the old K.
+    model = tiny_model("qwen2").to(DEV, torch.bfloat16)
+    convert_to_qsparse(model, topk=0.5)
+    ids = torch.tensor([[5]], device=DEV)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        before = model(ids).logits  # (the eager forward lays out the weights)
+        step = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.equal(step(ids).logits, before)
+        for sparsifier in {id(m.sparsifier): m.sparsifier for m in model.modules() if hasattr(m, "sparsifier")}.values():
+            sparsifier.topk = 0.25
+        after = model(ids).logits
+        assert not torch.equal(after, before)
+        assert torch.equal(step(ids).logits, after)
+    torch._dynamo.reset()
+
+
+def test_sparsifier_copies_keep_their_settings_and_stamp():
+    import copy
+    import pickle
+
+    from qsparse_hf.layers import _settings_of
+
+    sparsifier = InputSparsifier(0.3, block_size=16)
+    sparsifier.members += 2
+    sparsifier.input_within_topk = True
+    for clone in (copy.deepcopy(sparsifier), pickle.loads(pickle.dumps(sparsifier))):
+        assert clone.settings() == sparsifier.settings() and (clone.members, clone.input_within_topk) == (2, True)
+        assert _settings_of(clone.stamp) == clone._state == sparsifier._state
+    stamp = sparsifier.stamp
+    sparsifier.topk = 0.4
+    assert sparsifier.stamp != stamp and _settings_of(sparsifier.stamp).topk == 0.4
+
+
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
 def test_block_product_through_a_member_equals_the_block_product(biases):
-    # A compiled step multiplies through a member's Parameters (`DecodeWeights.multiply_through`): the same outputs
-    # as the block itself, whether every member has a bias, none does, or only some (then the block's own bias).
-    from qsparse_hf.layers import DecodeWeights
+    # A compiled step multiplies through a member's Parameters (`layers._multiply_through`), the block's shape taken
+    # from the sparsifier's settings: the same outputs as the block itself, whether every member has a bias, none
+    # does, or only some (then the block's own bias).
+    from qsparse_hf.layers import DecodeWeights, _multiply_through
 
     torch.manual_seed(0)
     sparsifier = InputSparsifier(0.5)
     members = [QSparseLinear.from_linear(nn.Linear(48, width, bias=bias, dtype=torch.bfloat16, device=DEV),
                                          sparsifier) for width, bias in zip((32, 16), biases)]
-    weights = DecodeWeights.build(members)
+    weights = sparsifier.decode_weights = DecodeWeights.build(members)
     x = torch.randn(1, 48, dtype=torch.bfloat16, device=DEV)
     x[0, ::2] = 0
     expected = weights.multiply(x)
     for member in members:
-        through = weights.multiply_through(member, x)
+        through = _multiply_through(sparsifier._now().layout, sparsifier, member, x)
         assert all(torch.equal(a, b) for a, b in zip(through, expected))
     for member, out in zip(members, expected):
         assert _rel_err(out, F.linear(x, member.weight, member.bias)) < 1e-2
