@@ -321,14 +321,16 @@ class _Settings(NamedTuple):
 
 
 _SETTINGS_BY_STAMP: dict[int, _Settings] = {}
-_STAMP_OF: dict[_Settings, int] = {}
+_STAMP_OF: dict[tuple, int] = {}
 
 
 def _stamp(settings: _Settings) -> int:
     """The number that stands for ``settings`` in this process (equal settings, equal stamps)."""
-    stamp = _STAMP_OF.get(settings)
+    # (with the types: ``topk=1`` (K) and ``topk=1.0`` (all) are equal as tuple items but different settings)
+    identity = (settings, tuple(map(type, settings)))
+    stamp = _STAMP_OF.get(identity)
     if stamp is None:
-        stamp = _STAMP_OF[settings] = len(_SETTINGS_BY_STAMP)
+        stamp = _STAMP_OF[identity] = len(_SETTINGS_BY_STAMP)
         _SETTINGS_BY_STAMP[stamp] = settings
     return stamp
 

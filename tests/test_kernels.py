@@ -1054,6 +1054,12 @@ def test_sparsifier_copies_keep_their_settings_and_stamp():
     stamp = sparsifier.stamp
     sparsifier.topk = 0.4
     assert sparsifier.stamp != stamp and _settings_of(sparsifier.stamp).topk == 0.4
+    sparsifier.topk = 1.0  # keep everything, then K = 1: equal as numbers, not as settings
+    kept_all = sparsifier.stamp
+    sparsifier.topk = 1
+    assert sparsifier.stamp != kept_all and type(_settings_of(sparsifier.stamp).topk) is int
+    sparsifier.topk = 0.3
+    assert sparsifier.stamp == stamp  # the same settings again: the same stamp (a compiled step need not recompile)
 
 
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
