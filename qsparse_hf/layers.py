@@ -335,7 +335,15 @@ def _stamp(settings: _Settings) -> int:
     return stamp
 
 
-@torch.compiler.assume_constant_result
+# (older torch releases have it under torch._dynamo only)
+_assume_constant_result = getattr(torch.compiler, "assume_constant_result", None)
+if _assume_constant_result is None:
+    import torch._dynamo
+
+    _assume_constant_result = torch._dynamo.assume_constant_result
+
+
+@_assume_constant_result
 def _settings_of(stamp: int) -> _Settings:
     """The settings ``stamp`` stands for. A compiled forward takes the result as a constant and guards only the
     stamp it read (one guard per sparsifier instead of one per setting: each is checked before every call)."""
