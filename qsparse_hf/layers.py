@@ -191,6 +191,11 @@ def _one_token_inference(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and x.requires_grad)
 
 
+def _decode_tokens(x: torch.Tensor) -> bool:
+    """Few enough tokens for the sparse GEMV (a decode step), not a prompt."""
+    return x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
+
+
 def _listable(x: torch.Tensor) -> bool:
     """One token, narrow enough for the top-K kernel to list its kept features."""
     return x.numel() == x.shape[-1] and x.shape[-1] <= _MAX_LISTED_FEATURES
@@ -486,8 +491,8 @@ class InputSparsifier:
 
     def keep(self, dim: int) -> int:
         """Entries kept per token (per block with ``block_size``) for an input of ``dim`` features."""
-        if torch.compiler.is_compiling():  # folded while tracing, from the settings (`_now`)
-            settings = _settings_of(self.stamp)
+        if torch.compiler.is_compiling():  # folded while tracing, from the settings
+            settings = self._now()
             return QF.keep_count(settings.topk, settings.block_size or dim)
         settings = self._state
         width = settings.block_size or dim
@@ -558,7 +563,7 @@ class InputSparsifier:
 
     def _publish_kept(self, kept: torch.Tensor | None, width: int, compiling: bool) -> None:
         if compiling:
-            key = _settings_of(self.stamp).key
+            key = self._now().key
             if kept is None:
                 _TRACED_KEPT.pop(key, None)
             else:
@@ -569,7 +574,7 @@ class InputSparsifier:
     def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
         """The source activation's kept features for this one-token input (used once), or None."""
         if torch.compiler.is_compiling():
-            source_key = _settings_of(self.stamp).source_key
+            source_key = self._now().source_key
             if source_key is None:
                 return None
             kept, width = _TRACED_KEPT.pop(source_key, (None, 0))
@@ -584,7 +589,7 @@ class InputSparsifier:
         """The shared result for this very input (counted as one more use), else None; ``decoded_only``: only
         the members' outputs of a decode step, not a sparse input."""
         if compiling:
-            return _take_traced_shared(_settings_of(self.stamp).key, x, decoded_only)
+            return _take_traced_shared(self._now().key, x, decoded_only)
         if self._input is x and self._version == x._version and not (decoded_only and type(self._output) is not tuple):
             output = self._output
             self._uses += 1
@@ -595,7 +600,7 @@ class InputSparsifier:
 
     def _remember(self, x: torch.Tensor, output, compiling: bool) -> None:
         if compiling:  # (a single member never stores an entry, so none can be stale)
-            settings = _settings_of(self.stamp)
+            settings = self._now()
             if settings.members > 1:
                 _TRACED_SHARED[settings.key] = (x, output, 1, settings.members)
             return
@@ -712,7 +717,7 @@ class InputSparsifier:
             return False
         # A traced or captured step uses the layout as it is (set up by an eager forward).
         if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return self._now().layout is not None and x.numel() <= kernels.MAX_DECODE_TOKENS * x.shape[-1]
+            return self._now().layout is not None and _decode_tokens(x)
         weights = self._decode_weights
         if weights is None or not weights.current():
             self.decode_weights = DecodeWeights.build(self.linears)
@@ -759,8 +764,8 @@ class InputSparsifier:
                 plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             if compiling:
-                outputs = _multiply_through(_settings_of(self.stamp).layout, self, linear, x_sparse, kept)
-            elif x.numel() > kernels.MAX_DECODE_TOKENS * x.shape[-1]:  # a prompt: the product counts nothing
+                outputs = _multiply_through(self, linear, x_sparse, kept)
+            elif not _decode_tokens(x):  # a prompt: the product counts nothing
                 outputs = self._decode_weights.multiply_prompt(x_sparse)
                 zeros = zeros if counted else None
             else:
@@ -893,15 +898,15 @@ def _split_members(out: torch.Tensor, widths: tuple) -> tuple[torch.Tensor, ...]
     return (out,) if len(widths) == 1 else tuple(out.split(widths, dim=-1))
 
 
-def _multiply_through(layout: tuple, sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
+def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
                       kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`DecodeWeights.multiply` as a compiled forward runs it: reaching the block through ``linear``'s own
     ``weight`` and ``bias`` Parameters (views of it) instead of `DecodeWeights.weight_t`, and the block's shape
-    through the sparsifier's settings (``layout``: width, member widths, bias source). Dynamo then guards
+    through the sparsifier's settings (their ``layout``: width, member widths, bias source). Dynamo then guards
     Parameters of modules, which it skips while a module is unchanged, rather than tensors held elsewhere, which
     it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
     decode step's guard time)."""
-    width, widths, bias_source = layout
+    width, widths, bias_source = sparsifier._now().layout
     column = linear.decode_column
     if bias_source == "members":
         bias, bias_column = linear.bias, column
