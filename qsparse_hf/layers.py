@@ -325,14 +325,26 @@ class _Settings(NamedTuple):
     layout: tuple | None = None
 
 
-_SETTINGS_BY_STAMP: dict[int, _Settings] = {}
+class _LinearSettings(NamedTuple):
+    """What a `QSparseLinear`'s compiled forward reads of the linear itself (`QSparseLinear.stamp`): one guard per
+    linear instead of one per attribute (four attributes of seven linears were some 28 guards per decoder layer,
+    each checked before every compiled call)."""
+
+    share_key: int
+    decode_slot: int = 0
+    decode_column: int = 0
+    weight_bits: float | None = None
+
+
+_SETTINGS_BY_STAMP: dict[int, tuple] = {}
 _STAMP_OF: dict[tuple, int] = {}
 
 
-def _stamp(settings: _Settings) -> int:
-    """The number that stands for ``settings`` in this process (equal settings, equal stamps)."""
+def _stamp(settings: tuple) -> int:
+    """The number that stands for ``settings`` (a `_Settings` or `_LinearSettings`) in this process (equal settings,
+    equal stamps)."""
     # (with the types: ``topk=1`` (K) and ``topk=1.0`` (all) are equal as tuple items but different settings)
-    identity = (settings, tuple(map(type, settings)))
+    identity = (type(settings), settings, tuple(map(type, settings)))
     stamp = _STAMP_OF.get(identity)
     if stamp is None:
         stamp = _STAMP_OF[identity] = len(_SETTINGS_BY_STAMP)
@@ -349,14 +361,15 @@ if _assume_constant_result is None:
 
 
 @_assume_constant_result
-def _settings_of(stamp: int) -> _Settings:
+def _settings_of(stamp: int) -> tuple:
     """The settings ``stamp`` stands for. A compiled forward takes the result as a constant and guards only the
     stamp it read (one guard per sparsifier instead of one per setting: each is checked before every call)."""
     return _SETTINGS_BY_STAMP[stamp]
 
 
 def _setting(name: str, doc: str) -> property:
-    """An `InputSparsifier` setting, held in its `_Settings`: setting it gives the sparsifier a new stamp."""
+    """An `InputSparsifier` setting, held in its `_Settings` (or a `QSparseLinear`'s, in its `_LinearSettings`):
+    setting it gives the object a new stamp."""
 
     def get(self):
         return getattr(self._state, name)
@@ -707,16 +720,17 @@ class InputSparsifier:
         eager mode, prefill included: a compiled or captured graph must find it done, e.g. by the eager prefill)."""
         # Cheapest tests first: eager decode is bound by the host time of calls like this one (and so is an eager
         # prefill: transformers' compiled generate() runs it eagerly).
+        compiling = torch.compiler.is_compiling()
         if (
             x.dtype not in _KERNEL_DTYPES
-            or linear.weight_bits is not None
+            or _linear_settings(linear, compiling).weight_bits is not None
             or (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad))
             or not kernels.kernels_available(x)
             or self.produced(x)  # sparsified by an adapter layer for both its branches: a plain product
         ):
             return False
         # A traced or captured step uses the layout as it is (set up by an eager forward).
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return self._now().layout is not None and _decode_tokens(x)
         weights = self._decode_weights
         if weights is None or not weights.current():
@@ -776,7 +790,7 @@ class InputSparsifier:
         if not compiling and x.numel() == x.shape[-1]:  # (a multi-token step leaves the one-token plan be)
             self.plan = None if plan is None else EagerDecodePlan.build(
                 self, plan, x, linear.training, counting, zeros, kept)
-        return outputs[linear.decode_slot]
+        return outputs[_linear_settings(linear, compiling).decode_slot]
 
 
 class DecodeWeights:
@@ -800,7 +814,8 @@ class DecodeWeights:
         (torch.Size([8, 6]), True, True)
     """
 
-    __slots__ = ("linears", "weight_t", "bias", "widths", "width", "bias_source", "_pointers")  # see InputSparsifier
+    __slots__ = ("linears", "weight_t", "bias", "widths", "width", "bias_source", "_pointers",  # see InputSparsifier
+                 "_watched")
 
     def __init__(self, linears, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int]) -> None:
         self.linears = linears
@@ -813,6 +828,8 @@ class DecodeWeights:
         self.bias_source = (None if bias is None else
                             "members" if all(m.bias is not None for m in linears) else "block")
         self._pointers = self._storage_pointers()
+        # (each member with its parameter dict and its weight's and bias's addresses: what `current` compares)
+        self._watched = tuple((m, m._parameters, w, b) for m, (w, b) in zip(linears, self._pointers))
         sparsifier = linears[0].sparsifier
         selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
         if selecting is not None:
@@ -828,7 +845,17 @@ class DecodeWeights:
 
     def current(self) -> bool:
         """Whether every member still reads its weight (and bias) from this block."""
-        return self._pointers == self._storage_pointers()
+        # One flat loop, reading the parameter dicts directly (`nn.Module.__getattr__` costs microseconds): eager
+        # decode asks this of every group at every step. A tensor held outside the dict (some offloading hooks do
+        # that) is read as an attribute.
+        for module, params, weight_pointer, bias_pointer in self._watched:
+            weight = params["weight"] if "weight" in params else getattr(module, "weight", None)
+            bias = params["bias"] if "bias" in params else getattr(module, "bias", None)
+            if (None if weight is None else weight.data_ptr()) != weight_pointer:
+                return False
+            if (None if bias is None else bias.data_ptr()) != bias_pointer:
+                return False
+        return True
 
     @classmethod
     def build(cls, linears: list["QSparseLinear"]) -> "DecodeWeights | None":
@@ -907,7 +934,7 @@ def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sp
     it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
     decode step's guard time)."""
     width, widths, bias_source = sparsifier._now().layout
-    column = linear.decode_column
+    column = _linear_settings(linear, True).decode_column
     if bias_source == "members":
         bias, bias_column = linear.bias, column
     elif bias_source == "block":  # some members have no bias: the block's own (zeros for them; guarded, rare)
@@ -1161,6 +1188,22 @@ class GatedFFNForward:
         return down_plan.execute(down_s, product, down.training, down_zeros)[down.decode_slot]
 
 
+def _linear_settings(linear: "QSparseLinear", compiling: bool) -> _LinearSettings:
+    """A linear's settings as a compiled forward reads them (a constant, guarded by the stamp) or as they are: what
+    `InputSparsifier._now` is for a sparsifier. A function, not a method: a compiled forward would also check, for
+    every linear, that no instance attribute shadows the method."""
+    return _settings_of(linear.stamp) if compiling else linear._state
+
+
+def _set_bias(linear: nn.Module, bias: torch.Tensor | None) -> None:
+    """``linear.bias = bias``, a missing bias registered as a None parameter as ``nn.Linear`` does (assigned, it
+    would be a plain attribute, which `DecodeWeights.current` then reads the slow way)."""
+    if bias is None:
+        linear.register_parameter("bias", None)
+    else:
+        linear.bias = bias
+
+
 def _data_ptr(module: nn.Module, name: str) -> int | None:
     """Address of ``module``'s parameter ``name`` (None: no such tensor). Read from ``_parameters`` first: going
     through ``nn.Module.__getattr__`` costs microseconds, on every eager decode call (`DecodeWeights.current`)."""
@@ -1182,10 +1225,9 @@ class QSparseLinear(nn.Linear):
 
     Attributes:
         sparsifier: the `InputSparsifier`, possibly shared with siblings that read the same input.
-        share_key: the sparsifier's `InputSparsifier.key` (set with it), by which a compiled forward finds what a
-            sibling computed without reading the sibling's sparsifier.
-        decode_slot, decode_column: this linear's place among its sparsifier's linears in the decode layout
-            (`DecodeWeights`): its output's index, and the first column of its weight in the side-by-side block.
+        share_key, decode_slot, decode_column, weight_bits: settings (below) held in one `_LinearSettings` tuple
+            with a `stamp`, as the sparsifier's are: a compiled forward reads them as constants and guards only the
+            stamp.
         role: projection kind used in reports (``"q"``, ``"k"``, ``"v"``, ``"o"``, ``"gate"``, ``"up"``,
             ``"down"``, or the module's own name outside known architectures).
         layer_index: decoder layer number, or None.
@@ -1222,16 +1264,34 @@ class QSparseLinear(nn.Linear):
         self._sparsifier = value
         self.share_key = value.key  # what a compiled forward looks its siblings' outputs up by
 
+    share_key = _setting("share_key", "The sparsifier's `InputSparsifier.key` (set with it), by which a compiled "
+                         "forward finds what a sibling computed without reading the sibling's sparsifier.")
+    decode_slot = _setting("decode_slot", "This linear's output's index among its sparsifier's linears in the "
+                           "decode layout (`DecodeWeights`).")
+    decode_column = _setting("decode_column", "The first column of this linear's weight in the decode layout's "
+                             "side-by-side block.")
+    weight_bits = _setting("weight_bits", "``None`` (full precision) or ``1.58`` (ternary fake-quantized weights).")
+
     def _setup(self, sparsifier, weight_bits, role, layer_index) -> None:
+        self._state = _LinearSettings(share_key=sparsifier.key, weight_bits=weight_bits)
+        self.stamp = _stamp(self._state)
         self.sparsifier = sparsifier
         sparsifier.members += 1
         sparsifier.linears.append(self)
         sparsifier.decode_weights = None
-        self.decode_slot = 0
-        self.decode_column = 0
-        self.weight_bits = weight_bits
         self.role = role
         self.layer_index = layer_index
+
+    def _update(self, **changes) -> None:
+        self._state = self._state._replace(**changes)
+        self.stamp = _stamp(self._state)
+        if "weight_bits" in changes:  # another product: no decode layout, no eager step planned for the old one
+            self._sparsifier.decode_weights = None
+            self._sparsifier.plan = None
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.stamp = _stamp(self._state)  # (stamps are numbered per process: see InputSparsifier.__setstate__)
 
     @property
     def counter(self) -> SparsityCounter:
@@ -1253,7 +1313,7 @@ class QSparseLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight = linear.weight
-        new.bias = linear.bias
+        _set_bias(new, linear.bias)
         new._setup(sparsifier, weight_bits, role, layer_index)
         return new
 
@@ -1262,7 +1322,8 @@ class QSparseLinear(nn.Linear):
         linear = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight, linear.bias = self.weight, self.bias
+        linear.weight = self.weight
+        _set_bias(linear, self.bias)
         with torch.no_grad():  # out of a side-by-side decode block: a plain linear owns its storage again
             for param in (linear.weight, linear.bias):
                 if param is not None and not _owns_storage(param):
@@ -1276,7 +1337,7 @@ class QSparseLinear(nn.Linear):
         A model loaded from a packed ternary export holds ``weight`` in {−1, 0, 1} and its scale α in the
         ``weight_scale`` buffer; the product is the same tensor the fake-quantizer produced before export.
         """
-        if self.weight_bits is None:
+        if _linear_settings(self, torch.compiler.is_compiling()).weight_bits is None:
             return self.weight
         scale = getattr(self, "weight_scale", None)
         if scale is not None:
@@ -1292,18 +1353,20 @@ class QSparseLinear(nn.Linear):
                 destination[key] = destination[key].detach().clone(memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # (by key: the sibling's sparsifier is not read, see _take_traced_shared)
-            outputs = _take_traced_shared(self.share_key, x, decoded_only=True)
+        compiling = torch.compiler.is_compiling()
+        settings = _linear_settings(self, compiling)
+        if compiling:  # (by key: the sibling's sparsifier is not read, see _take_traced_shared)
+            outputs = _take_traced_shared(settings.share_key, x, decoded_only=True)
         else:
             outputs = self._sparsifier.decoded(x)
         if outputs is not None:  # a sibling's decode step already computed this output
-            return outputs[self.decode_slot]
+            return outputs[settings.decode_slot]
         sparsifier = self._sparsifier
-        # An eager one-token step like the last one (is_compiling first: see InputSparsifier.__call__)
-        if not torch.compiler.is_compiling() and sparsifier.plan is not None and sparsifier.plan.kind != "select":
+        # An eager one-token step like the last one (compiling first: see InputSparsifier.__call__)
+        if not compiling and sparsifier.plan is not None and sparsifier.plan.kind != "select":
             outputs = sparsifier.plan.run(sparsifier, x, self.training)
             if outputs is not None:
-                return outputs[self.decode_slot]
+                return outputs[settings.decode_slot]
         if sparsifier.decodes(x, self):
             return sparsifier.decode(x, self)
         return F.linear(sparsifier(x, self.training), self.effective_weight(), self.bias)

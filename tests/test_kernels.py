@@ -784,6 +784,15 @@ def test_decode_weights_notice_one_member_weight_or_bias_replaced():
     attention.v_proj.bias = torch.nn.Parameter(torch.ones(attention.v_proj.out_features, device=DEV,
                                                           dtype=torch.bfloat16))
     assert not rebuilt.current()
+    # A weight held outside the parameter dict (as some offloading hooks do) is still compared.
+    o_proj = attention.o_proj
+    single = o_proj.sparsifier.decode_weights
+    assert single.current()
+    weight = o_proj._parameters.pop("weight").detach()
+    o_proj.weight = weight
+    assert single.current()
+    o_proj.weight = weight.clone()
+    assert not single.current()
 
 
 @pytest.mark.parametrize("keep", [0.5, 1.0])
@@ -1060,6 +1069,55 @@ def test_sparsifier_copies_keep_their_settings_and_stamp():
     assert sparsifier.stamp != kept_all and type(_settings_of(sparsifier.stamp).topk) is int
     sparsifier.topk = 0.3
     assert sparsifier.stamp == stamp  # the same settings again: the same stamp (a compiled step need not recompile)
+
+
+def test_compiled_decode_guards_each_linear_by_its_stamp_only():
+    # A linear's own settings (share key, decode slot and column, weight bits) are one constant in a compiled step,
+    # guarded by the linear's stamp: no guard reads them one by one (they were four per linear, checked before
+    # every call), and a setting changed after compiling recompiles the step.
+    import re
+
+    model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
+    guards, compiled, eager = _compiled_decode_guards(model)
+    assert guards, "no guards logged: this torch logs them some other way"
+    checked = [g.split("#", 1)[0] for g in guards]  # the expression, not the source line it came from
+    assert [g for g in checked if re.search(r"\.(share_key|decode_slot|decode_column|weight_bits|_state)\b", g)] == []
+    stamped = {m.group(1) for g in checked if (m := re.search(r"_modules\['(\w+_proj)'\]\.stamp ==", g))}
+    assert stamped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert torch.equal(compiled, eager)
+
+    ids = torch.tensor([[5]], device=DEV)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        step = torch.compile(model, backend="eager", fullgraph=True)
+        before = step(ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight_bits = 1.58  # ternary weights: off the decode path, a different product
+        after = model(ids).logits
+        assert not torch.equal(after, before)
+        assert torch.equal(step(ids).logits, after)
+    torch._dynamo.reset()
+
+
+def test_linear_copies_keep_their_settings_and_stamp():
+    import copy
+    import pickle
+
+    from qsparse_hf.layers import _settings_of
+
+    sparsifier = InputSparsifier(0.5)
+    linear = QSparseLinear.from_linear(nn.Linear(8, 4), sparsifier, weight_bits=1.58)
+    linear.decode_slot, linear.decode_column = 2, 12
+    assert (linear.share_key, linear.decode_slot, linear.decode_column, linear.weight_bits) == (
+        sparsifier.key, 2, 12, 1.58)
+    assert _settings_of(linear.stamp) == linear._state
+    for clone in (copy.deepcopy(linear), pickle.loads(pickle.dumps(linear))):
+        assert _settings_of(clone.stamp) == clone._state == linear._state
+    stamp = linear.stamp
+    linear.decode_slot = 0
+    assert linear.stamp != stamp and _settings_of(linear.stamp).decode_slot == 0
+    linear.decode_slot = 2
+    assert linear.stamp == stamp
 
 
 @pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)])
