@@ -369,19 +369,23 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    if not torch.cuda.is_available():
+    # compiled_host --cpu times host work alone, through Triton's interpreter (switched on for its process)
+    host_only = args.which == "compiled_host" and "--cpu" in args.extra
+    if not (host_only or torch.cuda.is_available()):
         raise CliError("qsparse bench needs a CUDA GPU and none is visible (torch.cuda.is_available() is False); "
-                       "the kernels' correctness tests run on CPU with TRITON_INTERPRET=1 instead", code=3)
+                       "the kernels' correctness tests run on CPU with TRITON_INTERPRET=1 instead (and "
+                       "`qsparse bench compiled_host --cpu` times a compiled call's host work)", code=3)
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
     if not (folder / "run_all.sh").exists():
         raise CliError("the benchmark scripts ship with the source repository (benchmarks/); run qsparse bench from "
                        "a clone installed with pip install -e .", code=3)
     scripts = ["bench_topk", "bench_gemv", "bench_decode", "bench_train_step"] if args.which == "all" else [
         f"bench_{args.which}"]
+    env = {**os.environ, "QSPARSE_KERNELS": "interpret", "TRITON_INTERPRET": "1"} if host_only else None
     failed = 0
     for script in scripts:
         print(f"== {script}", flush=True)
-        failed += subprocess.call([sys.executable, str(folder / f"{script}.py"), *args.extra]) != 0
+        failed += subprocess.call([sys.executable, str(folder / f"{script}.py"), *args.extra], env=env) != 0
     return 1 if failed else 0
 
 
@@ -461,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["all", "topk", "gemv", "decode", "train_step", "eager_host", "compiled_host"],
                    help="which benchmark (default all; the diagnostics eager_host, where an eager decode step's "
                         "time goes, and compiled_host, what a compiled decode call costs the host, run only when "
-                        "named)")
+                        "named; compiled_host --cpu runs without a GPU)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed on to the benchmark script")
     p.set_defaults(func=_bench)
 

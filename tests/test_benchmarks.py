@@ -61,6 +61,29 @@ def test_compiled_host_times_a_compiled_call_that_decodes_like_eager():
             assert bench.host_us_per_call(call, calls=3, warmup=1) > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode's run is checked on CPU machines")
+def test_compiled_host_on_a_cpu_times_the_host_work_of_each_model(monkeypatch, tmp_path, capsys):
+    # --cpu: a small model through Triton's interpreter, outputs replayed; it needs the interpreter switched on.
+    from qsparse_hf.kernels import set_kernels_enabled
+
+    bench = importlib.import_module("bench_compiled_host")
+    monkeypatch.delenv("QSPARSE_KERNELS", raising=False)
+    assert bench.main(["--cpu"]) == 2
+    assert "QSPARSE_KERNELS=interpret" in capsys.readouterr().err
+    monkeypatch.setenv("QSPARSE_KERNELS", "interpret")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    previous = set_kernels_enabled(True, on_cpu=True)
+    try:
+        assert bench.main(["--cpu", "--layers", "1", "--calls", "3"]) == 0
+    finally:
+        set_kernels_enabled(previous, on_cpu=False)
+    results = json.loads((tmp_path / "compiled_host_qwen2_cpu.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["dense", "qsparse keep 0.5", "qsparse keep 0.5, no guards", "dense again"]
+    assert all(r["host_us"] > 0 and r["gpu_ms"] is None for r in results)
+    assert "CPU, small model, outputs replayed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("dims", ["x", "", "4096,1"])
 def test_topk_bench_refuses_bad_widths_before_touching_a_gpu(dims, capsys):
     bench = importlib.import_module("bench_topk")

@@ -111,6 +111,15 @@ def test_bench_without_gpu_exits_3(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_bench_compiled_host_runs_on_a_cpu_with_the_interpreter(tmp_path, monkeypatch):
+    # The one benchmark that needs no GPU: the CLI switches Triton's interpreter on for its process.
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.delenv("QSPARSE_KERNELS", raising=False)
+    assert main(["bench", "compiled_host", "--cpu", "--layers", "1", "--calls", "2", "--arch", "mistral"]) == 0
+    results = json.loads((tmp_path / "compiled_host_mistral_cpu.json").read_text())["results"]
+    assert len(results) == 4 and all(r["host_us"] > 0 for r in results)
+
+
 def test_help_documents_every_subcommand():
     proc = subprocess.run([sys.executable, "-m", "qsparse_hf.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
