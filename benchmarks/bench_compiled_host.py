@@ -114,7 +114,8 @@ def main(argv=None) -> int:
         print(f"--layers and --calls must be at least 1 and --keep in (0, 1], got {args.layers}, {args.calls}, "
               f"{args.keep}", file=sys.stderr)
         return 2
-    if args.cpu and not (os.environ.get("QSPARSE_KERNELS") == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"):
+    interpreted = os.environ.get("QSPARSE_KERNELS") == "interpret" and os.environ.get("TRITON_INTERPRET") == "1"
+    if args.cpu and not interpreted:
         print("--cpu runs the decode path through Triton's interpreter: set QSPARSE_KERNELS=interpret and "
               "TRITON_INTERPRET=1 in the environment.", file=sys.stderr)
         return 2

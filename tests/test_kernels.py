@@ -1040,7 +1040,8 @@ def test_compiled_decode_follows_a_changed_setting():
         before = model(ids).logits  # (the eager forward lays out the weights)
         step = torch.compile(model, backend="eager", fullgraph=True)
         assert torch.equal(step(ids).logits, before)
-        for sparsifier in {id(m.sparsifier): m.sparsifier for m in model.modules() if hasattr(m, "sparsifier")}.values():
+        sparsifiers = {id(m.sparsifier): m.sparsifier for m in model.modules() if hasattr(m, "sparsifier")}
+        for sparsifier in sparsifiers.values():
             sparsifier.topk = 0.25
         after = model(ids).logits
         assert not torch.equal(after, before)
