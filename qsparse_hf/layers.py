@@ -814,8 +814,7 @@ class DecodeWeights:
         (torch.Size([8, 6]), True, True)
     """
 
-    __slots__ = ("linears", "weight_t", "bias", "widths", "width", "bias_source", "_pointers",  # see InputSparsifier
-                 "_watched")
+    __slots__ = ("linears", "weight_t", "bias", "widths", "width", "bias_source", "_watched")  # see InputSparsifier
 
     def __init__(self, linears, weight_t: torch.Tensor, bias: torch.Tensor | None, widths: list[int]) -> None:
         self.linears = linears
@@ -827,9 +826,8 @@ class DecodeWeights:
         #: of `bias`), or "block" (`bias` itself: zeros for the members without).
         self.bias_source = (None if bias is None else
                             "members" if all(m.bias is not None for m in linears) else "block")
-        self._pointers = self._storage_pointers()
         # (each member with its parameter dict and its weight's and bias's addresses: what `current` compares)
-        self._watched = tuple((m, m._parameters, w, b) for m, (w, b) in zip(linears, self._pointers))
+        self._watched = tuple((m, m._parameters, _data_ptr(m, "weight"), _data_ptr(m, "bias")) for m in linears)
         sparsifier = linears[0].sparsifier
         selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
         if selecting is not None:
@@ -839,9 +837,6 @@ class DecodeWeights:
 
             keep = None if selecting is None else selecting.keep(weight_t.shape[0])
             prepare_weight(weight_t, rows=keep)
-
-    def _storage_pointers(self) -> list:
-        return [(_data_ptr(m, "weight"), _data_ptr(m, "bias")) for m in self.linears]
 
     def current(self) -> bool:
         """Whether every member still reads its weight (and bias) from this block."""
@@ -1206,7 +1201,8 @@ def _set_bias(linear: nn.Module, bias: torch.Tensor | None) -> None:
 
 def _data_ptr(module: nn.Module, name: str) -> int | None:
     """Address of ``module``'s parameter ``name`` (None: no such tensor). Read from ``_parameters`` first: going
-    through ``nn.Module.__getattr__`` costs microseconds, on every eager decode call (`DecodeWeights.current`)."""
+    through ``nn.Module.__getattr__`` costs microseconds (`DecodeWeights.current` makes the same reads inline, at
+    every eager decode step)."""
     params = module._parameters
     tensor = params[name] if name in params else getattr(module, name, None)
     return None if tensor is None else tensor.data_ptr()
