@@ -837,6 +837,10 @@ class DecodeWeights:
 
             keep = None if selecting is None else selecting.keep(weight_t.shape[0])
             prepare_weight(weight_t, rows=keep)
+            if kernels.FUSED_FFN and len(self.widths) == 2 and self.widths[0] == self.widths[1]:
+                from .kernels.ffn import prepare_gated  # (two members of one width: a gated FFN's gate and up)
+
+                prepare_gated(weight_t, self.widths[0], rows=keep)
 
     def current(self) -> bool:
         """Whether every member still reads its weight (and bias) from this block."""
@@ -1084,9 +1088,12 @@ class GatedFFNForward:
     default; ``QSPARSE_FUSED_ACTIVATION=0`` turns it off), a compiled one-token step of an FFN wider than
     `kernels.topk.SPLIT_FROM_KEYS` computes SiLU, the top-K and the product with up in one op
     (`InputSparsifier.select_silu_product`: the split selection's two launches, where the compiler would add a SiLU
-    kernel and a product kernel around the top-K). It steps aside for everything else (prefill, training, other
-    compiled steps, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's own forward
-    runs. The result and the sparsity counts are those of the module's forward, bit for bit.
+    kernel and a product kernel around the top-K). With `kernels.FUSED_FFN` on (``QSPARSE_FUSED_FFN=1``; off by
+    default until timed on a GPU) a compiled one-token step runs the whole FFN in two launches instead
+    (`_two_launch_step`). It steps aside for everything else (prefill, training, other compiled steps, hooks on any
+    member, a member replaced, e.g. by a peft adapter), where the module's own forward runs. The result and the
+    sparsity counts are those of the module's forward, bit for bit; the two-launch step's GEMVs sum in another
+    order, so its values may differ in the last bit (its top-K is exact for the values it computes).
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
@@ -1137,17 +1144,63 @@ class GatedFFNForward:
 
     def _compiled_step(self, x: torch.Tensor) -> torch.Tensor | None:
         """A compiled one-token step with the activation's SiLU, top-K and product with up in one op
-        (`InputSparsifier.fuses_silu_product`), else None. The members are reached by name, as the module's own
-        forward reaches them: holding them twice would make Dynamo check their identity before every call."""
-        if not kernels.FUSED_ACTIVATION:  # (first: then the traced step reads, and guards, nothing else here)
+        (`InputSparsifier.fuses_silu_product`), or with `kernels.FUSED_FFN` on the whole FFN in two launches
+        (`_two_launch_step`), else None. The members are reached by name, as the module's own forward reaches
+        them: holding them twice would make Dynamo check their identity before every call."""
+        if not (kernels.FUSED_ACTIVATION or kernels.FUSED_FFN):  # (first: then the traced step guards nothing else)
             return None
         module = self.module
         gate, up, down, act = (getattr(module, name) for name in self.names)
-        if (torch.is_grad_enabled() or not isinstance(act, QSparseActivation) or not act.silu
-                or not act.sparsifier.fuses_silu_product(x, getattr(gate, "out_features", 0))
-                or not _unhooked(act, act.act)):
+        if torch.is_grad_enabled() or not isinstance(act, QSparseActivation) or not act.silu:
             return None  # (no op of this step has a backward: inference under no_grad only)
+        if kernels.FUSED_FFN and _unhooked(act, act.act):
+            out = self._two_launch_step(x, gate, up, down, act.sparsifier)
+            if out is not None:
+                return out
+        # (the cheap test first: hooks are read, and guarded, only where the fused op applies)
+        if not (kernels.FUSED_ACTIVATION and act.sparsifier.fuses_silu_product(x, getattr(gate, "out_features", 0))
+                and _unhooked(act, act.act)):
+            return None
         return down(act.sparsifier.select_silu_product(gate(x), up(x)))
+
+    @staticmethod
+    def _two_launch_step(x: torch.Tensor, gate, up, down, act_s: "InputSparsifier") -> torch.Tensor | None:
+        """A compiled one-token step in two launches (`kernels.ffn`): the gate/up GEMV over the selected input
+        computes SiLU(gate) and SiLU(gate) * up and resolves the activation's top-K; down's GEMV keeps the features
+        that pass it as it reads them (with `kernels.FUSED_FFN` ``"listed"``: a second launch writes the sparse
+        product and its kept list, and down's GEMV reads those rows). None where that does not apply: members that
+        are not converted linears in
+        the decode layout (gate and up in one block, without bias), hooks on them, an activation the kernels do not
+        select (`InputSparsifier.fuses_silu`'s conditions, a threshold hint), down not reading the activation's
+        selection, an input `kernels.ffn.serves` does not take."""
+        from .kernels.ffn import serves
+
+        if not (isinstance(gate, QSparseLinear) and isinstance(up, QSparseLinear) and isinstance(down, QSparseLinear)
+                and _unhooked(gate, up, down)):
+            return None
+        gate_l, up_l, down_l = (_linear_settings(m, True) for m in (gate, up, down))
+        gate_s, down_s = gate._sparsifier, down._sparsifier
+        inter = gate.out_features
+        act_settings, down_settings = act_s._now(), down_s._now()
+        if (up_l.share_key != gate_l.share_key or up.out_features != inter
+                or not (down_settings.input_within_topk and down_settings.source_key == act_settings.key)
+                or act_settings.hint_slot < 0 or not serves(x, inter) or not act_s._selects_silu_of(x, inter)
+                or not gate_s.decodes(x, gate) or not down_s.decodes(x, down) or down_l.weight_bits is not None):
+            return None
+        width, widths, bias_source = gate_s._now().layout
+        if len(widths) != 2 or bias_source is not None:
+            return None
+        x_sparse, _, kept = gate_s._sparsify(x, None, select=_listable(x))
+        gated = (gate.weight, gate_l.decode_column, up_l.decode_column, width, inter, act_s.keep(inter),
+                 act_settings.hint_slot)
+        if kernels.FUSED_FFN == "listed":  # three launches: down's GEMV reads the kept rows of the written list
+            sparse, listed = _kernel_ops().gated_select_listed(x_sparse, kept, *gated)
+            return _multiply_through(down_s, down, sparse, listed)[down_l.decode_slot]
+        act, product, state = _kernel_ops().gated_select(x_sparse, kept, *gated)
+        down_width, _, down_bias = down_s._now().layout
+        bias = down.bias if down_bias == "members" else None  # (down is alone in its layout: all or nothing)
+        column = down_l.decode_column
+        return _kernel_ops().masked_linear_block(product, act, state, down.weight, bias, column, column, down_width)
 
     def _as_converted(self) -> bool:
         """The members still in place, sharing as converted, and no hooks that a fused step would skip."""

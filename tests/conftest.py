@@ -95,3 +95,21 @@ def heldout_text() -> str:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 #: Where the Triton kernels run in this session: the GPU, else Triton's CPU interpreter.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def silu_reference(gate: torch.Tensor) -> torch.Tensor:
+    """``F.silu`` as the kernel computes it: on the GPU PyTorch's own; in Triton's interpreter, which has NumPy's
+    ``exp`` rather than CUDA's, the same formula with NumPy (PyTorch's CPU ``exp`` may differ in the last bit)."""
+    if gate.is_cuda:
+        return torch.nn.functional.silu(gate)
+    import numpy as np
+
+    value = gate.float().numpy()
+    with np.errstate(over="ignore"):
+        return torch.from_numpy(value / (np.float32(1) + np.exp(-value))).to(gate.dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns, any NaN equal to any NaN (and -0.0 told from 0.0)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))

@@ -182,6 +182,24 @@ def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
     assert [row["search"] for row in results if row["dim"] == 18944 and row["variant"] == "top-K"] == ["streamed 4096"]
 
 
+@pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
+def test_two_and_three_launch_ffn_kernels_compile_for_hopper_without_spilling(tmp_path):
+    # The gated FFN's decode kernels (kernels.ffn) compiled for sm_90 at their default launches for both 7B shapes:
+    # the interpreter runs code the GPU compiler may refuse (a value changing type inside a branch), and a launch
+    # that spilled would stream its tile through local memory.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_registers.py"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["OUT"] = str(tmp_path)
+    subprocess.run([sys.executable, str(script), "--ffn", "--defaults-only"], env=env, check=True,
+                   capture_output=True)
+    results = json.loads((tmp_path / "kernel_registers_ffn.json").read_text())["results"]
+    assert sorted((row["arch"], row["form"], row["kernel"]) for row in results) == sorted(
+        (arch, form, kernel) for arch in ("mistral", "qwen2") for form, kernel in (
+            ("masked", "gate/up GEMV, top-K resolved"), ("listed", "gate/up GEMV, top-K resolved"),
+            ("listed", "listed: writing launch"), ("masked", "down GEMV, masked")))
+    assert all(row["spilled_bytes"] == 0 for row in results), results
+
+
 def test_kernel_registers_refuses_bad_arguments(capsys):
     bench = importlib.import_module("kernel_registers")
     assert bench.main(["--dims", "0"]) == 2

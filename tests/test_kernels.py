@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from conftest import KERNEL_DEVICE, requires_cuda, tiny_model  # noqa: E402
+from conftest import KERNEL_DEVICE, requires_cuda, same_bits, silu_reference, tiny_model  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
 from qsparse_hf.functional import topk_mask  # noqa: E402
@@ -60,24 +60,6 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
     assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
 
 
-def _silu_reference(gate: torch.Tensor) -> torch.Tensor:
-    """``F.silu`` as the kernel computes it: on the GPU PyTorch's own; in Triton's interpreter, which has NumPy's
-    ``exp`` rather than CUDA's, the same formula with NumPy (PyTorch's CPU ``exp`` may differ in the last bit)."""
-    if gate.is_cuda:
-        return torch.nn.functional.silu(gate)
-    import numpy as np
-
-    value = gate.float().numpy()
-    with np.errstate(over="ignore"):
-        return torch.from_numpy(value / (np.float32(1) + np.exp(-value))).to(gate.dtype)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit patterns, any NaN equal to any NaN (and -0.0 told from 0.0)."""
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int16), b[~nan].view(torch.int16))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_silu_top_k_and_product_equal_the_unfused_ops_bit_for_bit(dtype):
     from qsparse_hf.kernels.topk import silu_topk_rows
@@ -88,17 +70,17 @@ def test_fused_silu_top_k_and_product_equal_the_unfused_ops_bit_for_bit(dtype):
     gate[2, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-38, -3e-39])  # NaN, infs, denormals
     up = torch.randn(5, 300, device=DEV).to(dtype)
     up[3, :4] = torch.tensor([float("nan"), float("inf"), -2.0, 0.0])  # at dropped features: NaN / -0.0 / 0.0
-    act = _silu_reference(gate)
+    act = silu_reference(gate)
     sparse = torch.where(topk_mask(act, 120), act, torch.zeros((), dtype=dtype, device=DEV))
     zeros = torch.zeros((), dtype=torch.int64, device=DEV)
     out, kept = silu_topk_rows(gate, 120, zeros=zeros, indices=True, hint=new_hint(DEV, 5))
-    assert _same_bits(out, sparse)
+    assert same_bits(out, sparse)
     assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in topk_mask(act, 120)]))
     assert int(zeros) == int((sparse == 0).sum())  # the top-K's zeros, not the product's
-    assert _same_bits(silu_topk_rows(gate, 120, up), sparse * up)
+    assert same_bits(silu_topk_rows(gate, 120, up), sparse * up)
     # a column slice of a wider output (gate and up side by side, as the gate/up GEMV writes them)
     both = torch.cat([gate, up], -1)
-    assert _same_bits(silu_topk_rows(both[:, :300], 120, both[:, 300:]), sparse * up)
+    assert same_bits(silu_topk_rows(both[:, :300], 120, both[:, 300:]), sparse * up)
     with pytest.raises(ValueError, match="up must match"):
         silu_topk_rows(gate, 120, up[:, :10])
 
@@ -110,7 +92,7 @@ def test_fused_silu_equals_pytorch_silu_on_every_16_bit_value(dtype):
 
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).cuda().reshape(4, -1)
     # keeping every feature, the result is SiLU itself, for all 65536 bit patterns (denormals and NaNs included)
-    assert _same_bits(silu_topk_rows(every, every.shape[-1]), torch.nn.functional.silu(every))
+    assert same_bits(silu_topk_rows(every, every.shape[-1]), torch.nn.functional.silu(every))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

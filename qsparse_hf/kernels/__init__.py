@@ -33,6 +33,18 @@ SELECT_IN_GEMV = os.environ.get("QSPARSE_SELECT_IN_GEMV", "1") != "0"
 #: on Mistral-7B at keep 0.5 (H200, benchmarks/README.md). ``QSPARSE_FUSED_ACTIVATION=0`` turns it off (the A/B:
 #: ``bench_decode.py --ways compile,compile2``).
 FUSED_ACTIVATION = os.environ.get("QSPARSE_FUSED_ACTIVATION", "1") != "0"
+_FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
+#: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
+#: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the
+#: gate/up GEMV computes the activation and resolves its top-K; `gemv.masked_gemv`: down's GEMV applies it as it
+#: reads). ``"listed"``: three (`ffn.gated_select_listed`: the same GEMV, then the split selection's writing launch
+#: and down's GEMV over the kept list). Exact (tested through Triton's interpreter), not yet timed on a GPU: off
+#: until ``bench_decode.py --ways compile,compile3,compile4`` shows one faster. ``QSPARSE_FUSED_FFN=masked`` (or
+#: ``1``) / ``listed`` turns one on.
+FUSED_FFN = _FFN_MODES.get(os.environ.get("QSPARSE_FUSED_FFN", "0"), "invalid")
+if FUSED_FFN == "invalid":
+    raise ValueError(f"QSPARSE_FUSED_FFN must be one of {', '.join(_FFN_MODES)}, got "
+                     f"{os.environ['QSPARSE_FUSED_FFN']!r}")
 
 
 _TRITON_IMPORTABLE: bool | None = None

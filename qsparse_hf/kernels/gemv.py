@@ -21,8 +21,8 @@ from . import MAX_DECODE_TOKENS
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
-__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "repeat_launch", "choose_config", "prepare_weight",
-           "MAX_SELECT_FEATURES"]
+__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "choose_config",
+           "prepare_weight", "MAX_SELECT_FEATURES"]
 
 
 @triton.jit
@@ -66,12 +66,12 @@ def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, hint_ptr, tokens, n_out, n_in, n_rows,
-    stride_x, stride_w, stride_out, k_select, ROWS_PER_SPLIT: tl.constexpr, TOKENS_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr, SELECT: tl.constexpr,
-    SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
-    HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, hint_ptr, key_ptr, state_ptr, tokens,
+    n_out, n_in, n_rows, stride_x, stride_w, stride_out, k_select, ROWS_PER_SPLIT: tl.constexpr,
+    TOKENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr,
+    SELECT: tl.constexpr, MASKED: tl.constexpr, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
+    USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
 ):
     _dependent_launch_start(PDL)
     pid_n = tl.program_id(0)
@@ -102,13 +102,21 @@ def _sparse_gemv_kernel(
             # selection launch and a GEMV launch, whose host cost is what an eager step waits on).
             threshold, cut, kept_nonzero = _select_row(x_ptr, hint_ptr, n_in, k_select, (pid_n == 0) & (pid_s == 0),
                                                        SELECT_BLOCK, INF_KEY, USE_HINT, HINT_RADIUS, HINT_STEPS)
+        elif MASKED:
+            # The top-K was resolved by the kernel that wrote x (`ffn.gated_select`): of the keys at key_ptr, keep
+            # those above the threshold key, and those at it up to the cut-off index (exactly K).
+            threshold = tl.load(state_ptr)
+            cut = tl.load(state_ptr + 1)
         tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
             rows = start + k0 + tl.arange(0, BLOCK_K)
             row_ok = rows[:, None] < n_in
             x = tl.load(x_ptr + rows[:, None], mask=row_ok, other=0.0)
-            if SELECT:
-                key = _magnitude_key(x, INF_KEY)
+            if SELECT or MASKED:
+                if MASKED:
+                    key = _magnitude_key(tl.load(key_ptr + rows[:, None], mask=row_ok, other=0.0), INF_KEY)
+                else:
+                    key = _magnitude_key(x, INF_KEY)
                 x = tl.where((key > threshold) | ((key == threshold) & (rows[:, None] <= cut)), x, 0.0)
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=(x != 0) & col_ok[None, :], other=0.0)
@@ -267,7 +275,8 @@ class _Launch:
     out, so that a decode step pays one dictionary lookup on top of Triton's own launch."""
 
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
-                 count_zeros: bool, gather: bool, select: tuple | None = None) -> None:
+                 count_zeros: bool, gather: bool, select: tuple | None = None,
+                 masked: torch.dtype | None = None) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
@@ -276,20 +285,23 @@ class _Launch:
         self.col_blocks = _cdiv(n_out, block_n)
         self.grid = (self.col_blocks, split)
         # select: (k, dtype, hinted): the one-token top-K runs inside this launch (`select_gemv`)
-        k_select, dtype, hinted = select or (0, None, False)
+        # masked: the dtype of `masked_gemv`'s keys, None for other launches
+        k_select, dtype, hinted = select or (0, masked, False)
         self.k_select = k_select
         self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
             ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, TOKENS_PAD=1 if tokens == 1 else 16,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
-            COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None,
+            COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None, MASKED=masked is not None,
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
             num_warps=num_warps, **pdl_constants(),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
-                 zeros: torch.Tensor | None, kept: torch.Tensor | None, hint: torch.Tensor | None = None):
-        """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``."""
+                 zeros: torch.Tensor | None, kept: torch.Tensor | None, hint: torch.Tensor | None = None,
+                 keys: torch.Tensor | None = None, state: torch.Tensor | None = None):
+        """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``.
+        ``keys`` and ``state``: a masked launch's (`masked_gemv`)."""
         out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
         if self.split > 1:
             partials = _scratch(x.device, self.split * self.tokens * self.n_out)
@@ -299,7 +311,8 @@ class _Launch:
         self.launch(
             self.grid,
             (x, weight_t, x if bias is None else bias, out, partials, tickets, x if zeros is None else zeros,
-             x if kept is None else kept, x if hint is None else hint),
+             x if kept is None else kept, x if hint is None else hint, x if keys is None else keys,
+             x if state is None else state),
             (self.tokens, self.n_out, self.n_in, self.n_rows, stride_x, weight_t.stride(0), self.n_out,
              self.k_select),
         )
@@ -311,14 +324,15 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 
 def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-                 select: tuple | None = None) -> _Launch:
+                 select: tuple | None = None, masked: torch.dtype | None = None) -> _Launch:
     """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
-    top-K)."""
+    top-K; ``masked``: the dtype of `masked_gemv`'s keys)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
         tokens = _tokens(x)
-    key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select)
+    key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select,
+           masked)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
@@ -423,6 +437,37 @@ def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Ten
         x = x.contiguous()
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros, tokens=1,
                    select=(k, x.dtype, hint is not None), hint=hint)
+
+
+def masked_gemv(values: torch.Tensor, keys: torch.Tensor, state: torch.Tensor, weight_t: torch.Tensor,
+                bias: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """``(values * mask) @ weight_t + bias`` for one token, where the mask is a top-K that the kernel which wrote
+    ``values`` and ``keys`` has already resolved (`ffn.gated_select`): ``state`` holds the int32 threshold key and
+    cut-off index, and feature ``i`` is kept when the magnitude key of ``keys[i]`` is above the threshold, or equal
+    to it with ``i <= cut`` -- `topk.py`'s mask, exactly K kept. Each program applies the mask to its own rows as it
+    reads them, so no selection launch and no sparse tensor come between the producer and this product.
+
+    ``values`` and ``keys``: ``[..., in_features]`` holding one token, bf16/fp16 (for a gated FFN: the activation
+    times up, and the activation that the top-K ranks). Inference only; zeros are not counted.
+
+    Example:
+        >>> act, product, state = gated_select(x, kept, block, 0, 11008, 16, 5504)  # doctest: +SKIP
+        >>> out = masked_gemv(product, act, state, down_weight_t)  # doctest: +SKIP
+    """
+    n_in = values.shape[-1]
+    if (values.numel() != n_in or keys.shape != values.shape or values.dtype not in _INF_KEY
+            or keys.dtype != values.dtype):
+        raise ValueError(f"masked_gemv takes one bf16/fp16 token of values and keys of one shape, got "
+                         f"{values.dtype} {tuple(values.shape)} and {keys.dtype} {tuple(keys.shape)}")
+    if state.dtype != torch.int32 or state.numel() < 2 or state.device != values.device:
+        raise ValueError(f"state must be the int32 [threshold, cut] of the top-K on {values.device}, got "
+                         f"{state.dtype} {tuple(state.shape)} on {state.device}")
+    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
+        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching values")
+    values, keys = values.contiguous(), keys.contiguous()
+    config = config or choose_config(values, weight_t)
+    launch = _find_launch(values, weight_t, bias, config, tokens=1, masked=keys.dtype)
+    return launch(values, n_in, weight_t, bias, None, None, keys=keys, state=state)
 
 
 def repeat_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,

@@ -12,6 +12,12 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   side-by-side block that one member's ``weight`` (and ``bias``) Parameter is a view of (`block_of`), so that a
   compiled step reads only Parameters, whose guards Dynamo skips while their module is unchanged, rather than the
   block itself, whose guards it evaluates before every call.
+- ``qsparse::gated_select(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)``: a gated FFN's
+  activation and its top-K, resolved in the gate/up GEMV over the block ``weight`` views (`ffn.gated_select`).
+- ``qsparse::masked_linear_block(values, keys, state, weight, bias, column, bias_column, width)``: down's GEMV
+  applying that top-K as it reads (`gemv.masked_gemv`), over the block ``weight`` views.
+- ``qsparse::gated_select_listed(...)``: `gated_select`'s arguments; the sparse activation times up and its kept
+  features' list, as the split selection writes them (`ffn.gated_select_listed`).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -23,11 +29,14 @@ from typing import Optional
 
 import torch
 
-from .gemv import MAX_DECODE_TOKENS, repeat_launch, select_gemv, sparse_gemv
+from .ffn import gated_select as _gated_select_launch
+from .ffn import gated_select_listed as _gated_select_listed_launch
+from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
 from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
-           "register_hint", "block_of", "repeatable_linear", "repeatable_select"]
+           "gated_select", "gated_select_listed", "masked_linear_block", "register_hint", "block_of",
+           "repeatable_linear", "repeatable_select"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -155,6 +164,54 @@ def _(x, weight, bias, kept, column, bias_column, width):
     return x.new_empty(*x.shape[:-1], width)
 
 
+def _gated_through(x, kept, weight, gate_column: int, up_column: int, width: int, inter: int, k: int,
+                   hint_slot: int, listed: bool = False):
+    launch = _gated_select_listed_launch if listed else _gated_select_launch
+    return launch(x, kept, block_of(weight, gate_column, width), gate_column, up_column, inter, k,
+                  _hint_for(hint_slot, x))
+
+
+@torch.library.custom_op("qsparse::gated_select", mutates_args=())
+def _gated_select(x: torch.Tensor, kept: Optional[torch.Tensor], weight: torch.Tensor, gate_column: int,
+                  up_column: int, width: int, inter: int, k: int,
+                  hint_slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_through(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)
+
+
+@_gated_select.register_fake
+def _(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot):
+    act = x.new_empty(*x.shape[:-1], inter)
+    return act, torch.empty_like(act), x.new_empty(2, dtype=torch.int32)
+
+
+@torch.library.custom_op("qsparse::gated_select_listed", mutates_args=())
+def _gated_select_listed(x: torch.Tensor, kept: Optional[torch.Tensor], weight: torch.Tensor, gate_column: int,
+                         up_column: int, width: int, inter: int, k: int,
+                         hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gated_through(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot, listed=True)
+
+
+@_gated_select_listed.register_fake
+def _(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot):
+    return x.new_empty(*x.shape[:-1], inter), x.new_empty(1, k, dtype=torch.int32)
+
+
+def _masked_through(values, keys, state, weight, bias, column: int, bias_column: int, width: int) -> torch.Tensor:
+    block_bias = None if bias is None else block_of(bias, bias_column, width)
+    return masked_gemv(values, keys, state, block_of(weight, column, width), block_bias)
+
+
+@torch.library.custom_op("qsparse::masked_linear_block", mutates_args=())
+def _masked_linear_block(values: torch.Tensor, keys: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], column: int, bias_column: int, width: int) -> torch.Tensor:
+    return _masked_through(values, keys, state, weight, bias, column, bias_column, width)
+
+
+@_masked_linear_block.register_fake
+def _(values, keys, state, weight, bias, column, bias_column, width):
+    return values.new_empty(*values.shape[:-1], width)
+
+
 class _TopKStraightThrough(torch.autograd.Function):
     """Eager training: the kernel forward (counting zeros on the way), the straight-through backward."""
 
@@ -266,6 +323,50 @@ def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if torch.compiler.is_compiling():
         return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width)
     return _gemv_through(x, weight, bias, kept, column, bias_column, width)
+
+
+def gated_select(x: torch.Tensor, kept: torch.Tensor | None, weight: torch.Tensor, gate_column: int, up_column: int,
+                 width: int, inter: int, k: int, hint_slot: int = -1) -> tuple[torch.Tensor, ...]:
+    """A gated FFN's one-token activation and its top-K from the gate/up GEMV's launch (`ffn.gated_select`):
+    ``(act, product, state)``, with gate and up the columns ``gate_column :`` and ``up_column :`` (``inter`` each)
+    of the side-by-side block of width ``width`` that the Parameter ``weight`` views (`block_of`). ``hint_slot``:
+    the activation's threshold hint (`register_hint`). ``qsparse::gated_select`` under ``torch.compile``.
+
+    Example:
+        >>> act, product, state = gated_select(x, kept, w, 0, 14336, 28672, 14336, 7168, slot)  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        return _gated_select(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)
+    return _gated_through(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)
+
+
+def gated_select_listed(x: torch.Tensor, kept: torch.Tensor | None, weight: torch.Tensor, gate_column: int,
+                        up_column: int, width: int, inter: int, k: int,
+                        hint_slot: int = -1) -> tuple[torch.Tensor, ...]:
+    """`gated_select`'s arguments, `ffn.gated_select_listed`'s result: ``(sparse, kept)``, the sparse activation
+    times up and the int32 ``[1, k]`` list of its kept features, for down's `sparse_linear_block` over exactly
+    those rows. ``qsparse::gated_select_listed`` under ``torch.compile``.
+
+    Example:
+        >>> sparse, listed = gated_select_listed(x, kept, w, 0, 14336, 28672, 14336, 7168, slot)  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        return _gated_select_listed(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)
+    return _gated_through(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot, listed=True)
+
+
+def masked_linear_block(values: torch.Tensor, keys: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None, column: int, bias_column: int, width: int) -> torch.Tensor:
+    """`gemv.masked_gemv` of `gated_select`'s ``product`` (masked by the top-K of ``act`` that ``state`` holds)
+    over the block that ``weight`` (down's Parameter) views, as `sparse_linear_block` does for a plain product.
+    ``qsparse::masked_linear_block`` under ``torch.compile``.
+
+    Example:
+        >>> out = masked_linear_block(product, act, state, down.weight, None, 0, 0, 4096)  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        return _masked_linear_block(values, keys, state, weight, bias, column, bias_column, width)
+    return _masked_through(values, keys, state, weight, bias, column, bias_column, width)
 
 
 def select_linear(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Tensor | None = None,

@@ -311,6 +311,51 @@ def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint
 
 
 @triton.jit
+def _key_window_bins(key, low, high, WINDOW: tl.constexpr):
+    """Histogram bins of keys around a hint: 0 .. WINDOW - 1 the keys ``low .. high``, WINDOW below them (not
+    needed), WINDOW + 1 above them."""
+    return tl.where(key > high, WINDOW + 1, tl.where(key >= low, key - low, WINDOW))
+
+
+@triton.jit
+def _threshold_of_parts(hist_ptr, row_ptr, dim, k, low, INF_KEY: tl.constexpr, PART: tl.constexpr,
+                        PARTS: tl.constexpr, PARTS_PAD: tl.constexpr, BINS: tl.constexpr, WINDOW: tl.constexpr,
+                        SILU: tl.constexpr, PRECISE: tl.constexpr):
+    """The k-th largest key of a row counted in parts, and each part's strictly greater keys and ties at it, from
+    the parts' histograms at ``hist_ptr`` (``BINS`` apiece, `_key_window_bins` of the window from ``low``). A
+    threshold outside the window (a hint that missed, or none yet) is searched bit by bit over the row at
+    ``row_ptr`` (``SILU``: of its SiLU), and the parts counted one by one, by the calling program alone."""
+    parts = tl.arange(0, PARTS_PAD)
+    bins = tl.arange(0, BINS)
+    histograms = tl.load(hist_ptr + parts[:, None] * BINS + bins[None, :], mask=parts[:, None] < PARTS, other=0,
+                         cache_modifier=".cg")
+    total = tl.sum(histograms, 0)
+    above = tl.sum(tl.where(bins == WINDOW + 1, total, 0), 0)
+    window = tl.where(bins < WINDOW, total, 0)
+    # keys strictly above each window key: those above the window and those in later bins
+    greater = above + tl.sum(window, 0) - tl.cumsum(window, 0)
+    reaching = (greater + window >= k) & (bins < WINDOW)
+    found = (above < k) & (tl.max(reaching.to(tl.int32), 0) > 0)
+    threshold_bin = tl.max(tl.where(reaching, bins, -1), 0)
+    if found:
+        threshold = low + threshold_bin
+        above_threshold = ((bins > threshold_bin) & (bins < WINDOW)) | (bins == WINDOW + 1)
+        part_greater = tl.sum(tl.where(above_threshold[None, :], histograms, 0), 1)
+        part_ties = tl.sum(tl.where(bins[None, :] == threshold_bin, histograms, 0), 1)
+    else:
+        threshold = _search_streamed(row_ptr, dim, k, INF_KEY, PART, PARTS, SILU, PRECISE)
+        part_greater = tl.zeros([PARTS_PAD], dtype=tl.int32)
+        part_ties = tl.zeros([PARTS_PAD], dtype=tl.int32)
+        for other in tl.range(0, PARTS, loop_unroll_factor=1):
+            _, other_key, other_valid, _ = _chunk_of_row(row_ptr, dim, other, INF_KEY, PART, SILU, PRECISE)
+            greater_here, ties_here = tl.reduce((((other_key > threshold) & other_valid).to(tl.int32),
+                                                 ((other_key == threshold) & other_valid).to(tl.int32)), 0, _add2)
+            part_greater = tl.where(parts == other, greater_here, part_greater)
+            part_ties = tl.where(parts == other, ties_here, part_ties)
+    return threshold, part_greater, part_ties
+
+
+@triton.jit
 def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
                                   PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
                                   HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, SILU: tl.constexpr,
@@ -332,40 +377,15 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
     high = guess + HINT_RADIUS - 1
     WINDOW: tl.constexpr = 2 * HINT_RADIUS
     _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
-    # bins 0 .. WINDOW - 1: the window's keys; WINDOW: below it (not needed); WINDOW + 1: above it
-    bin_of = tl.where(key > high, WINDOW + 1, tl.where(key >= low, key - low, WINDOW))
     bins = tl.arange(0, BINS)
     row_parts = part_ptr + row * PARTS * BINS
-    tl.store(row_parts + part * BINS + bins, tl.histogram(bin_of, BINS, mask=valid))
+    tl.store(row_parts + part * BINS + bins, tl.histogram(_key_window_bins(key, low, high, WINDOW), BINS, mask=valid))
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel")
     if ticket == PARTS - 1:
         parts = tl.arange(0, PARTS_PAD)
-        histograms = tl.load(row_parts + parts[:, None] * BINS + bins[None, :], mask=parts[:, None] < PARTS,
-                             other=0, cache_modifier=".cg")
-        total = tl.sum(histograms, 0)
-        above = tl.sum(tl.where(bins == WINDOW + 1, total, 0), 0)
-        window = tl.where(bins < WINDOW, total, 0)
-        # keys strictly above each window key: those above the window and those in later bins
-        greater = above + tl.sum(window, 0) - tl.cumsum(window, 0)
-        reaching = (greater + window >= k) & (bins < WINDOW)
-        found = (above < k) & (tl.max(reaching.to(tl.int32), 0) > 0)
-        threshold_bin = tl.max(tl.where(reaching, bins, -1), 0)
-        if found:
-            threshold = low + threshold_bin
-            above_threshold = ((bins > threshold_bin) & (bins < WINDOW)) | (bins == WINDOW + 1)
-            part_greater = tl.sum(tl.where(above_threshold[None, :], histograms, 0), 1)
-            part_ties = tl.sum(tl.where(bins[None, :] == threshold_bin, histograms, 0), 1)
-        else:  # outside the window: the whole search and the parts' counts, by this program alone
-            threshold = _search_streamed(row_ptr, dim, k, INF_KEY, PART, PARTS, SILU, PRECISE)
-            part_greater = tl.zeros([PARTS_PAD], dtype=tl.int32)
-            part_ties = tl.zeros([PARTS_PAD], dtype=tl.int32)
-            for other in tl.range(0, PARTS, loop_unroll_factor=1):
-                _, other_key, other_valid, _ = _chunk_of_row(row_ptr, dim, other, INF_KEY, PART, SILU, PRECISE)
-                greater_here, ties_here = tl.reduce((((other_key > threshold) & other_valid).to(tl.int32),
-                                                     ((other_key == threshold) & other_valid).to(tl.int32)), 0, _add2)
-                part_greater = tl.where(parts == other, greater_here, part_greater)
-                part_ties = tl.where(parts == other, ties_here, part_ties)
+        threshold, part_greater, part_ties = _threshold_of_parts(row_parts, row_ptr, dim, k, low, INF_KEY, PART,
+                                                                 PARTS, PARTS_PAD, BINS, WINDOW, SILU, PRECISE)
         tl.store(hint_ptr + row, threshold)
         ties_kept = k - tl.sum(part_greater, 0)
         greater_before = tl.cumsum(part_greater, 0) - part_greater
