@@ -12,8 +12,16 @@ on the GPU instead: the dense products through the weights as the decode layout 
 view of its group's input-major block) beside the same products through ordinary row-major weights and one product
 over the whole block, and the prompt's top-K selection of each group's input.
 
+``--ffn`` times one token through a gated FFN of ``--arch`` per ``--keeps`` setting (bf16): dense cuBLAS (gate and
+up as one product, SiLU times up, down), the four launches a compiled decode step runs today (the gate/up GEMV
+over the kept inputs, the activation's split selection with SiLU and the product with up, down's GEMV over the
+kept activations), the two of ``QSPARSE_FUSED_FFN=masked`` (`kernels.ffn.gated_select`, `gemv.masked_gemv`) and
+the three of ``listed`` (`kernels.ffn.gated_select_listed`, down's GEMV over the kept list); the FFN input's own
+selection is in every sparse column.
+
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
     python benchmarks/bench_gemv.py --prefill --arch qwen2 [--tokens 32] [--keep 0.5]
+    python benchmarks/bench_gemv.py --ffn --arch qwen2 [--keeps 0.5,0.7]
 """
 
 from __future__ import annotations
@@ -51,7 +59,9 @@ def main(argv=None) -> int:
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="comma-separated keep fractions")
     parser.add_argument("--prefill", action="store_true",
                         help="time a prompt's products and selections per layer of --arch (see above)")
-    parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill")
+    parser.add_argument("--ffn", action="store_true",
+                        help="time one token through a gated FFN of --arch, four launches against two (see above)")
+    parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill or --ffn")
     parser.add_argument("--keep", type=float, default=0.5, help="with --prefill: the selections' keep fraction")
     args = parser.parse_args(argv)
     if args.tokens is None:
@@ -64,6 +74,8 @@ def main(argv=None) -> int:
         return 2
     if args.prefill:
         return prefill(args)
+    if args.ffn:
+        return ffn(args)
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
@@ -173,6 +185,80 @@ def prefill(args) -> int:
     write_json(f"prefill_{args.arch}_{args.dtype}_t{args.tokens}.json",
                {"tokens": args.tokens, "dtype": args.dtype, "arch": args.arch, "keep": args.keep,
                 "per_layer_us": dict(zip(("dense", "views", "block", "topk"), totals)), "table": rows})
+    return 0
+
+
+def ffn(args) -> int:
+    """``--ffn``: µs of one token through a gated FFN of ``args.arch``, dense and the two sparse forms, per keep."""
+    from qsparse_hf.kernels.ffn import gated_config, gated_select, gated_select_listed
+    from qsparse_hf.kernels.gemv import choose_config, masked_gemv, sparse_gemv
+    from qsparse_hf.kernels.topk import new_hint, silu_topk_rows, split_launch, topk_sparsify_rows
+
+    dtype = torch.bfloat16
+    config = CONFIGS[args.arch](1)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    copies = max(2, -(-L2_ESCAPE_BYTES // (3 * hidden * inter * 2)))
+    blocks = [torch.randn(hidden, 2 * inter, device="cuda", dtype=dtype) / hidden**0.5 for _ in range(copies)]
+    downs = [torch.randn(inter, hidden, device="cuda", dtype=dtype) / inter**0.5 for _ in range(copies)]
+    rows_major = [b.t().contiguous() for b in blocks]  # cuBLAS's [out, in] weights
+    downs_major = [d.t().contiguous() for d in downs]
+    xs = [torch.randn(1, hidden, device="cuda", dtype=dtype) for _ in range(copies)]
+
+    def dense(i):
+        both = F.linear(xs[i % copies], rows_major[i % copies])
+        return F.linear(F.silu(both[:, :inter]) * both[:, inter:], downs_major[i % copies])
+
+    dense_us = graph_time_us(dense)
+    results, rows = [], []
+    for keep in [float(k) for k in args.keeps.split(",") if k]:
+        k_in, k_act = keep_count(keep, hidden), keep_count(keep, inter)
+        if k_act >= inter:
+            continue
+        input_hint, act_hint, fused_hint, listed_hint = (new_hint("cuda", 1) for _ in range(4))
+        x_sparse, kept = topk_sparsify_rows(xs[0], k_in, indices=True)
+        up_config = choose_config(x_sparse, blocks[0], rows=k_in)
+        down_config = choose_config(xs[0].new_empty(1, inter), downs[0], rows=k_act)
+        masked_config = choose_config(xs[0].new_empty(1, inter), downs[0])
+        fused_config = gated_config(x_sparse, blocks[0], inter, rows=k_in)
+        split = split_launch(1 << (inter - 1).bit_length())
+
+        def four(i, hint=act_hint):
+            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            both = sparse_gemv(x_sparse, blocks[i % copies], config=up_config, kept=kept)
+            act, act_kept = silu_topk_rows(both[:, :inter], k_act, both[:, inter:], indices=True, hint=hint,
+                                           config=split)
+            return sparse_gemv(act, downs[i % copies], config=down_config, kept=act_kept)
+
+        def two(i, hint=fused_hint):
+            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            act, product, state = gated_select(x_sparse, kept, blocks[i % copies], 0, inter, inter, k_act, hint,
+                                               config=fused_config)
+            return masked_gemv(product, act, state, downs[i % copies], config=masked_config)
+
+        def three(i, hint=listed_hint):
+            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            act, act_kept = gated_select_listed(x_sparse, kept, blocks[i % copies], 0, inter, inter, k_act, hint,
+                                                config=fused_config)
+            return sparse_gemv(act, downs[i % copies], config=down_config, kept=act_kept)
+
+        reference = four(0, new_hint("cuda", 1)).double()
+        errors = [((form(0, new_hint("cuda", 1)).double() - reference).norm() / reference.norm()).item()
+                  for form in (two, three)]
+        four_us, two_us, three_us = graph_time_us(four), graph_time_us(two), graph_time_us(three)
+        results.append(dict(keep=keep, dense_us=dense_us, four_launches_us=four_us, two_launches_us=two_us,
+                            three_launches_us=three_us, rel_diff_two=errors[0], rel_diff_three=errors[1],
+                            gated_config=list(fused_config), masked_config=list(masked_config)))
+        rows.append([keep, f"{dense_us:.1f}", f"{four_us:.1f}", f"{two_us:.1f}", f"{three_us:.1f}",
+                     f"{dense_us / four_us:.2f}×", f"{dense_us / two_us:.2f}×", f"{dense_us / three_us:.2f}×",
+                     f"{errors[0]:.1e} / {errors[1]:.1e}", "/".join(map(str, fused_config[:4])),
+                     "/".join(map(str, masked_config[:4]))])
+    print_table(["keep", "dense µs", "four launches µs (today)", "two launches µs (masked)",
+                 "three launches µs (listed)", "four vs dense", "two vs dense", "three vs dense",
+                 "rel diff two / three vs four", "gated BN/BK/split/warps", "masked down BN/BK/split/warps"], rows,
+                title=f"One token through a gated FFN ({args.arch}: {hidden}→2×{inter}→{hidden}), bf16, "
+                      f"{torch.cuda.get_device_name()}")
+    write_json(f"ffn_{args.arch}.json", {"arch": args.arch, "hidden": hidden, "intermediate": inter,
+                                         "results": results})
     return 0
 
 

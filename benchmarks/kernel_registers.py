@@ -8,8 +8,14 @@ in 16 warps. Rows that a hinted one-token selection splits over programs by defa
 kernels (the last counting program holds every part's histogram), plain and with SiLU and the product with up (a
 compiled decode step's FFN activation). Prints a table, writes kernel_registers.json.
 
+``--ffn`` lists instead the kernels of a gated FFN's decode step in two or three launches (`kernels.ffn`:
+``QSPARSE_FUSED_FFN``) for the Mistral-7B and Qwen2-7B shapes: the gate/up GEMV that resolves the activation's top-K
+(each launch configuration worth tuning, or the default), the writing launch of the listed form, and down's masked
+GEMV (kernel_registers_ffn.json).
+
     python benchmarks/kernel_registers.py --dims 4096,14336,18944
     python benchmarks/kernel_registers.py --defaults-only   # each width's default launch only
+    python benchmarks/kernel_registers.py --ffn [--defaults-only]
 """
 
 from __future__ import annotations
@@ -27,13 +33,17 @@ from _timing import parse_widths, print_table, write_json  # noqa: E402
 #: Pointer arguments of the top-K kernel by name (bf16 rows, an int64 zero counter, int32 lists and hints).
 _POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16", "zeros_ptr": "*i64", "index_ptr": "*i32",
                   "hint_ptr": "*i32", "part_ptr": "*i32", "ticket_ptr": "*i32"}
+#: The FFN decode kernels' pointers where they differ (fp32 split-K partials, int32 histograms, bf16 keys).
+_FFN_POINTER_TYPES = {**_POINTER_TYPES, "part_ptr": "*fp32", "hist_ptr": "*i32", "sem_ptr": "*i32",
+                      "wt_ptr": "*bf16", "act_ptr": "*bf16", "prod_ptr": "*bf16", "state_ptr": "*i32",
+                      "bias_ptr": "*bf16", "key_ptr": "*bf16"}
 #: Launch options among a KernelLaunch's constants (the rest are the kernel's constexpr arguments).
 _OPTIONS = ("num_warps", "num_stages", "enable_reflect_ftz", "launch_pdl")
 
 
-def sm90_resources(launch) -> tuple[int, int]:
-    """``(registers, spilled bytes)`` per thread of a `qsparse_hf.kernels.launch.KernelLaunch` of the top-K kernel,
-    compiled for sm_90.
+def sm90_resources(launch, pointer_types: dict = _POINTER_TYPES) -> tuple[int, int]:
+    """``(registers, spilled bytes)`` per thread of a `qsparse_hf.kernels.launch.KernelLaunch` (of the top-K kernel;
+    another with its ``pointer_types``), compiled for sm_90.
 
     Example:
         >>> from qsparse_hf.kernels.topk import _row_launch  # doctest: +SKIP
@@ -47,7 +57,7 @@ def sm90_resources(launch) -> tuple[int, int]:
     kernel = launch.kernel
     constexprs = {name: value for name, value in launch.constants.items() if name not in _OPTIONS}
     options = {name: value for name, value in launch.constants.items() if name in _OPTIONS}
-    signature = {name: _POINTER_TYPES.get(name, "constexpr" if name in constexprs else "i32")
+    signature = {name: pointer_types.get(name, "constexpr" if name in constexprs else "i32")
                  for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
                               options=options)
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default="4096,14336,18944", help="comma-separated row widths")
     parser.add_argument("--keep", type=float, default=0.5, help="fraction kept (k only changes a runtime argument)")
     parser.add_argument("--defaults-only", action="store_true", help="only each width's default launch")
+    parser.add_argument("--ffn", action="store_true", help="the gated FFN's decode kernels instead (see above)")
     args = parser.parse_args(argv)
     dims = parse_widths(args.dims)
     if dims is None:
@@ -77,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print("kernel_registers compiles kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
     import torch
+
+    if args.ffn:
+        return ffn_resources(args.keep, args.defaults_only)
 
     from qsparse_hf.functional import keep_count
     from qsparse_hf.kernels.topk import (MAX_LISTED_FEATURES, STREAMED_CANDIDATES, _launch_candidates, _row_launch,
@@ -115,6 +129,48 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["dim", "keys (padded)", "kernel", "digit bits, streamed chunk or split part", "warps",
                  "registers/thread", "spilled bytes/thread", "default"], rows, title="One-token top-K, sm_90, hinted")
     write_json("kernel_registers.json", {"results": results})
+    return 0
+
+
+def ffn_resources(keep: float, defaults_only: bool) -> int:
+    """``--ffn``: registers and spills of `kernels.ffn`'s launches for the 7B FFN shapes, kept inputs listed."""
+    import torch
+    from transformers import MistralConfig, Qwen2Config
+
+    from qsparse_hf.functional import keep_count
+    from qsparse_hf.kernels.ffn import _config_candidates, _default_config, _GatedLaunch
+    from qsparse_hf.kernels.gemv import _default_config as _gemv_default
+    from qsparse_hf.kernels.gemv import _Launch
+
+    rows, results = [], []
+    for arch, config in (("mistral", MistralConfig()), ("qwen2", Qwen2Config(hidden_size=3584,
+                                                                             intermediate_size=18944))):
+        hidden, inter = config.hidden_size, config.intermediate_size
+        listed = keep_count(keep, hidden)
+        default = _default_config(inter, listed, torch.bfloat16)
+        configs = [default] if defaults_only else list(dict.fromkeys([default, *_config_candidates(
+            inter, listed, torch.bfloat16)]))
+        for gemv_config in configs:
+            for form in ("masked", "listed"):
+                launch = _GatedLaunch(hidden, listed, inter, gemv_config, True, torch.bfloat16, form == "listed")
+                kernels = [("gate/up GEMV, top-K resolved", launch.launch, _FFN_POINTER_TYPES)]
+                if launch.write is not None and gemv_config == default:  # (the split selection's writing kernel)
+                    kernels.append(("listed: writing launch", launch.write, _POINTER_TYPES))
+                for name, kernel, pointer_types in kernels:
+                    registers, spilled = sm90_resources(kernel, pointer_types)
+                    results.append(dict(arch=arch, form=form, kernel=name, config=list(gemv_config),
+                                        registers=registers, spilled_bytes=spilled, default=gemv_config == default))
+                    rows.append([arch, form, name, "/".join(map(str, gemv_config[:4])), registers, spilled,
+                                 "←" if gemv_config == default else ""])
+        down = _gemv_default(hidden, inter)
+        masked = _Launch(1, inter, hidden, inter, down, False, False, False, masked=torch.bfloat16)
+        registers, spilled = sm90_resources(masked.launch, _FFN_POINTER_TYPES)
+        results.append(dict(arch=arch, form="masked", kernel="down GEMV, masked", config=list(down),
+                            registers=registers, spilled_bytes=spilled, default=True))
+        rows.append([arch, "masked", "down GEMV, masked", "/".join(map(str, down[:4])), registers, spilled, "←"])
+    print_table(["arch", "form", "kernel", "BN/BK/split/warps", "registers/thread", "spilled bytes/thread",
+                 "default"], rows, title="Gated FFN decode kernels (kernels.ffn), sm_90")
+    write_json("kernel_registers_ffn.json", {"keep": keep, "results": results})
     return 0
 
 
