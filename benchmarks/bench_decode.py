@@ -116,6 +116,7 @@ def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str)
         saved = {name: getattr(kernels, name) for name in COMPILED_VARIANTS[mode]}
         for name, value in COMPILED_VARIANTS[mode].items():
             setattr(kernels, name, value)
+        prepare_for_decode(model)  # tunes, outside the CUDA graphs, what the switches add
         try:
             return decode_ms_per_token(model, prompt, new_tokens, "compile")
         finally:

@@ -828,19 +828,26 @@ class DecodeWeights:
                             "members" if all(m.bias is not None for m in linears) else "block")
         # (each member with its parameter dict and its weight's and bias's addresses: what `current` compares)
         self._watched = tuple((m, m._parameters, _data_ptr(m, "weight"), _data_ptr(m, "bias")) for m in linears)
-        sparsifier = linears[0].sparsifier
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Set up, outside any graph capture, what this layout's decode launches need: the threshold hint of the
+        selection feeding it, and on the GPU the GEMV's tuned launches, tickets and scratch (`gemv.prepare_weight`),
+        and with `kernels.FUSED_FFN` on those of a gated FFN's gate/up launch (`ffn.prepare_gated`). Run when the
+        layout is built, and by `kernels.prepare_for_decode` again (cheap where done)."""
+        sparsifier = self.linears[0].sparsifier
         selecting = sparsifier.source if sparsifier.input_within_topk else sparsifier
         if selecting is not None:
-            selecting.ensure_hint(weight_t.device)
-        if weight_t.is_cuda:
+            selecting.ensure_hint(self.weight_t.device)
+        if self.weight_t.is_cuda:
             from .kernels.gemv import prepare_weight
 
-            keep = None if selecting is None else selecting.keep(weight_t.shape[0])
-            prepare_weight(weight_t, rows=keep)
+            keep = None if selecting is None else selecting.keep(self.weight_t.shape[0])
+            prepare_weight(self.weight_t, rows=keep)
             if kernels.FUSED_FFN and len(self.widths) == 2 and self.widths[0] == self.widths[1]:
                 from .kernels.ffn import prepare_gated  # (two members of one width: a gated FFN's gate and up)
 
-                prepare_gated(weight_t, self.widths[0], rows=keep)
+                prepare_gated(self.weight_t, self.widths[0], rows=keep)
 
     def current(self) -> bool:
         """Whether every member still reads its weight (and bias) from this block."""

@@ -139,6 +139,7 @@ def prepare_for_decode(model: torch.nn.Module) -> int:
         seen.add(id(sparsifier))
         weights = sparsifier.decode_weights
         if weights is not None and weights.current():
+            weights.prepare()  # (what a switch turned on since, e.g. FUSED_FFN, may need)
             continue
         sparsifier.decode_weights = DecodeWeights.build(sparsifier.linears)
         if sparsifier.decode_weights is not None:
