@@ -262,3 +262,25 @@ def test_inductor_compiles_the_two_launch_step_once_over_a_static_cache(counted_
             assert logits.isfinite().all()
             token = logits[:, -1:].argmax(-1)
     assert counter.frame_count == 1 and len(counted_launches) == 2 * 4
+
+
+@requires_cuda
+def test_greedy_compiled_static_cache_decode_with_the_two_launch_ffn_equals_the_reference_path(counted_launches):
+    # What a form must pass before it can be on by default: transformers' compiled generate(static) of the
+    # embedded trained model gives the eager reference path's 256 greedy tokens (Inductor's own rounding emulated,
+    # as for the shipped decode path in test_kernels).
+    import torch._inductor.config as inductor_config
+    from conftest import embedded_sparse_model_and_prompt
+
+    model, prompt = embedded_sparse_model_and_prompt("cuda")
+    kwargs = dict(max_new_tokens=256, min_new_tokens=256, do_sample=False, cache_implementation="static")
+    previous = set_kernels_enabled(False)
+    try:
+        torch._dynamo.reset()
+        reference = model.generate(prompt, **kwargs, disable_compile=True)
+    finally:
+        set_kernels_enabled(previous)
+    torch._dynamo.reset()
+    with inductor_config.patch(emulate_precision_casts=True):
+        tokens = model.generate(prompt, **kwargs)
+    assert counted_launches and torch.equal(tokens, reference)

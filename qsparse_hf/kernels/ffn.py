@@ -10,7 +10,9 @@ the threshold key and the index of the last tie kept (ties to the lowest index: 
 and stores both. `gemv.masked_gemv` then multiplies down by the product, each program keeping the features that
 pass the threshold as it loads them. Where today a compiled step runs the gate/up GEMV, the selection's two
 launches and down's GEMV over the list of kept rows, this runs two launches, and neither the gate/up output nor
-the sparse activation goes through memory in between.
+the sparse activation goes through memory in between. `gated_select_listed` keeps down's GEMV as it is: the same
+first launch stores up instead of the product, and the split selection's writing launch then writes the sparse
+product and its kept list (three launches).
 """
 
 from __future__ import annotations
