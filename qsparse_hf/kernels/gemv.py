@@ -451,7 +451,7 @@ def masked_gemv(values: torch.Tensor, keys: torch.Tensor, state: torch.Tensor, w
     times up, and the activation that the top-K ranks). Inference only; zeros are not counted.
 
     Example:
-        >>> act, product, state = gated_select(x, kept, block, 0, 11008, 16, 5504)  # doctest: +SKIP
+        >>> act, product, state = gated_select(x, kept, block, 0, 11008, 11008, 5504, hint)  # doctest: +SKIP
         >>> out = masked_gemv(product, act, state, down_weight_t)  # doctest: +SKIP
     """
     n_in = values.shape[-1]
