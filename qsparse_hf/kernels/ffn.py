@@ -13,6 +13,10 @@ launches and down's GEMV over the list of kept rows, this runs two launches, and
 the sparse activation goes through memory in between. `gated_select_listed` keeps down's GEMV as it is: the same
 first launch stores up instead of the product, and the split selection's writing launch then writes the sparse
 product and its kept list (three launches).
+
+Both are exact and both are off by default (`kernels.FUSED_FFN`): on an H200 neither beats the four launches
+(Qwen2-7B's FFN, one token at keep 0.5: 77.1 µs shipped, 88.3 in two launches, 78.7 in three). Down's GEMV over
+the gathered kept rows is worth more than the launch its list costs.
 """
 
 from __future__ import annotations
