@@ -222,21 +222,24 @@ def ffn(args) -> int:
         fused_config = gated_config(x_sparse, blocks[0], inter, rows=k_in)
         split = split_launch(1 << (inter - 1).bit_length())
 
+        def select_input(i):  # the FFN input's selection, the same in every sparse form
+            return topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+
         def four(i, hint=act_hint):
-            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            x_sparse, kept = select_input(i)
             both = sparse_gemv(x_sparse, blocks[i % copies], config=up_config, kept=kept)
             act, act_kept = silu_topk_rows(both[:, :inter], k_act, both[:, inter:], indices=True, hint=hint,
                                            config=split)
             return sparse_gemv(act, downs[i % copies], config=down_config, kept=act_kept)
 
         def two(i, hint=fused_hint):
-            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            x_sparse, kept = select_input(i)
             act, product, state = gated_select(x_sparse, kept, blocks[i % copies], 0, inter, inter, k_act, hint,
                                                config=fused_config)
             return masked_gemv(product, act, state, downs[i % copies], config=masked_config)
 
         def three(i, hint=listed_hint):
-            x_sparse, kept = topk_sparsify_rows(xs[i % copies], k_in, indices=True, hint=input_hint)
+            x_sparse, kept = select_input(i)
             act, act_kept = gated_select_listed(x_sparse, kept, blocks[i % copies], 0, inter, inter, k_act, hint,
                                                 config=fused_config)
             return sparse_gemv(act, downs[i % copies], config=down_config, kept=act_kept)

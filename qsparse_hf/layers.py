@@ -939,6 +939,15 @@ def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sp
     Parameters of modules, which it skips while a module is unchanged, rather than tensors held elsewhere, which
     it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
     decode step's guard time)."""
+    width, widths, column, bias, bias_column = _block_reach(sparsifier, linear)
+    out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width)
+    return _split_members(out, widths)
+
+
+def _block_reach(sparsifier: InputSparsifier, linear: "QSparseLinear") -> tuple:
+    """How a compiled forward reaches ``linear``'s side-by-side block (`_multiply_through`): ``(width, member
+    widths, linear's first column, bias, the bias's first column)``, the bias being ``linear``'s own Parameter,
+    the block's (some members have none), or None."""
     width, widths, bias_source = sparsifier._now().layout
     column = _linear_settings(linear, True).decode_column
     if bias_source == "members":
@@ -947,8 +956,7 @@ def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sp
         bias, bias_column = sparsifier.decode_weights.bias, 0
     else:
         bias, bias_column = None, 0
-    out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width)
-    return _split_members(out, widths)
+    return width, widths, column, bias, bias_column
 
 
 class EagerDecodePlan:
@@ -1204,10 +1212,9 @@ class GatedFFNForward:
             sparse, listed = _kernel_ops().gated_select_listed(x_sparse, kept, *gated)
             return _multiply_through(down_s, down, sparse, listed)[down_l.decode_slot]
         act, product, state = _kernel_ops().gated_select(x_sparse, kept, *gated)
-        down_width, _, down_bias = down_s._now().layout
-        bias = down.bias if down_bias == "members" else None  # (down is alone in its layout: all or nothing)
-        column = down_l.decode_column
-        return _kernel_ops().masked_linear_block(product, act, state, down.weight, bias, column, column, down_width)
+        down_width, _, column, bias, bias_column = _block_reach(down_s, down)
+        return _kernel_ops().masked_linear_block(product, act, state, down.weight, bias, column, bias_column,
+                                                 down_width)
 
     def _as_converted(self) -> bool:
         """The members still in place, sharing as converted, and no hooks that a fused step would skip."""

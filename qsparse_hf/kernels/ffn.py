@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _cdiv, GemvConfig
+from .gemv import GemvConfig, _cdiv, _fastest, _tuning_inputs
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import (_INF_KEY, _PRECISE, HINT_RADIUS, _chunk_of_row, _key_window_bins, _magnitude_key, _round_like,
                    _silu, _silu_options, _split_bins, _split_parts_limit, _threshold_of_parts,
@@ -212,24 +212,11 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
     default = _default_config(inter, length, x.dtype)
     if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return default
-    sample = torch.randn_like(x)
-    kept = None
-    if rows is not None:
-        kept = torch.randperm(n_in, device=x.device)[:rows].sort().values.to(torch.int32).reshape(1, rows)
-    else:
-        sample *= torch.rand_like(sample, dtype=torch.float32) > 0.5
+    sample, kept = _tuning_inputs(x, n_in, rows)
     hint = torch.zeros(1, dtype=torch.int32, device=x.device)
-    best, best_ms = default, float("inf")
-    for config in _config_candidates(inter, length, x.dtype):
-        try:
-            ms = triton.testing.do_bench(
-                lambda: _launch(sample, kept, weight_t, 0, inter, inter, max(1, inter // 2), hint, config), warmup=5,
-                rep=20, return_mode="median")
-        except Exception:  # a config the compiler rejects (registers, shared memory) is skipped
-            continue
-        if ms < best_ms:
-            best, best_ms = config, ms
-    _CONFIGS[key] = best
+    best = _CONFIGS[key] = _fastest(
+        _config_candidates(inter, length, x.dtype), default,
+        lambda config: _launch(sample, kept, weight_t, 0, inter, inter, max(1, inter // 2), hint, config))
     return best
 
 
@@ -246,10 +233,11 @@ def prepare_gated(weight_t: torch.Tensor, inter: int, rows: int | None = None) -
         return
     if rows is not None and rows >= weight_t.shape[0]:
         rows = None  # every input kept: the selection is skipped and no list is passed
-    block_n, _, split, _, _ = gated_config(sample, weight_t, inter, rows)
-    blocks = _cdiv(inter, block_n)
-    _semaphores(weight_t.device, blocks + 1)
-    _scratch(weight_t.device, split * blocks * 2 * block_n + blocks * _split_bins(weight_t.dtype))
+    n_in = weight_t.shape[0]
+    launch = _gated_launch(n_in, n_in if rows is None else rows, inter, gated_config(sample, weight_t, inter, rows),
+                           rows is not None, weight_t.dtype, False)
+    _semaphores(weight_t.device, launch.blocks + 1)
+    _scratch(weight_t.device, launch.scratch)
 
 
 class _GatedLaunch:
@@ -265,6 +253,7 @@ class _GatedLaunch:
             raise ValueError(f"{self.blocks} blocks of {block_n} features: the histogram limit is "
                              f"{_split_parts_limit(dtype)} (use wider blocks)")
         self.split, self.partials, self.bins = split, split * self.blocks * 2 * block_n, _split_bins(dtype)
+        self.scratch = self.partials + self.blocks * self.bins  # fp32 partials, then the histograms (int32)
         self.launch = KernelLaunch(_gated_select_kernel, dict(
             ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT=split, NUM_STAGES=num_stages, GATHER=gather, COL_BLOCKS=self.blocks,
@@ -279,8 +268,7 @@ class _GatedLaunch:
 
     def __call__(self, x, kept, weight_t, gate_column: int, up_column: int, inter: int, k: int, hint):
         n_in = weight_t.shape[0]
-        # one scratch buffer: the fp32 partials, then the blocks' histograms (int32)
-        scratch = _scratch(x.device, self.partials + self.blocks * self.bins)
+        scratch = _scratch(x.device, self.scratch)
         histograms = scratch[self.partials:].view(torch.int32)
         act = torch.empty((*x.shape[:-1], inter), dtype=x.dtype, device=x.device)
         second = torch.empty_like(act)  # the product, or (listed) up
@@ -304,11 +292,17 @@ _LAUNCHES: dict[tuple, _GatedLaunch] = {}
 def _launch(x: torch.Tensor, kept: torch.Tensor | None, weight_t: torch.Tensor, gate_column: int, up_column: int,
             inter: int, k: int, hint: torch.Tensor, config: GemvConfig, listed: bool = False):
     n_in = weight_t.shape[0]
-    key = (n_in, n_in if kept is None else kept.shape[-1], inter, config, kept is not None, x.dtype, listed)
+    launch = _gated_launch(n_in, n_in if kept is None else kept.shape[-1], inter, config, kept is not None, x.dtype,
+                           listed)
+    return launch(x, kept, weight_t, gate_column, up_column, inter, k, hint)
+
+
+def _gated_launch(*key) -> _GatedLaunch:
+    """The launch object of ``(n_in, n_rows, inter, config, gather, dtype, listed)``, made once."""
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _GatedLaunch(*key)
-    return launch(x, kept, weight_t, gate_column, up_column, inter, k, hint)
+    return launch
 
 
 def _checked(x: torch.Tensor, kept: torch.Tensor | None, weight_t: torch.Tensor, gate_column: int, up_column: int,

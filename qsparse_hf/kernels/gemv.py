@@ -232,24 +232,45 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     default = _default_config(n_out, length)
     if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return default
-    sample = x.clone()
-    # Time on a representative half-sparse input (or a random list of kept rows) rather than the caller's values.
-    sample.normal_()
+    sample, kept = _tuning_inputs(x, n_in, rows)
+    best = _CHOSEN[key] = _fastest(_candidates(n_out, length, _tokens(x)), default,
+                                  lambda config: _launch(sample, weight_t, None, config, kept=kept))
+    return best
+
+
+def _tuning_inputs(x: torch.Tensor, n_in: int, rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a launch for inputs like ``x`` is timed on: a representative random input (half of it zero) rather than
+    the caller's values, or with ``rows``, random values and a random ascending int32 ``[1, rows]`` list of kept
+    features. Returns ``(sample, kept)``.
+
+    Example:
+        >>> sample, kept = _tuning_inputs(torch.zeros(1, 8), 8, 3); tuple(kept.shape), kept.dtype
+        ((1, 3), torch.int32)
+    """
+    sample = torch.randn_like(x)
     kept = None
     if rows is None:
         sample *= torch.rand_like(sample, dtype=torch.float32) > 0.5
     else:
         kept = torch.randperm(n_in, device=x.device)[:rows].sort().values.to(torch.int32).reshape(1, rows)
+    return sample, kept
+
+
+def _fastest(configs, default, run) -> tuple:
+    """The launch configuration among ``configs`` for which ``run(config)`` takes the least GPU time (median of
+    `triton.testing.do_bench`), ``default`` when none runs.
+
+    Example:
+        >>> _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config))  # doctest: +SKIP
+    """
     best, best_ms = default, float("inf")
-    for config in _candidates(n_out, length, _tokens(x)):
+    for config in configs:
         try:
-            ms = triton.testing.do_bench(lambda: _launch(sample, weight_t, None, config, kept=kept), warmup=5,
-                                         rep=20, return_mode="median")
+            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
         except Exception:  # a config the compiler rejects (too many registers/shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = config, ms
-    _CHOSEN[key] = best
     return best
 
 
@@ -353,14 +374,18 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else math.prod(x.shape[:-1])
 
 
+def _check_weight_t(weight_t: torch.Tensor, n_in: int, name: str) -> None:
+    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
+        raise ValueError(f"weight_t must be a row-major [in_features, out_features] tensor matching {name}")
+
+
 def _check_sparse(x: torch.Tensor, weight_t: torch.Tensor, kept: torch.Tensor | None) -> int:
     """`sparse_gemv`'s argument checks; returns the number of tokens."""
     tokens = _tokens(x) if x.dim() else MAX_DECODE_TOKENS + 1
     if tokens > MAX_DECODE_TOKENS:
         raise ValueError(f"sparse_gemv takes [..., in_features] with at most {MAX_DECODE_TOKENS} tokens, got "
                          f"{tuple(x.shape)}")
-    if weight_t.stride(-1) != 1 or x.shape[-1] != weight_t.shape[0]:
-        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    _check_weight_t(weight_t, x.shape[-1], "x")
     if kept is not None and (tokens != 1 or kept.dim() != 2 or kept.shape[0] != 1 or kept.dtype != torch.int32):
         raise ValueError(f"kept must be an int32 [1, n] list for a one-token x, got {tuple(kept.shape)} for "
                          f"x {tuple(x.shape)}")
@@ -407,8 +432,7 @@ def _check_select(x: torch.Tensor, k: int, weight_t: torch.Tensor, hint: torch.T
     if x.dtype not in _INF_KEY or x.numel() != n_in or not 1 <= k <= n_in or n_in > MAX_SELECT_FEATURES:
         raise ValueError(f"select_gemv takes one bf16/fp16 token of at most {MAX_SELECT_FEATURES} features and "
                          f"1 <= k <= features, got {x.dtype} {tuple(x.shape)} with k={k}")
-    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
-        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching x")
+    _check_weight_t(weight_t, n_in, "x")
     if hint is not None and (hint.dtype != torch.int32 or hint.device != x.device):
         raise ValueError(f"hint must be an int32 tensor on {x.device}, got {hint.dtype} on {hint.device}")
 
@@ -462,8 +486,7 @@ def masked_gemv(values: torch.Tensor, keys: torch.Tensor, state: torch.Tensor, w
     if state.dtype != torch.int32 or state.numel() < 2 or state.device != values.device:
         raise ValueError(f"state must be the int32 [threshold, cut] of the top-K on {values.device}, got "
                          f"{state.dtype} {tuple(state.shape)} on {state.device}")
-    if weight_t.stride(-1) != 1 or n_in != weight_t.shape[0]:
-        raise ValueError("weight_t must be a row-major [in_features, out_features] tensor matching values")
+    _check_weight_t(weight_t, n_in, "values")
     values, keys = values.contiguous(), keys.contiguous()
     config = config or choose_config(values, weight_t)
     launch = _find_launch(values, weight_t, bias, config, tokens=1, masked=keys.dtype)
