@@ -5,9 +5,7 @@ enough weight copies that nothing is served from L2. "sparse" includes the top-K
 sparse GEMV on an already sparse input. With one token both go the way the model's decode path does: the top-K
 kernel starts from the last threshold (a hint), lists the kept features, and the GEMV reads exactly those rows.
 "top-K inside the GEMV" is eager decode's single launch (`select_gemv`: every program selects; GPU time is spent
-to save a launch's host time). "prefetched" is the compiled step's form on Hopper GPUs: the top-K launch also asks
-L2 for the weight rows its hint says are likely kept (`topk.prefetch_rows`), then the same GEMV. GB/s counts the
-bytes actually touched (kept weight rows, x, y).
+to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y).
 
 ``--prefill`` times what a prompt of ``--tokens`` tokens (default 32) costs per decoder layer of a converted model
 on the GPU instead: the dense products through the weights as the decode layout stores them (each member's weight a
@@ -79,7 +77,7 @@ def main(argv=None) -> int:
     if args.ffn:
         return ffn(args)
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
-    from qsparse_hf.kernels.topk import new_hint, prefetch_rows, topk_sparsify_rows
+    from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
     results, rows = [], []
@@ -104,7 +102,6 @@ def main(argv=None) -> int:
             config = choose_config(sparse_xs[0], weights_t[0], rows=k if gather else None)
             gemv_us = graph_time_us(lambda i: sparse_gemv(sparse_xs[i % copies], weights_t[i % copies], config=config,
                                                           kept=kept[i % copies]))
-            prefetched_us = None
             if k >= n_in:  # keep 1.0: the model skips the top-K (it is the identity), so the GEMV is all there is
                 full_us = gemv_us
             elif gather:
@@ -115,16 +112,6 @@ def main(argv=None) -> int:
                     return sparse_gemv(x_sparse, weights_t[i % copies], config=config, kept=rows)
 
                 full_us = graph_time_us(step)
-                prefetch_hint = new_hint("cuda", 1)
-
-                def prefetched_step(i):
-                    weight_t = weights_t[i % copies]
-                    x_sparse, rows = topk_sparsify_rows(xs[i % copies], k, indices=True, hint=prefetch_hint,
-                                                        prefetch=prefetch_rows(weight_t, k, config[2]))
-                    return sparse_gemv(x_sparse, weight_t, config=config, kept=rows)
-
-                if prefetch_rows(weights_t[0], k, config[2]) is not None:
-                    prefetched_us = graph_time_us(prefetched_step)
             else:
                 full_us = graph_time_us(lambda i: sparse_gemv(topk_sparsify_rows(xs[i % copies], k),
                                                               weights_t[i % copies], config=config))
@@ -140,16 +127,15 @@ def main(argv=None) -> int:
             entry = dict(shape=name, keep=keep, k=k, dense_us=dense_us, sparse_us=full_us, gemv_only_us=gemv_us,
                          speedup=dense_us / full_us, gemv_speedup=dense_us / gemv_us, dense_gbs=dense_gbs,
                          sparse_gbs=touched / gemv_us / 1e3, rel_err=err, config=list(config),
-                         select_in_gemv_us=select_us, prefetched_us=prefetched_us)
+                         select_in_gemv_us=select_us)
             results.append(entry)
-            rows.append([name, keep, f"{dense_us:.1f}", f"{full_us:.1f}",
-                         "—" if prefetched_us is None else f"{prefetched_us:.1f}", f"{gemv_us:.1f}",
+            rows.append([name, keep, f"{dense_us:.1f}", f"{full_us:.1f}", f"{gemv_us:.1f}",
                          "—" if select_us is None else f"{select_us:.1f}", f"{dense_us / full_us:.2f}×",
                          f"{dense_gbs:.0f}", f"{entry['sparse_gbs']:.0f}", f"{err:.1e}",
                          "/".join(map(str, config[:4]))])
         del weights, weights_t, xs
         torch.cuda.empty_cache()
-    print_table(["shape", "keep", "dense µs", "sparse µs (top-K + GEMV)", "prefetched µs", "GEMV only µs",
+    print_table(["shape", "keep", "dense µs", "sparse µs (top-K + GEMV)", "GEMV only µs",
                  "top-K inside the GEMV µs (eager path)", "speedup",
                  "dense GB/s", "sparse GB/s (touched)", "rel err", "BN/BK/split/warps"], rows,
                 title=f"Decode GEMV, {args.tokens} token(s), {args.dtype}, {torch.cuda.get_device_name()}")

@@ -32,7 +32,7 @@ from _timing import parse_widths, print_table, write_json  # noqa: E402
 
 #: Pointer arguments of the top-K kernel by name (bf16 rows, an int64 zero counter, int32 lists and hints).
 _POINTER_TYPES = {"x_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16", "zeros_ptr": "*i64", "index_ptr": "*i32",
-                  "hint_ptr": "*i32", "part_ptr": "*i32", "ticket_ptr": "*i32", "rows_ptr": "*bf16"}
+                  "hint_ptr": "*i32", "part_ptr": "*i32", "ticket_ptr": "*i32"}
 #: The FFN decode kernels' pointers where they differ (fp32 split-K partials, int32 histograms, bf16 keys).
 _FFN_POINTER_TYPES = {**_POINTER_TYPES, "part_ptr": "*fp32", "hist_ptr": "*i32", "sem_ptr": "*i32",
                       "wt_ptr": "*bf16", "act_ptr": "*bf16", "prod_ptr": "*bf16", "state_ptr": "*i32",

@@ -546,12 +546,10 @@ class InputSparsifier:
             and kernels.kernels_available(x)
         )
 
-    def _sparsify(self, x: torch.Tensor, zeros: torch.Tensor | None, select: bool = False,
-                  product_of: "QSparseLinear | None" = None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    def _sparsify(self, x: torch.Tensor, zeros: torch.Tensor | None,
+                  select: bool = False) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """The sparse input, whether its zeros were added to ``zeros`` on the way, and (``select``: an inference
-        forward, the kernel path) the list of kept features, else None. ``product_of``: the member whose block the
-        product after the selection reads (a step that waits on GPU time): the selection prefetches its rows
-        (`ops.topk_select`)."""
+        forward, the kernel path) the list of kept features, else None."""
         settings = self._now()
         if settings.activation_bits is not None:
             x = QF.absmax_quantize(x, bits=settings.activation_bits, ste=settings.ste)
@@ -560,8 +558,7 @@ class InputSparsifier:
             return x, False, None
         if self.uses_kernel(x):
             if select:
-                out, kept = _kernel_ops().topk_select(x, k, zeros, settings.hint_slot,
-                                                      *_product_block(self, product_of))
+                out, kept = _kernel_ops().topk_select(x, k, zeros, settings.hint_slot)
                 return out, zeros is not None, kept
             return _kernel_ops().topk_sparsify(x, k, zeros), zeros is not None, None
         return (QF.sparsify(x, k, block_size=settings.block_size, ste=settings.ste, rescale=settings.rescale),
@@ -703,14 +700,11 @@ class InputSparsifier:
         with `kernels.FUSED_ACTIVATION` on.)"""
         return self._now().hint_slot >= 0 and width > _SPLIT_FROM_KEYS and self._selects_silu_of(x, width)
 
-    def select_silu_product(self, gate: torch.Tensor, up: torch.Tensor,
-                            down: "QSparseLinear | None" = None) -> torch.Tensor:
+    def select_silu_product(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """``self(F.silu(gate)) * up`` of a compiled one-token step (`fuses_silu_product`), its kept features
-        published for down_proj as `__call__` does; the same result bit for bit. ``down``: the linear that reads
-        them, whose kept rows the selection prefetches (`ops.silu_select`)."""
+        published for down_proj as `__call__` does; the same result bit for bit."""
         width = gate.shape[-1]
-        out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self._now().hint_slot,
-                                              *_product_block(down._sparsifier if down is not None else None, down))
+        out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self._now().hint_slot)
         self._publish_kept(kept, width, True)
         return out
 
@@ -775,9 +769,7 @@ class InputSparsifier:
             plan = "select_gemv"
         else:
             listable = _listable(x)
-            # (compiled or captured: the GPU's time is what the step waits on, so the selection prefetches)
-            waits_on_gpu = compiling or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-            x_sparse, counted, kept = self._sparsify(x, zeros, listable, linear if waits_on_gpu else None)
+            x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
             if listable and self._now().input_within_topk:
                 kept = self._take_source_kept(x)
                 plan = "gather_gemv" if kept is not None and not counted else None
@@ -950,16 +942,6 @@ def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sp
     width, widths, column, bias, bias_column = _block_reach(sparsifier, linear)
     out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width)
     return _split_members(out, widths)
-
-
-def _product_block(sparsifier: InputSparsifier | None, linear: "QSparseLinear | None") -> tuple:
-    """``(weight, column, width)`` of the side-by-side block that ``linear`` (served by ``sparsifier``) multiplies
-    in, as `ops.topk_select` takes it for its prefetch, or ``(None, 0, 0)``: no linear, or none in the decode
-    layout."""
-    if linear is None or sparsifier is None or sparsifier._now().layout is None:
-        return None, 0, 0
-    width, _, column, _, _ = _block_reach(sparsifier, linear)
-    return linear.weight, column, width
 
 
 def _block_reach(sparsifier: InputSparsifier, linear: "QSparseLinear") -> tuple:
@@ -1194,8 +1176,7 @@ class GatedFFNForward:
         if not (kernels.FUSED_ACTIVATION and act.sparsifier.fuses_silu_product(x, getattr(gate, "out_features", 0))
                 and _unhooked(act, act.act)):
             return None
-        prefetched = down if isinstance(down, QSparseLinear) else None
-        return down(act.sparsifier.select_silu_product(gate(x), up(x), prefetched))
+        return down(act.sparsifier.select_silu_product(gate(x), up(x)))
 
     @staticmethod
     def _two_launch_step(x: torch.Tensor, gate, up, down, act_s: "InputSparsifier") -> torch.Tensor | None:

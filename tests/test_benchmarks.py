@@ -182,40 +182,6 @@ def test_default_topk_launches_keep_their_rows_in_registers_on_hopper(tmp_path):
     assert [row["search"] for row in results if row["dim"] == 18944 and row["variant"] == "top-K"] == ["streamed 4096"]
 
 
-_PREFETCH_RESOURCES = """
-import json, sys
-import torch
-from kernel_registers import sm90_resources
-from qsparse_hf import kernels
-from qsparse_hf.kernels import launch, topk
-launch._PREFETCH_HARDWARE = kernels.L2_PREFETCH = True
-rows = []
-for dim, silu in ((3584, False), (4096, False), (18944, True), (14336, False)):
-    config = topk.split_launch(1 << (dim - 1).bit_length()) if dim > topk.SPLIT_FROM_KEYS else None
-    for prefetch in (False, True):
-        made = topk._RowLaunch(dim, dim // 2, torch.bfloat16, True, False, config, True, silu, silu, prefetch)
-        rows.append([dim, prefetch, made.prefetch_parts, *sm90_resources(made.launch)])
-json.dump(rows, sys.stdout)
-"""
-
-
-@pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
-def test_selections_that_prefetch_compile_for_hopper_as_those_that_do_not():
-    # The bulk L2 prefetch is inline PTX that only the GPU compiler sees (the interpreter skips it): compiled for
-    # sm_90, the launches that prefetch take about the registers of those that do not (72 -> 80 for a counting
-    # program of 14336 keys), and spill no more (8 bytes of stack there, as without).
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1] / "benchmarks"),
-                                         env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", _PREFETCH_RESOURCES], env=env, check=True, capture_output=True,
-                         text=True).stdout
-    rows = json.loads(out)
-    assert len(rows) == 8
-    for plain, prefetched in zip(rows[::2], rows[1::2]):
-        assert not plain[1] and prefetched[1] and prefetched[2] == (8 if plain[0] <= 4096 else 0), rows
-        assert prefetched[3] <= plain[3] + 16 and prefetched[4] <= plain[4] <= 8, rows
-
-
 @pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
 def test_two_and_three_launch_ffn_kernels_compile_for_hopper_without_spilling(tmp_path):
     # The gated FFN's decode kernels (kernels.ffn) compiled for sm_90 at their default launches for both 7B shapes:

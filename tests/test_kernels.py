@@ -871,99 +871,6 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
     assert _rel_err(out, eager) < 2e-2
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim, silu", [(1000, False), (3584, False), (3584, True), (9000, False), (9000, True)])
-def test_selections_that_prefetch_rows_return_what_they_return_without(dtype, dim, silu, monkeypatch):
-    # The prefetching programs beside a one-row selection (register kernel) and the prefetch inside a split
-    # launch's counting programs (rows past 8192 keys) only ask L2 for weight rows: the sparse row, the kept list
-    # and the updated hint are those of the same launch without them, token after token. (On a CPU the interpreter
-    # runs those programs without issuing the prefetch itself; on a Hopper GPU it issues it.)
-    from qsparse_hf import kernels
-    from qsparse_hf.kernels import launch, topk
-
-    monkeypatch.setattr(launch, "_PREFETCH_HARDWARE", True)
-    monkeypatch.setattr(kernels, "L2_PREFETCH", True)
-    torch.manual_seed(dim)
-    weight_t = torch.randn(dim, 96, device=DEV, dtype=dtype)
-    k = dim // 3
-    plan = topk.PrefetchRows(weight_t, (96, 96 * 2, 64, 16))
-    plain_hint, prefetched_hint = new_hint(DEV, 1), new_hint(DEV, 1)
-    for step in range(3):
-        x = torch.randn(1, dim, device=DEV, dtype=dtype)
-        x[0, ::5] = x[0, 1]  # ties at many magnitudes
-        if silu:
-            up = torch.randn_like(x)
-            split = topk.split_launch(1 << (dim - 1).bit_length(), dtype) if dim > topk.SPLIT_FROM_KEYS else None
-            plain = topk.silu_topk_rows(x, k, up, indices=True, hint=plain_hint, config=split)
-            prefetched = topk.silu_topk_rows(x, k, up, indices=True, hint=prefetched_hint, config=split,
-                                             prefetch=plan)
-        else:
-            plain = topk.topk_sparsify_rows(x, k, indices=True, hint=plain_hint)
-            prefetched = topk.topk_sparsify_rows(x, k, indices=True, hint=prefetched_hint, prefetch=plan)
-        assert same_bits(plain[0], prefetched[0]) and torch.equal(plain[1], prefetched[1]), step
-        assert torch.equal(plain_hint, prefetched_hint), step
-    built = [launch for key, launch in topk._ROW_LAUNCHES.items() if key[0] == dim and key[2] == dtype and key[-1]]
-    assert built
-    for launch in built:  # split launches prefetch in their counting programs, the register kernel beside them
-        if launch.parts:
-            assert launch.launch.constants["PREFETCH"] and launch.prefetch_parts == 0
-        else:
-            assert launch.prefetch_parts == max(1, (1 << (dim - 1).bit_length()) // topk.PREFETCH_PART)
-
-
-def test_prefetch_plan_covers_what_l2_holds_and_refuses_what_it_cannot_address(monkeypatch):
-    from qsparse_hf import kernels
-    from qsparse_hf.kernels import topk
-
-    monkeypatch.setattr(topk, "PREFETCH_BYTES", 2**20)
-    block = torch.zeros(4096, 1024, dtype=torch.bfloat16)
-    # 256 kept rows of 2 KB fit the budget: all of each split; 2048 (4 MB) do not: the same quarter at the head
-    # of every split, where each of the product's programs starts reading
-    assert topk._prefetch_scalars(block, 256, 4) == (1024, 2048, 1024, 1024)
-    assert topk._prefetch_scalars(block, 2048, 4) == (1024, 2048, 1024, 256)
-    assert topk._prefetch_scalars(block[:, :1000], 2048, 1) == (1024, 2000, 4096, 1048)  # 2**20 / 4096000 of 4096
-    assert topk._prefetch_scalars(block[:, :999], 2048, 1) is None  # rows of 1998 bytes: not 16-byte multiples
-    assert topk._prefetch_scalars(torch.zeros(64, 100, dtype=torch.bfloat16)[:, :96], 32, 1) is None  # stride 200 B
-    assert topk.prefetch_rows(block, 256) is None  # CPU weights: nothing to prefetch
-    if torch.cuda.is_available():
-        monkeypatch.setattr(kernels, "L2_PREFETCH", True)
-        plan = topk.prefetch_rows(block.to(DEV), 256, 4)
-        assert plan is None or plan.scalars == (1024, 2048, 1024, 1024)
-        monkeypatch.setattr(kernels, "L2_PREFETCH", False)
-        assert topk.prefetch_rows(block.to(DEV), 256, 4) is None
-
-
-def test_compiled_decode_selections_prefetch_the_block_their_product_reads(monkeypatch):
-    # Each one-token selection of a compiled step is handed the block its product reads (q/k/v, o, gate/up; down's
-    # via the activation's fused selection where that runs), so it can prefetch those rows.
-    from qsparse_hf.kernels import ops
-
-    torch._dynamo.reset()
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
-    seen = []
-    plan = ops._prefetch_plan
-
-    def recorded(x, k, hint, weight, column, width):
-        seen.append((x.shape[-1], k, None if weight is None else tuple(ops.block_of(weight, column, width).shape)))
-        return plan(x, k, hint, weight, column, width)
-
-    monkeypatch.setattr(ops, "_prefetch_plan", recorded)
-    ids = torch.randint(3, 128, (1, 1), device=DEV)
-    with torch.no_grad():
-        model(ids)  # eager: lays the decode weights out; its selections run inside the GEMV launch
-        eager_seen, seen[:] = list(seen), []
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
-        compiled(ids)
-    config = model.config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    per_layer = [(hidden, hidden // 2, (hidden, hidden + 2 * kv)), (hidden, hidden // 2, (hidden, hidden)),
-                 (hidden, hidden // 2, (hidden, 2 * inter)), (inter, inter // 2, None)]  # (the activation's own)
-    assert eager_seen == [] and seen == per_layer * config.num_hidden_layers
-    torch._dynamo.reset()
-
-
 def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):
     # Dynamo re-applies after every call each attribute the traced code left changed on a persistent object; for
     # the decode path's sharing that was 22 writes per layer, which cost transformers' compiled generate() more host
@@ -1074,7 +981,7 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
             assert torch.equal(step(ids).logits, eager), token
     split = [(key, launch) for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts]
     assert len(split) == 1 and split[0][1].parts == -(-8200 // topk.SPLIT_PART)
-    assert split[0][0][7:9] == ((True, True) if fused else (False, False))  # (silu, multiply) in the launch or not
+    assert split[0][0][7:] == ((True, True) if fused else ())  # (silu, multiply) in the launch, or neither
     torch._dynamo.reset()
 
 

@@ -33,11 +33,6 @@ SELECT_IN_GEMV = os.environ.get("QSPARSE_SELECT_IN_GEMV", "1") != "0"
 #: on Mistral-7B at keep 0.5 (H200, benchmarks/README.md). ``QSPARSE_FUSED_ACTIVATION=0`` turns it off (the A/B:
 #: ``bench_decode.py --ways compile,compile2``).
 FUSED_ACTIVATION = os.environ.get("QSPARSE_FUSED_ACTIVATION", "1") != "0"
-#: A compiled or captured one-token step's selections also ask L2 for the weight rows the product after them will
-#: most likely read (those whose key reaches the last token's threshold: `topk.prefetch_rows`), so memory streams
-#: them while the selection searches (Hopper and later GPUs). Off until a GPU run has timed it;
-#: ``QSPARSE_L2_PREFETCH=1`` turns it on (the A/B: ``QSPARSE_L2_PREFETCH=1 bench_decode.py --ways compile,compile5``).
-L2_PREFETCH = os.environ.get("QSPARSE_L2_PREFETCH", "0") != "0"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

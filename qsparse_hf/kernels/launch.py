@@ -49,7 +49,7 @@ except ImportError:  # Triton before 3.3 has no programmatic dependent launch (`
         pass
 
 
-__all__ = ["KernelLaunch", "direct_launches", "pdl_enabled", "l2_prefetch_enabled"]
+__all__ = ["KernelLaunch", "direct_launches", "pdl_enabled"]
 
 # Set QSPARSE_DIRECT_LAUNCH=0 to send every launch through Triton's generic path (to rule this module out).
 _DIRECT = (knobs is not None and os.environ.get("QSPARSE_DIRECT_LAUNCH", "1") != "0"
@@ -86,34 +86,10 @@ def pdl_enabled() -> bool:
         asked = os.environ.get("QSPARSE_PDL", "0")
         if asked not in ("0", "1"):
             raise ValueError(f"QSPARSE_PDL must be 0 (off, the default) or 1 (on), got {asked!r}")
-        _PDL = (asked == "1" and os.environ.get("TRITON_INTERPRET") != "1" and _GRID_DEPENDENCY_CONTROL
-                and _hopper_or_later())
+        _PDL = (asked == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+                and _GRID_DEPENDENCY_CONTROL and torch.cuda.is_available() and torch.cuda.device_count() > 0
+                and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
-
-
-_PREFETCH_HARDWARE: bool | None = None
-
-
-def l2_prefetch_enabled() -> bool:
-    """Whether a decode token's selections also prefetch, into L2, the weight rows the product after them will
-    most likely read (`topk.prefetch_rows`): the switch `qsparse_hf.kernels.L2_PREFETCH` (``QSPARSE_L2_PREFETCH``),
-    on Hopper and later GPUs (the bulk prefetch instruction), compiling (not Triton's interpreter).
-
-    Example:
-        >>> isinstance(l2_prefetch_enabled(), bool)
-        True
-    """
-    global _PREFETCH_HARDWARE
-    from . import L2_PREFETCH
-
-    if _PREFETCH_HARDWARE is None:
-        _PREFETCH_HARDWARE = os.environ.get("TRITON_INTERPRET") != "1" and _hopper_or_later()
-    return L2_PREFETCH and _PREFETCH_HARDWARE
-
-
-def _hopper_or_later() -> bool:
-    return (torch.cuda.is_available() and torch.cuda.device_count() > 0
-            and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
 
 
 def pdl_constants() -> dict:
@@ -129,23 +105,6 @@ def _dependent_launch_start(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_rows(rows_ptr, features, wanted, stride_rows, row_bytes, COMPILED: tl.constexpr = True):
-    """Ask L2 to fetch rows ``features`` of the weight at ``rows_ptr`` (``stride_rows`` elements apart,
-    ``row_bytes`` from each row's start) where ``wanted``, without waiting for them: one bulk prefetch per row
-    (Hopper's ``cp.async.bulk.prefetch.L2``; rows 16-byte aligned, ``row_bytes`` a multiple of 16: see
-    `prefetch_layout`). A hint only: nothing is read into registers, and a later kernel's loads of those rows find
-    them in L2 instead of memory (`l2_prefetch_enabled`). ``COMPILED`` False (Triton's interpreter, which runs no
-    inline assembly): nothing is issued."""
-    if COMPILED:
-        addresses = rows_ptr + features.to(tl.int64) * stride_rows
-        sizes = tl.zeros_like(features) + row_bytes
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-            "=r,l,r,r", [addresses, wanted.to(tl.int32), sizes.to(tl.int32)], dtype=tl.int32, is_pure=False,
-            pack=1)
 
 
 def _no_launch_hooks() -> bool:

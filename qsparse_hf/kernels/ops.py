@@ -2,13 +2,10 @@
 shape-known node each instead of tracing into Triton launches, and autograd sees the straight-through estimator.
 
 - ``qsparse::topk_sparsify(x, k)``: exact top-K of ``|x|`` per row; backward passes the gradient straight through.
-- ``qsparse::topk_select(x, k, hint_slot, weight, column, width)``: the same sparse tensor and the kept positions
-  of each row (inference only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1:
-  none); ``weight`` (or None) the block of the product that follows, as ``sparse_linear_block`` takes it, whose
-  likely-kept rows a one-token selection prefetches into L2.
-- ``qsparse::silu_select(gate, up, k, hint_slot, weight, column, width)``: `topk_select` of ``F.silu(gate)``, times
-  ``up`` when given: a gated FFN's activation, split over many programs per row where a hint serves it
-  (inference only).
+- ``qsparse::topk_select(x, k, hint_slot)``: the same sparse tensor and the kept positions of each row (inference
+  only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
+- ``qsparse::silu_select(gate, up, k, hint_slot)``: `topk_select` of ``F.silu(gate)``, times ``up`` when given: a
+  gated FFN's activation, split over many programs per row where a hint serves it (inference only).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 - ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width)``: the same product over the
@@ -34,8 +31,8 @@ import torch
 
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
-from .gemv import MAX_DECODE_TOKENS, choose_config, masked_gemv, repeat_launch, select_gemv, sparse_gemv
-from .topk import PrefetchRows, launch_config, prefetch_rows, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
+from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
+from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
            "gated_select", "gated_select_listed", "masked_linear_block", "register_hint", "block_of",
@@ -88,58 +85,35 @@ def _topk_backward(ctx, grad):
 _topk_sparsify.register_autograd(_topk_backward, setup_context=_topk_setup)
 
 
-def _prefetch_plan(x: torch.Tensor, k: int, hint: torch.Tensor | None, weight: torch.Tensor | None, column: int,
-                   width: int) -> PrefetchRows | None:
-    """What a one-token hinted selection of ``k`` features of ``x`` prefetches into L2 for the product after it: the
-    block that ``weight`` views (`block_of`), over as many of its likely-kept rows as `topk.prefetch_rows` allows
-    for that product's launch (`gemv.choose_config`, as `sparse_gemv` picks it). None without a weight, a hint or
-    one token."""
-    if weight is None or hint is None or x.numel() != x.shape[-1]:
-        return None
-    block = block_of(weight, column, width)
-    return prefetch_rows(block, k, choose_config(x, block, rows=k)[2])
-
-
 @torch.library.custom_op("qsparse::topk_select", mutates_args=())
-def _topk_select(x: torch.Tensor, k: int, hint_slot: int, weight: Optional[torch.Tensor], column: int,
-                 width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _select_rows(x, k, None, hint_slot, weight, column, width)
+def _topk_select(x: torch.Tensor, k: int, hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return topk_sparsify_rows(x, k, indices=True, hint=_hint_for(hint_slot, x))
 
 
 @_topk_select.register_fake
-def _(x, k, hint_slot, weight, column, width):
+def _(x, k, hint_slot):
     return torch.empty_like(x), x.new_empty(x.numel() // x.shape[-1], k, dtype=torch.int32)
 
 
-def _select_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None, hint_slot: int, weight: torch.Tensor | None,
-                 column: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hint = _hint_for(hint_slot, x)
-    return topk_sparsify_rows(x, k, zeros, indices=True, hint=hint,
-                              prefetch=_prefetch_plan(x, k, hint, weight, column, width))
-
-
 def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_slot: int,
-                      zeros: torch.Tensor | None = None, weight: torch.Tensor | None = None, column: int = 0,
-                      width: int = 0):
+                      zeros: torch.Tensor | None = None):
     """`silu_select` of a step that waits on GPU time (compiled or captured): wide hinted rows split over many
-    programs, SiLU computed by each for its part, rather than the one-program launch; ``weight`` as in
-    `topk_select` (split launches prefetch)."""
+    programs, SiLU computed by each for its part, rather than the one-program launch."""
     hint = _hint_for(hint_slot, gate)
     # the plain selection's default where it splits the row (`launch_config` keeps SiLU in one program: eager)
     split = launch_config(1 << (gate.shape[-1] - 1).bit_length(), hinted=hint is not None, dtype=gate.dtype)
     config = split if split[0] == "split" else None
-    prefetch = _prefetch_plan(gate, k, hint, weight, column, width) if config is not None else None
-    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config, prefetch=prefetch)
+    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config)
 
 
 @torch.library.custom_op("qsparse::silu_select", mutates_args=())
-def _silu_select(gate: torch.Tensor, up: Optional[torch.Tensor], k: int, hint_slot: int,
-                 weight: Optional[torch.Tensor], column: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _silu_select_rows(gate, up, k, hint_slot, None, weight, column, width)
+def _silu_select(gate: torch.Tensor, up: Optional[torch.Tensor], k: int,
+                 hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _silu_select_rows(gate, up, k, hint_slot)
 
 
 @_silu_select.register_fake
-def _(gate, up, k, hint_slot, weight, column, width):
+def _(gate, up, k, hint_slot):
     return torch.empty_like(gate), gate.new_empty(gate.numel() // gate.shape[-1], k, dtype=torch.int32)
 
 
@@ -269,16 +243,12 @@ def topk_sparsify(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None) ->
     return topk_sparsify_rows(x, k, zeros)
 
 
-def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, hint_slot: int = -1,
-                weight: torch.Tensor | None = None, column: int = 0,
-                width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None,
+                hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference top-K that also lists what it kept: ``(sparse, kept)``, ``kept`` the int32 ``[rows, k]`` ascending
     positions of each row (what `sparse_linear` gathers). ``qsparse::topk_select`` under ``torch.compile``.
     ``hint_slot`` (from `register_hint`) lets the kernel start from the last threshold of the same rows (faster
-    one-token selections, same result); it is used when it has an entry per row on ``x``'s device. ``weight``,
-    ``column``, ``width`` (as in `sparse_linear_block`): the block the product after this selection reads; a
-    hinted one-token selection then has its likely-kept rows fetched into L2 while it searches
-    (`topk.prefetch_rows`, Hopper GPUs). Neither changes the result.
+    one-token selections, same result); it is used when it has an entry per row on ``x``'s device.
 
     Example:
         >>> x = torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16)  # doctest: +SKIP
@@ -286,13 +256,12 @@ def topk_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, hint
         tensor([[1, 2]], device='cuda:0', dtype=torch.int32)
     """
     if torch.compiler.is_compiling():
-        return _topk_select(x, k, hint_slot, weight, column, width)
-    return _select_rows(x, k, zeros, hint_slot, weight, column, width)
+        return _topk_select(x, k, hint_slot)
+    return topk_sparsify_rows(x, k, zeros, indices=True, hint=_hint_for(hint_slot, x))
 
 
 def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                hint_slot: int = -1, weight: torch.Tensor | None = None, column: int = 0,
-                width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """`topk_select` of ``F.silu(gate)`` (times ``up`` when given): a gated FFN's activation on a decode step,
     ``(sparse, kept)``, where three kernels (SiLU, top-K, product) would run. ``zeros`` counts the zeros of the
     top-K, before the product (eager only).
@@ -302,17 +271,16 @@ def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zero
     captured the same launches: rows wider than `topk.SPLIT_FROM_KEYS` keys split over many programs (two
     launches, `topk.split_launch`) when the hint serves them, since those steps wait on GPU time, where one program
     computing SiLU (and the product) over a whole 14336-wide row was slower than the compiler's kernels around
-    `topk_select`, and spills its registers at 18944. Every form gives the same result. ``weight``, ``column``,
-    ``width``: down's block, prefetched as in `topk_select` (split launches).
+    `topk_select`, and spills its registers at 18944. Every form gives the same result.
 
     Example:
         >>> gate = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
         >>> sparse, kept = silu_select(gate, 16, up=torch.randn_like(gate))  # doctest: +SKIP
     """
     if torch.compiler.is_compiling():
-        return _silu_select(gate, up, k, hint_slot, weight, column, width)
+        return _silu_select(gate, up, k, hint_slot)
     if gate.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _silu_select_rows(gate, up, k, hint_slot, zeros, weight, column, width)
+        return _silu_select_rows(gate, up, k, hint_slot, zeros)
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
 
 

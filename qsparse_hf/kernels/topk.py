@@ -11,9 +11,6 @@ at every counting step instead (``("streamed", chunk, num_warps)`` launches, the
 A decode token's wide row with a threshold hint is split over many programs instead (``("split", part,
 num_warps)``): each counts its part into a histogram of the keys around the hint in one pass, the last to finish
 resolves the threshold, and a second launch writes the parts (same result).
-A decode token's selection can also prefetch (`prefetch_rows`, Hopper GPUs): programs beside the selecting one, or
-the split launch's counting programs, ask L2 for the weight rows of the product that follows wherever a feature's
-key reaches the last token's threshold, so that memory streams them while the selection searches.
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -21,18 +18,16 @@ bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import (KernelLaunch, _dependent_launch_start, _prefetch_rows, _scratch, _semaphores,
-                     l2_prefetch_enabled, pdl_constants)
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config", "split_launch",
-           "prefetch_rows", "PrefetchRows", "MAX_LISTED_FEATURES", "HINT_RADIUS"]
+           "MAX_LISTED_FEATURES", "HINT_RADIUS"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
 MAX_LISTED_FEATURES = 32768
@@ -152,55 +147,13 @@ def _times_row(value, row_ptr, offs, valid, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, rows_ptr, dim, k, stride_x, stride_y,
-                      stride_out, stride_rows, row_bytes, split_len, split_head, INF_KEY: tl.constexpr,
-                      BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
+def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y, stride_out,
+                      INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
                       HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
-                      PREFETCH_PARTS: tl.constexpr, PDL: tl.constexpr):
-    """One program per row selects (see the module's docstring). With ``PREFETCH_PARTS`` (one hinted row, a
-    decode token), that many more programs run beside it, each over a part of the row: they ask L2 for the weight
-    rows at ``rows_ptr`` that the product after this selection will most likely read (`_prefetch_likely_rows`),
-    so that memory streams them while the selecting program searches, instead of after it."""
+                      PDL: tl.constexpr):
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PREFETCH_PARTS > 0:
-        if tl.program_id(1) > 0:
-            PART: tl.constexpr = BLOCK // PREFETCH_PARTS
-            _prefetch_likely_rows(x_ptr + row * stride_x, hint_ptr + row, rows_ptr, tl.program_id(1) - 1, dim,
-                                  stride_rows, row_bytes, split_len, split_head, INF_KEY, PART, SILU, PRECISE)
-        else:
-            _select_row_kernel_body(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, row, dim, k, stride_x,
-                                    stride_y, stride_out, INF_KEY, BLOCK, DIGIT_BITS, COUNT_ZEROS, WRITE_INDICES,
-                                    USE_HINT, HINT_RADIUS, HINT_STEPS, SILU, MULTIPLY, PRECISE)
-    else:
-        _select_row_kernel_body(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, row, dim, k, stride_x,
-                                stride_y, stride_out, INF_KEY, BLOCK, DIGIT_BITS, COUNT_ZEROS, WRITE_INDICES,
-                                USE_HINT, HINT_RADIUS, HINT_STEPS, SILU, MULTIPLY, PRECISE)
-
-
-@triton.jit
-def _prefetch_likely_rows(row_ptr, hint_ptr, rows_ptr, part, dim, stride_rows, row_bytes, split_len, split_head,
-                          INF_KEY: tl.constexpr, PART: tl.constexpr, SILU: tl.constexpr = False,
-                          PRECISE: tl.constexpr = True):
-    """Prefetch into L2 the weight rows (at ``rows_ptr``) of the features in part ``part`` of the row at ``row_ptr``
-    (``SILU``: of its SiLU; ``PRECISE`` False: Triton's interpreter, nothing issued) whose key reaches the hint at
-    ``hint_ptr``, the row's last threshold: the features the
-    selection most likely keeps. Only those in the first ``split_head`` of every ``split_len`` features: the
-    product after the selection splits its kept rows over programs that each start at the head of their share,
-    so with more rows than L2 should take, the heads are what it reads first. A performance hint only: which rows
-    are kept, and the product, do not depend on it (the hint may even be the one being rewritten)."""
-    _, key, valid, offs = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
-    wanted = valid & (key >= tl.load(hint_ptr)) & ((offs % split_len) < split_head)
-    _prefetch_rows(rows_ptr, offs, wanted, stride_rows, row_bytes, PRECISE)
-
-
-@triton.jit
-def _select_row_kernel_body(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, row, dim, k, stride_x, stride_y,
-                            stride_out, INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
-                            COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr,
-                            HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, SILU: tl.constexpr,
-                            MULTIPLY: tl.constexpr, PRECISE: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     valid = offs < dim
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
@@ -325,15 +278,13 @@ def _write_streamed(row_ptr, out_row_ptr, kept_row_ptr, zeros_ptr, dim, threshol
 
 
 @triton.jit
-def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, rows_ptr, dim, k, stride_x,
-                               stride_y, stride_out, stride_rows, row_bytes, split_len, split_head,
-                               INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+def _topk_rows_streamed_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y,
+                               stride_out, INF_KEY: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
                                COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr,
                                HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr):
     """`_topk_rows_kernel` for wide rows: the same threshold search, tie rule and outputs, but each counting step
     streams the row in chunks instead of holding it in registers (a 32768-key row spills them), and nothing past
-    the row's end is read or counted. It takes the same arguments (``y_ptr``, ``stride_y``: unused, no SiLU here;
-    nor the prefetch's)."""
+    the row's end is read or counted. It takes the same arguments (``y_ptr``, ``stride_y``: unused, no SiLU here)."""
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = x_ptr + row * stride_x
@@ -405,11 +356,10 @@ def _threshold_of_parts(hist_ptr, row_ptr, dim, k, low, INF_KEY: tl.constexpr, P
 
 
 @triton.jit
-def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, rows_ptr, dim, k, stride_x, stride_rows,
-                                  row_bytes, split_len, split_head, INF_KEY: tl.constexpr, PART: tl.constexpr,
-                                  PARTS: tl.constexpr, PARTS_PAD: tl.constexpr, HINT_RADIUS: tl.constexpr,
-                                  BINS: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr,
-                                  PREFETCH: tl.constexpr, PDL: tl.constexpr):
+def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
+                                  PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
+                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, SILU: tl.constexpr,
+                                  PRECISE: tl.constexpr, PDL: tl.constexpr):
     """First launch of a hinted selection split over ``PARTS`` programs per row: each counts its ``PART``-key slice
     in one pass, as a histogram of the keys in the hint's window (``2 * HINT_RADIUS`` bins) with one bin for the
     keys above it. The last program of the row to finish (an atomic ticket) adds the histograms and reads off them
@@ -417,9 +367,7 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, rows_pt
     threshold lies outside the window (a hint that missed, or none yet) it searches the row bit by bit and counts
     the parts itself. It stores ``[threshold, ties kept, greater before, ties before]`` of each part over the
     part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint. ``SILU``: the
-    selection is of the row's SiLU (a gated FFN's activation), computed on the way. ``PREFETCH``: each program
-    first asks L2 for the weight rows at ``rows_ptr`` of its part's likely kept features, as
-    `_prefetch_likely_rows` does (one token)."""
+    selection is of the row's SiLU (a gated FFN's activation), computed on the way."""
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -428,10 +376,7 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, rows_pt
     low = tl.maximum(guess - HINT_RADIUS, 0)
     high = guess + HINT_RADIUS - 1
     WINDOW: tl.constexpr = 2 * HINT_RADIUS
-    _, key, valid, offs = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
-    if PREFETCH:
-        _prefetch_rows(rows_ptr, offs, valid & (key >= guess) & ((offs % split_len) < split_head), stride_rows,
-                       row_bytes, PRECISE)
+    _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
     bins = tl.arange(0, BINS)
     row_parts = part_ptr + row * PARTS * BINS
     tl.store(row_parts + part * BINS + bins, tl.histogram(_key_window_bins(key, low, high, WINDOW), BINS, mask=valid))
@@ -569,56 +514,12 @@ _PRECISE = os.environ.get("TRITON_INTERPRET") != "1"
 HINT_RADIUS = {torch.bfloat16: 32, torch.float16: 256}
 
 
-#: Keys per prefetching program of a one-row selection (`_prefetch_likely_rows`).
-PREFETCH_PART = 512
-#: Most bytes of weight rows one selection asks L2 for: beyond this the rows would evict each other before the
-#: product reads them (H100 and H200 have 50 MB of L2).
-PREFETCH_BYTES = 24 * 2**20
-
-
-class PrefetchRows(NamedTuple):
-    """The weight rows a selection prefetches into L2 for the product after it (`prefetch_rows`): ``weight`` the
-    input-major block, ``scalars`` ``(stride_rows, row_bytes, split_len, split_head)`` as the kernels take them."""
-
-    weight: torch.Tensor
-    scalars: tuple[int, int, int, int]
-
-
-def prefetch_rows(weight_t: torch.Tensor, kept: int, splits: int = 1) -> PrefetchRows | None:
-    """What a one-token selection of ``kept`` features should prefetch for a product over the input-major
-    ``weight_t`` (``[in_features, >= out_features]`` rows, e.g. a decode layout's block) whose GEMV splits its kept
-    rows over ``splits`` programs per column block: the whole likely-kept rows when they fit `PREFETCH_BYTES`,
-    else the same share at the head of every split. None where it does not apply (no Hopper GPU, a layout the
-    bulk prefetch cannot address: rows not 16-byte aligned).
-
-    Example:
-        >>> plan = prefetch_rows(weight_t, kept=1792, splits=8)  # doctest: +SKIP
-        >>> sparse, rows = topk_sparsify_rows(x, 1792, indices=True, hint=hint, prefetch=plan)  # doctest: +SKIP
-    """
-    if not (weight_t.is_cuda and l2_prefetch_enabled()):
-        return None
-    scalars = _prefetch_scalars(weight_t, kept, splits)
-    return None if scalars is None else PrefetchRows(weight_t, scalars)
-
-
-def _prefetch_scalars(weight_t: torch.Tensor, kept: int, splits: int) -> tuple[int, int, int, int] | None:
-    """`PrefetchRows.scalars` of `prefetch_rows` on any device, or None for rows the bulk prefetch cannot address."""
-    stride, size = weight_t.stride(0), weight_t.element_size()
-    row_bytes = weight_t.shape[1] * size
-    if weight_t.stride(1) != 1 or (stride * size) % 16 or weight_t.data_ptr() % 16 or row_bytes % 16:
-        return None
-    split_len = -(-weight_t.shape[0] // max(1, splits))
-    share = min(1.0, PREFETCH_BYTES / max(1, kept * row_bytes))
-    return stride, row_bytes, split_len, int(share * split_len)
-
-
 class _RowLaunch:
     """One (row width, k, dtype, outputs) launch of the kernel with everything but the tensors worked out, so that a
     call costs one dictionary lookup on top of Triton's own launch (eager decode runs four of these per layer)."""
 
     def __init__(self, dim: int, k: int, dtype: torch.dtype, indices: bool, count_zeros: bool,
-                 config: tuple | None, hinted: bool, silu: bool = False, multiply: bool = False,
-                 prefetch: bool = False) -> None:
+                 config: tuple | None, hinted: bool, silu: bool = False, multiply: bool = False) -> None:
         if dtype not in _INF_KEY:
             raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {dtype}")
         if not 1 <= k <= dim:
@@ -634,9 +535,7 @@ class _RowLaunch:
             raise ValueError("the product with a second tensor is fused only after SiLU")
         self.dim, self.k, self.indices = dim, k, indices
         self.parts = 0  # programs per row of a split launch
-        self.prefetch_parts = 0  # programs beside the selecting one that prefetch (`_prefetch_likely_rows`)
         config = config or launch_config(block, silu, hinted, dtype)
-        prefetch = prefetch and hinted and l2_prefetch_enabled()
         if config[0] == "split":
             _, part, num_warps = config
             self.parts = -(-dim // part)
@@ -649,8 +548,7 @@ class _RowLaunch:
             shared = dict(INF_KEY=_INF_KEY[dtype], PART=part, PARTS=self.parts, BINS=self.bins, SILU=silu,
                           PRECISE=_PRECISE, num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
             self.launch = KernelLaunch(_topk_rows_split_count_kernel, dict(
-                PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype], PREFETCH=prefetch,
-                **shared))
+                PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype], **shared))
             self.write = KernelLaunch(_topk_rows_split_write_kernel, dict(
                 COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply, **shared))
             return
@@ -667,39 +565,31 @@ class _RowLaunch:
         digit_bits, num_warps = config
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
-        if prefetch:  # parts of PREFETCH_PART keys, each prefetched by a program of the selection's warps
-            self.prefetch_parts = max(1, block // PREFETCH_PART)
         constants = dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            PREFETCH_PARTS=self.prefetch_parts, num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
+            num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
 
     def __call__(self, x: torch.Tensor, rows: int, stride: int, zeros: torch.Tensor | None,
-                 hint: torch.Tensor | None, y: torch.Tensor | None = None, stride_y: int = 0,
-                 prefetch: "PrefetchRows | None" = None):
+                 hint: torch.Tensor | None, y: torch.Tensor | None = None, stride_y: int = 0):
         """Launch over ``x``: ``rows`` rows ``stride`` elements apart, unit stride within a row (a contiguous
         tensor of any shape, or a 2-D view); the sparse result has ``x``'s shape. ``y``: the rows (``stride_y``
-        apart) that a launch with ``multiply`` multiplies the kept values by. ``prefetch``: the weight rows that
-        the product after this selection reads (one row of ``x``; ignored by a launch built without prefetch)."""
+        apart) that a launch with ``multiply`` multiplies the kept values by."""
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         kept = torch.empty(rows, self.k, dtype=torch.int32, device=x.device) if self.indices else None
-        if prefetch is None or rows != 1:
-            weight, prefetched = x, (0, 0, 1, 0)
-        else:
-            weight, prefetched = prefetch.weight, prefetch.scalars
         if rows and self.parts:
             histograms = _scratch(x.device, rows * self.parts * self.bins).view(torch.int32)
-            self.launch((rows, self.parts), (x, hint, histograms, _semaphores(x.device, rows), weight),
-                        (self.dim, self.k, stride, *prefetched))
+            self.launch((rows, self.parts), (x, hint, histograms, _semaphores(x.device, rows)),
+                        (self.dim, self.k, stride))
             self.write((rows, self.parts), (x, x if y is None else y, out, x if zeros is None else zeros,
                                             out if kept is None else kept, histograms),
                        (self.dim, self.k, stride, stride_y, self.dim))
         elif rows:
-            self.launch((rows, 1 + self.prefetch_parts), (x, x if y is None else y, out, x if zeros is None else zeros,
-                                           out if kept is None else kept, out if hint is None else hint, weight),
-                        (self.dim, self.k, stride, stride_y, self.dim, *prefetched))
+            self.launch((rows,), (x, x if y is None else y, out, x if zeros is None else zeros,
+                                  out if kept is None else kept, out if hint is None else hint),
+                        (self.dim, self.k, stride, stride_y, self.dim))
         return out, kept
 
 
@@ -712,7 +602,7 @@ _ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
 
 
 def _row_launch(*key) -> _RowLaunch:
-    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted[, silu, multiply, prefetch])``."""
+    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted[, silu, multiply])``."""
     launch = _ROW_LAUNCHES.get(key)
     if launch is None:
         launch = _ROW_LAUNCHES[key] = _RowLaunch(*key)
@@ -752,8 +642,7 @@ def new_hint(device: torch.device | str, rows: int) -> torch.Tensor:
 
 
 def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None, *,
-                       indices: bool = False, config: tuple | None = None, hint: torch.Tensor | None = None,
-                       prefetch: PrefetchRows | None = None):
+                       indices: bool = False, config: tuple | None = None, hint: torch.Tensor | None = None):
     """Zero all but the ``k`` largest ``|x|`` of every row (last dimension) of a bf16/fp16 tensor.
 
     Same result as ``x * functional.topk_mask(x, k)``, bit for bit (ties at the threshold kept lowest index first,
@@ -766,30 +655,26 @@ def topk_sparsify_rows(x: torch.Tensor, k: int, zeros: torch.Tensor | None = Non
     is the same.
     ``hint`` (int32, one entry per row, from `new_hint`) is where the kernel keeps each row's last threshold and
     starts its search from: decode steps of one sparsifier find the next threshold in fewer steps. It never
-    changes the result, only how fast it is found; the kernel updates it in place. ``prefetch`` (`prefetch_rows`,
-    with ``hint``, one row): the launch also asks L2 for the weight rows of the features the hint says are likely
-    kept, for the product that follows; it changes nothing but that product's speed.
+    changes the result, only how fast it is found; the kernel updates it in place.
 
     Example:
         >>> import os; os.environ.setdefault("TRITON_INTERPRET", "1")  # doctest: +SKIP
         >>> topk_sparsify_rows(torch.tensor([[0.5, -2.0, 1.0, 0.1]], dtype=torch.bfloat16), 2)  # doctest: +SKIP
         tensor([[ 0., -2.,  1.,  0.]], dtype=torch.bfloat16)
     """
-    launch = _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, config, hint is not None, False, False,
-                         prefetch is not None)
-    out, kept = _launch_over_rows(launch, x, zeros, hint, prefetch=prefetch)
+    launch = _row_launch(x.shape[-1], k, x.dtype, indices, zeros is not None, config, hint is not None)
+    out, kept = _launch_over_rows(launch, x, zeros, hint)
     return (out, kept) if indices else out
 
 
 def _launch_over_rows(launch: _RowLaunch, x: torch.Tensor, zeros: torch.Tensor | None, hint: torch.Tensor | None,
-                      up: torch.Tensor | None = None,
-                      prefetch: PrefetchRows | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``launch`` over the rows of ``x`` (and of ``up``, for a launch that multiplies): ``(sparse, kept)``, the
     sparse result in ``x``'s shape."""
     source, rows, stride = _as_rows(x)
     _check_hint(hint, rows, x.device)
     y, stride_y = (None, 0) if up is None else _as_rows(up)[::2]
-    out, kept = launch(source, rows, stride, zeros, hint, y, stride_y, prefetch)
+    out, kept = launch(source, rows, stride, zeros, hint, y, stride_y)
     return (out if out.shape == x.shape else out.reshape(x.shape)), kept
 
 
@@ -806,8 +691,7 @@ def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                   *, indices: bool = False, hint: torch.Tensor | None = None, config: tuple | None = None,
-                   prefetch: PrefetchRows | None = None):
+                   *, indices: bool = False, hint: torch.Tensor | None = None, config: tuple | None = None):
     """A gated FFN's activation in one launch: the top-``k`` of ``silu(gate)`` per row (bf16/fp16), and with ``up``
     that times ``up``: ``topk(F.silu(gate), k) * up`` bit for bit (SiLU computed as PyTorch's CUDA kernel does).
 
@@ -815,8 +699,7 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
     does; ``indices`` and ``hint`` as in `topk_sparsify_rows`. On the GPU an eager one-token decode step runs this
     instead of three kernels (SiLU, top-K, product). ``config``: the register kernel's ``(digit_bits, num_warps)``
     (the default, one program a row) or, with ``hint``, a ``("split", part, num_warps)`` launch (`split_launch`:
-    many programs a row, two launches; what a compiled decode step runs for wide rows); ``prefetch`` as in
-    `topk_sparsify_rows` (split launches only).
+    many programs a row, two launches; what a compiled decode step runs for wide rows).
 
     Example:
         >>> gate = torch.tensor([[0.5, -2.0, 1.0, 3.0]], dtype=torch.bfloat16)  # doctest: +SKIP
@@ -827,6 +710,6 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
         raise ValueError(f"up must match gate's shape, dtype and device ({tuple(gate.shape)}, {gate.dtype}, "
                          f"{gate.device}), got {tuple(up.shape)}, {up.dtype}, {up.device}")
     launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, config, hint is not None, True,
-                         up is not None, prefetch is not None)
-    out, kept = _launch_over_rows(launch, gate, zeros, hint, up, prefetch)
+                         up is not None)
+    out, kept = _launch_over_rows(launch, gate, zeros, hint, up)
     return (out, kept) if indices else out
