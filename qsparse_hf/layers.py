@@ -1105,10 +1105,10 @@ class GatedFFNForward:
     (`InputSparsifier.select_silu_product`: the split selection's two launches, where the compiler would add a SiLU
     kernel and a product kernel around the top-K). With `kernels.FUSED_FFN` on (``QSPARSE_FUSED_FFN=masked`` or
     ``listed``; off by default: not faster on an H200) a compiled one-token step runs the whole FFN in two launches
-    (or three) instead (`_two_launch_step`). It steps aside for everything else (prefill, training, other compiled steps, hooks on any
-    member, a member replaced, e.g. by a peft adapter), where the module's own forward runs. The result and the
-    sparsity counts are those of the module's forward, bit for bit; the two-launch step's GEMVs sum in another
-    order, so its values may differ in the last bit (its top-K is exact for the values it computes).
+    (or three) instead (`_two_launch_step`). It steps aside for everything else (prefill, training, other compiled
+    steps, hooks on any member, a member replaced, e.g. by a peft adapter), where the module's own forward runs. The
+    result and the sparsity counts are those of the module's forward, bit for bit; the two-launch step's GEMVs sum
+    in another order, so its values may differ in the last bit (its top-K is exact for the values it computes).
 
     Example:
         >>> mlp = model.model.layers[0].mlp  # of a converted Mistral  # doctest: +SKIP
