@@ -24,9 +24,9 @@ the host side of eager ``generate()`` (and of ``generate(static)`` with ``static
 lists the kernels of the compiled step by time, per layer, and with ``static`` in ``--ways`` those of one decode
 token of ``generate(static)`` beside them (with its wall time per token, prefill excluded), and those and the host's
 operators of its prefill call.
-Programmatic dependent launch is off by default for our kernels and Inductor's alike; ``QSPARSE_PDL=1`` turns it
-on for ours (Hopper and later GPUs) and ``--inductor-pdl on`` for Inductor's (``torch._inductor.config.triton.
-enable_pdl``), for dense and sparse alike. The title and the JSON say which were on.
+Programmatic dependent launch (Hopper and later GPUs) is on by default for our kernels (``QSPARSE_PDL=0`` turns it
+off) and off for Inductor's, which ``--inductor-pdl on`` turns on (``torch._inductor.config.triton.enable_pdl``),
+for dense and sparse alike. The title and the JSON say which were on.
 
     python benchmarks/bench_decode.py --arch mistral --new-tokens 256 --ways graph,compile,eager,static --count-kernels
 """

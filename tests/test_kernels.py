@@ -1481,35 +1481,44 @@ def test_the_widest_listed_row_all_tied_keeps_exactly_k(config):
     assert torch.equal(kept[0].long(), torch.arange(100, device=DEV))
 
 
-def test_programmatic_dependent_launch_is_off_unless_asked_for_and_compiled(monkeypatch):
+def test_programmatic_dependent_launch_is_asked_for_unless_turned_off_and_needs_compiled_kernels(monkeypatch):
     from qsparse_hf.kernels import launch
 
-    for settings in ({"QSPARSE_PDL": None}, {"QSPARSE_PDL": "0"}, {"QSPARSE_PDL": "1", "TRITON_INTERPRET": "1"}):
+    for value, asked in ((None, True), ("1", True), ("0", False)):
+        with monkeypatch.context() as scoped:
+            if value is None:
+                scoped.delenv("QSPARSE_PDL", raising=False)
+            else:
+                scoped.setenv("QSPARSE_PDL", value)
+            assert launch._pdl_asked() is asked
+    for settings in ({"QSPARSE_PDL": "0"}, {"QSPARSE_PDL": "1", "TRITON_INTERPRET": "1"}):
         monkeypatch.setattr(launch, "_PDL", None)
         with monkeypatch.context() as scoped:
             for variable, value in settings.items():
-                if value is None:
-                    scoped.delenv(variable, raising=False)
-                else:
-                    scoped.setenv(variable, value)
+                scoped.setenv(variable, value)
             assert launch.pdl_enabled() is False
             assert launch.pdl_constants() == {"PDL": False}  # no launch_pdl option for the compiler
+    if not torch.cuda.is_available():  # asked for by default, but there is no GPU to launch on
+        monkeypatch.setattr(launch, "_PDL", None)
+        monkeypatch.delenv("QSPARSE_PDL", raising=False)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert launch.pdl_enabled() is False
     monkeypatch.setattr(launch, "_PDL", None)
     monkeypatch.setenv("QSPARSE_PDL", "yes")
-    with pytest.raises(ValueError, match="QSPARSE_PDL must be 0"):
+    with pytest.raises(ValueError, match="QSPARSE_PDL must be 1"):
         launch.pdl_enabled()
     monkeypatch.delenv("QSPARSE_PDL")
     monkeypatch.setattr(launch, "_PDL", None)  # decided afresh after the test
 
 
 @requires_cuda
-def test_decode_kernels_launch_dependent_on_hopper_and_later_when_asked():
-    # With QSPARSE_PDL=1 (the GPU run sets it) the launch option has to reach the launcher the direct path calls
-    # (a Hopper GPU and later), where the kernels also wait for the kernel before them; elsewhere it is off.
+def test_decode_kernels_launch_dependent_on_hopper_and_later_unless_turned_off():
+    # Unless QSPARSE_PDL=0, the launch option has to reach the launcher the direct path calls (a Hopper GPU and
+    # later), where the kernels also wait for the kernel before them; elsewhere it is off.
     from qsparse_hf.kernels import gemv, launch, topk
 
     hopper = all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count()))
-    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL") == "1")
+    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL", "1") == "1")
     x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):  # the second launch goes the direct way, with the compiled launcher cached
         sparse, kept = topk_sparsify_rows(x, 300, indices=True)
