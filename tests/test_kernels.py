@@ -1491,6 +1491,9 @@ def test_programmatic_dependent_launch_is_asked_for_unless_turned_off_and_needs_
             else:
                 scoped.setenv("QSPARSE_PDL", value)
             assert launch._pdl_asked() is asked
+    assert [launch._captures_dependent_launches(v) for v in ("11.8", "12.2", "12.3", "13.0")] == [
+        False, False, True, True]
+    assert launch._captures_dependent_launches("") is False and launch._captures_dependent_launches("rocm") is False
     for settings in ({"QSPARSE_PDL": "0"}, {"QSPARSE_PDL": "1", "TRITON_INTERPRET": "1"}):
         monkeypatch.setattr(launch, "_PDL", None)
         with monkeypatch.context() as scoped:
@@ -1514,11 +1517,12 @@ def test_programmatic_dependent_launch_is_asked_for_unless_turned_off_and_needs_
 @requires_cuda
 def test_decode_kernels_launch_dependent_on_hopper_and_later_unless_turned_off():
     # Unless QSPARSE_PDL=0, the launch option has to reach the launcher the direct path calls (a Hopper GPU and
-    # later), where the kernels also wait for the kernel before them; elsewhere it is off.
+    # later, CUDA 12.3 or later), where the kernels also wait for the kernel before them; elsewhere it is off.
     from qsparse_hf.kernels import gemv, launch, topk
 
     hopper = all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count()))
-    assert launch.pdl_enabled() is (hopper and os.environ.get("QSPARSE_PDL", "1") == "1")
+    assert launch.pdl_enabled() is (hopper and launch._captures_dependent_launches()
+                                    and os.environ.get("QSPARSE_PDL", "1") == "1")
     x = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16)
     for _ in range(2):  # the second launch goes the direct way, with the compiled launcher cached
         sparse, kept = topk_sparsify_rows(x, 300, indices=True)

@@ -75,8 +75,9 @@ _PDL: bool | None = None
 
 def pdl_enabled() -> bool:
     """Whether the decode kernels launch with programmatic dependent launch: on unless ``QSPARSE_PDL=0``, where
-    every visible GPU is a Hopper or later one (compute capability 9+), Triton is 3.3 or later and compiles (not its
-    interpreter). Decided once per process: it is a compile-time constant of the kernels.
+    every visible GPU is a Hopper or later one (compute capability 9+), torch is built with CUDA 12.3 or later (the
+    first whose CUDA graphs capture such launches), Triton is 3.3 or later and compiles (not its interpreter).
+    Decided once per process: it is a compile-time constant of the kernels.
 
     Example:
         >>> isinstance(pdl_enabled(), bool)
@@ -84,7 +85,7 @@ def pdl_enabled() -> bool:
     """
     global _PDL
     if _PDL is None:
-        _PDL = (_pdl_asked() and os.environ.get("TRITON_INTERPRET") != "1"
+        _PDL = (_pdl_asked() and os.environ.get("TRITON_INTERPRET") != "1" and _captures_dependent_launches()
                 and _GRID_DEPENDENCY_CONTROL and torch.cuda.is_available() and torch.cuda.device_count() > 0
                 and all(torch.cuda.get_device_capability(i)[0] >= 9 for i in range(torch.cuda.device_count())))
     return _PDL
@@ -101,6 +102,21 @@ def _pdl_asked() -> bool:
     if asked not in ("0", "1"):
         raise ValueError(f"QSPARSE_PDL must be 1 (on, the default) or 0 (off), got {asked!r}")
     return asked == "1"
+
+
+def _captures_dependent_launches(cuda_version: str | None = None) -> bool:
+    """Whether torch's CUDA (``torch.version.cuda`` by default) is 12.3 or later: graph capture of programmatic
+    dependent launches (what a compiled or captured decode step records) came with 12.3.
+
+    Example:
+        >>> _captures_dependent_launches("12.1"), _captures_dependent_launches("13.0")
+        (False, True)
+    """
+    version = torch.version.cuda if cuda_version is None else cuda_version
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) >= (12, 3)
+    except (AttributeError, ValueError):  # a CPU or ROCm build: no CUDA version
+        return False
 
 
 def pdl_constants() -> dict:
