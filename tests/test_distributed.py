@@ -95,4 +95,7 @@ def test_fsdp2_shards_a_converted_model_trains_and_saves_a_full_sparse_checkpoin
     assert losses == pytest.approx(expected, rel=1e-4)
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert qsparse_hf.is_qsparse_model(reloaded)
-    _assert_same_weights(reloaded, model, atol=1e-5)
+    # A tenth of one AdamW step (lr 1e-3): a weight whose gradient is near zero moves by a visible fraction of lr on
+    # a last-bit difference in its gradient (two ranks reduce in another order than one process; measured up to
+    # 3.4e-5 on an AVX-512 CPU), while a gradient averaged or sharded wrongly moves weights by up to lr per step.
+    _assert_same_weights(reloaded, model, atol=1e-4)

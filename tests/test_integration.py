@@ -106,24 +106,43 @@ def test_saved_files_carry_the_loading_note(tmp_path):
     assert json.loads(metadata["qsparse_config"])["topk"] == 0.5
 
 
+def _static_generate(model, prompt, compiled: bool, **kwargs):
+    """``model.generate(..., cache_implementation="static")`` greedily, eager or compiled by transformers (with
+    Inductor's ``emulate_precision_casts``), with the logits of every step."""
+    import torch._inductor.config as inductor_config
+    from transformers import CompileConfig
+
+    kwargs.update(do_sample=False, cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    if not compiled:
+        return model.generate(prompt, disable_compile=True, **kwargs)
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, by default
+    torch._dynamo.reset()
+    with inductor_config.patch(emulate_precision_casts=True):
+        return model.generate(prompt, compile_config=compile_config, **kwargs)
+
+
 def test_compiled_static_cache_generate_equals_eager_with_emulated_casts():
     # transformers compiles the decode forward of generate(cache_implementation="static"). By default Inductor
     # rounds fused bf16 intermediates fewer times than eager, and with top-K that parts the greedy tokens within a
     # few steps (token 3 here, token 35 for the dense model); with emulate_precision_casts compiled generation must
-    # reproduce eager's tokens, the sparsifiers' hooks and counters included.
-    import torch._inductor.config as inductor_config
+    # reproduce eager's tokens, the sparsifiers' hooks and counters included -- wherever Inductor reproduces eager
+    # for the dense model: its reductions (norms, attention) may also add in another order than ATen's, which on
+    # some CPUs (seen on an AVX-512 machine) changes the dense model's logits in the last bit after a few steps.
     from conftest import embedded_sparse_model_and_prompt
     from torch._dynamo.utils import counters
-    from transformers import CompileConfig
 
     model, prompt = embedded_sparse_model_and_prompt()
-    kwargs = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, cache_implementation="static")
-    eager = model.generate(prompt, disable_compile=True, **kwargs)
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only, by default
-    torch._dynamo.reset()
+    kwargs = dict(max_new_tokens=64, min_new_tokens=64)
+    eager = _static_generate(model, prompt, compiled=False, **kwargs)
     counters.clear()
-    with inductor_config.patch(emulate_precision_casts=True):
-        compiled = model.generate(prompt, compile_config=compile_config, **kwargs)
+    compiled = _static_generate(model, prompt, compiled=True, **kwargs)
     assert counters["stats"]["unique_graphs"] >= 1  # the decode forward really was compiled
-    assert torch.equal(compiled, eager)
+    if not torch.equal(compiled.sequences, eager.sequences):
+        dense = qsparse_hf.revert_qsparse(model)
+        dense_eager = _static_generate(dense, prompt, compiled=False, **kwargs)
+        dense_compiled = _static_generate(dense, prompt, compiled=True, **kwargs)
+        if not all(torch.equal(a, b) for a, b in zip(dense_eager.logits, dense_compiled.logits)):
+            pytest.skip("Inductor's compiled decode does not reproduce eager's logits bit for bit on this CPU even for "
+                        "the dense model, so the converted model's greedy tokens cannot be expected to either")
+    assert torch.equal(compiled.sequences, eager.sequences)
