@@ -28,7 +28,7 @@ def main(model_path: str, output: str, steps: int = 3) -> None:
     fully_shard(model)
     sharded = [p for p in model.parameters() if isinstance(p, DTensor)]
     assert len(sharded) == len(list(model.parameters())), "every parameter should be a DTensor"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # see the test: SGD shows a gradient's scale
     batch = torch.randint(3, model.config.vocab_size, (2 * world, 24), generator=torch.Generator().manual_seed(1))
     mine = batch[rank * 2:(rank + 1) * 2]  # this rank's half of the global batch
     losses = []
