@@ -159,7 +159,7 @@ def test_topk_op_passes_gradient_straight_through():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 @pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 64, 3),
-                                    GemvConfig(1024, 4, 16, 8)])
+                                    GemvConfig(1024, 4, 16, 8), GemvConfig(32, 256, 2), GemvConfig(64, 128, 3)])
 def test_sparse_gemv_matches_float64(dtype, tokens, config):
     n_in, n_out = 300, 96  # neither a multiple of the blocks
     x = torch.randn(tokens, n_in, device=DEV).to(dtype)
@@ -175,8 +175,31 @@ def test_sparse_gemv_matches_float64(dtype, tokens, config):
     assert _rel_err(out, x.double() @ weight_t.double() + bias.double()) < 1e-2
 
 
+@pytest.mark.parametrize("n_out, rows", [(4608, 1792), (3584, 1792), (3584, 9472), (6144, 2048), (1024, 4096)])
+def test_gemv_tuner_times_tall_tiles_where_one_step_covers_a_split(n_out, rows):
+    # A small gather GEMV is bound by the dependent steps of each program: the tuner also times tall tiles whose row
+    # block holds a split's whole share of the listed rows (at least half full), up to sixteen waves of programs;
+    # the other tiles keep two row blocks per split at least and eight waves at most.
+    from qsparse_hf.kernels import gemv
+
+    found = gemv._candidates(n_out, rows)
+    assert len(found) == len(set(found))
+    one_step = []
+    for block_n, block_k, split, num_warps, _ in found:
+        programs = -(-n_out // block_n) * split
+        per_split = rows // split
+        regular = (block_n, block_k, num_warps) in gemv._TILES and 132 <= programs <= 1056 and per_split >= 2 * block_k
+        tall = (block_n, block_k, num_warps) in gemv._TALL_TILES and block_k // 2 <= per_split <= block_k
+        assert (regular or tall) and 132 <= programs <= 2112 and split * 16 <= rows, (block_n, block_k, split)
+        one_step += [(block_n, block_k, split)] if tall else []
+    if rows == 1792:  # Qwen2-7B's q/k/v and o at keep 0.5: the tile an H100 ran fastest (10.5 and 9.9 µs)
+        assert (64, 128, 16) in one_step
+    if rows == 9472:  # down's: sixteen waves cannot hold a split's rows in one block
+        assert one_step == [] and gemv.GemvConfig(64, 128, 8, 4) in found
+
+
 @pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 32, 3),
-                                    GemvConfig(2048, 4, 32, 8)])
+                                    GemvConfig(2048, 4, 32, 8), GemvConfig(32, 256, 1), GemvConfig(64, 128, 2)])
 def test_sparse_gemv_gathers_exactly_the_kept_rows(config):
     # One token with the list of its kept features: only those rows are read (the others are NaN here), and the
     # zero count covers the whole input (listed zeros plus everything not listed).

@@ -11,6 +11,7 @@ are served by one launch over the whole block, or by one launch per member over 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -180,9 +181,13 @@ class GemvConfig(tuple):
 
 # (block_n, block_k, num_warps). Narrow tiles (128-512-byte row segments) suit few output columns; the wide ones
 # (1-4 KB of each weight row per program, deep split-K) keep long contiguous runs of memory in flight, which is what
-# a scattered set of kept rows needs to stream near the memory's bandwidth.
+# a scattered set of kept rows needs to stream near the memory's bandwidth. The tall ones (128-256 rows of 64-128
+# bytes, 4 warps) load a split's whole share of kept rows in one step: a small product (q/k/v, o, down at keep 0.5)
+# is bound by the dependent steps each program takes more than by bandwidth (on an H100, 0.7-2 µs faster than the
+# tuner's earlier picks: benchmarks/README.md, nineteenth stop).
 _TILES = ((64, 64, 4), (128, 32, 4), (128, 64, 8), (256, 32, 8), (64, 128, 8), (256, 64, 8),
-          (512, 16, 8), (1024, 8, 8), (2048, 4, 8), (1024, 16, 16), (1024, 32, 16), (2048, 16, 16))
+          (512, 16, 8), (1024, 8, 8), (2048, 4, 8), (1024, 16, 16), (1024, 32, 16), (2048, 16, 16), (64, 128, 4))
+_TALL_TILES = ((64, 128, 4), (32, 256, 4), (64, 256, 8))
 #: Several tokens go through ``tl.dot``, which needs row blocks of at least this many rows.
 _MIN_DOT_BLOCK_K = 16
 _SPLITS = (1, 2, 4, 8, 16, 32, 64)
@@ -190,15 +195,20 @@ _SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 def _candidates(n_out: int, n_in: int, tokens: int = 1) -> list[GemvConfig]:
     """Launches worth timing: a few waves of programs over the SMs, at least two row blocks per split, and split-K
-    partials that stay small next to the weight bytes read."""
+    partials that stay small next to the weight bytes read; and the tall tiles where a split's rows fill one row
+    block at least half (one step per program), up to sixteen waves."""
     found = []
-    for block_n, block_k, num_warps in _TILES:
-        if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
-            continue
-        for split in _SPLITS:
+    for tall, tiles in ((False, _TILES), (True, _TALL_TILES)):
+        for (block_n, block_k, num_warps), split in itertools.product(tiles, _SPLITS):
+            if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
+                continue
             programs = _cdiv(n_out, block_n) * split
-            if 132 <= programs <= 1056 and n_in // split >= 2 * block_k and split * 16 <= n_in:
-                found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
+            rows = n_in // split
+            fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if tall else (
+                programs <= 1056 and rows >= 2 * block_k)
+            config = GemvConfig(block_n, block_k, split, num_warps, 3)
+            if 132 <= programs and fits and split * 16 <= n_in and config not in found:
+                found.append(config)
     return found or [_default_config(n_out, n_in)]
 
 
