@@ -194,6 +194,8 @@ def test_gemv_tuner_times_tall_tiles_where_one_step_covers_a_split(n_out, rows):
         one_step += [(block_n, block_k, split)] if tall else []
     if rows == 1792:  # Qwen2-7B's q/k/v and o at keep 0.5: the tile an H100 ran fastest (10.5 and 9.9 µs)
         assert (64, 128, 16) in one_step
+    # select_gemv's programs each repeat the selection: it is tuned without the tall tiles' extra programs
+    assert gemv._candidates(n_out, rows, tall=False) == [c for c in found if c[:3] not in one_step]
     if rows == 9472:  # down's: sixteen waves cannot hold a split's rows in one block
         assert one_step == [] and gemv.GemvConfig(64, 128, 8, 4) in found
 

@@ -193,12 +193,12 @@ _MIN_DOT_BLOCK_K = 16
 _SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _candidates(n_out: int, n_in: int, tokens: int = 1) -> list[GemvConfig]:
+def _candidates(n_out: int, n_in: int, tokens: int = 1, tall: bool = True) -> list[GemvConfig]:
     """Launches worth timing: a few waves of programs over the SMs, at least two row blocks per split, and split-K
-    partials that stay small next to the weight bytes read; and the tall tiles where a split's rows fill one row
-    block at least half (one step per program), up to sixteen waves."""
+    partials that stay small next to the weight bytes read; and (``tall``) the tall tiles where a split's rows fill
+    one row block at least half (one step per program), up to sixteen waves."""
     found = []
-    for tall, tiles in ((False, _TILES), (True, _TALL_TILES)):
+    for tall, tiles in ((False, _TILES), (True, _TALL_TILES))[:2 if tall else 1]:
         for (block_n, block_k, num_warps), split in itertools.product(tiles, _SPLITS):
             if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
                 continue
@@ -224,10 +224,13 @@ def _default_config(n_out: int, n_in: int) -> GemvConfig:
     return GemvConfig(block_n, 64, split)
 
 
-def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, rows: int | None = None) -> GemvConfig:
+def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, rows: int | None = None,
+                  tall: bool = True) -> GemvConfig:
     """Launch configuration for a shape, timed once per (shape, dtype, tokens, listed rows) on the GPU and cached.
 
     ``rows``: the number of kept features when the GEMV gathers listed rows (``kept`` of `sparse_gemv`), else None.
+    ``tall``: the tall tiles may be chosen; `select_gemv` asks without them, since each of its programs repeats the
+    selection and they launch up to twice the programs (it then takes the plain pick when that is not a tall one).
     Tuning runs only on CUDA, outside graph capture and compilation; elsewhere a heuristic default is used.
 
     Example:
@@ -235,16 +238,22 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, _tokens(x), x.dtype, x.device, rows)
+    key = (n_in, n_out, _tokens(x), x.dtype, x.device, rows, tall)
     if key in _CHOSEN:
         return _CHOSEN[key]
     length = n_in if rows is None else rows
     default = _default_config(n_out, length)
     if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return default
+    candidates = _candidates(n_out, length, _tokens(x), tall)
+    if not tall:
+        best = choose_config(x, weight_t, tune, rows)
+        if best in candidates:  # the fastest of all is allowed: no second timing
+            _CHOSEN[key] = best
+            return best
     sample, kept = _tuning_inputs(x, n_in, rows)
-    best = _CHOSEN[key] = _fastest(_candidates(n_out, length, _tokens(x)), default,
-                                  lambda config: _launch(sample, weight_t, None, config, kept=kept))
+    best = _CHOSEN[key] = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config,
+                                                                               kept=kept))
     return best
 
 
@@ -291,7 +300,7 @@ def prepare_weight(weight_t: torch.Tensor, rows: int | None = None) -> None:
     n_in, n_out = weight_t.shape
     _semaphores(weight_t.device, _cdiv(n_out, 32))
     sample = torch.empty(1, n_in, dtype=weight_t.dtype, device=weight_t.device)
-    splits = [choose_config(sample, weight_t)[2]]  # (block_n, block_k, split, ...)
+    splits = [choose_config(sample, weight_t)[2], choose_config(sample, weight_t, tall=False)[2]]  # (.., split, ..)
     if rows is not None and rows < n_in:
         splits.append(choose_config(sample, weight_t, rows=rows)[2])
     _scratch(weight_t.device, max(splits) * n_out)
@@ -469,7 +478,7 @@ def select_gemv(x: torch.Tensor, k: int, weight_t: torch.Tensor, bias: torch.Ten
     _check_select(x, k, weight_t, hint)
     if not x.is_contiguous():
         x = x.contiguous()
-    return _launch(x, weight_t, bias, config or choose_config(x, weight_t), zeros, tokens=1,
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, tall=False), zeros, tokens=1,
                    select=(k, x.dtype, hint is not None), hint=hint)
 
 
@@ -525,7 +534,7 @@ def repeat_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
             rows = None if kept is None else kept.shape[1]
             return _find_launch(x, weight_t, bias, choose_config(x, weight_t, rows=rows), zeros, kept)
         _check_select(x, k, weight_t, hint)
-        return _find_launch(x, weight_t, bias, choose_config(x, weight_t), zeros, tokens=1,
+        return _find_launch(x, weight_t, bias, choose_config(x, weight_t, tall=False), zeros, tokens=1,
                             select=(k, x.dtype, hint is not None))
     except ValueError:
         return None
