@@ -19,9 +19,15 @@ kept activations), the two of ``QSPARSE_FUSED_FFN=masked`` (`kernels.ffn.gated_s
 the three of ``listed`` (`kernels.ffn.gated_select_listed`, down's GEMV over the kept list); the FFN input's own
 selection is in every sparse column.
 
+``--tuner`` checks how the GEMV tuner times its candidates against how a model runs them: for each ``--arch``
+projection group and ``--keep``, every launch the tuner considers for one token's listed kept rows, timed as the
+tuner times it (`triton.testing.do_bench`, L2 flushed, one launch at a time) and by CUDA-graph replay past L2 (a
+decode step's conditions), and which launch each picks; with the tuner's candidates without the tall tiles too.
+
     python benchmarks/bench_gemv.py [--dtype bfloat16] [--tokens 1]
     python benchmarks/bench_gemv.py --prefill --arch qwen2 [--tokens 32] [--keep 0.5]
     python benchmarks/bench_gemv.py --ffn --arch qwen2 [--keeps 0.5,0.7]
+    python benchmarks/bench_gemv.py --tuner --arch qwen2 [--keep 0.5]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import graph_time_us, print_table, write_json  # noqa: E402
+from _timing import device_name, graph_time_us, print_table, write_json  # noqa: E402
 from bench_decode import CONFIGS, LAYERS  # noqa: E402
 
 from qsparse_hf.functional import keep_count  # noqa: E402
@@ -61,13 +67,19 @@ def main(argv=None) -> int:
                         help="time a prompt's products and selections per layer of --arch (see above)")
     parser.add_argument("--ffn", action="store_true",
                         help="time one token through a gated FFN of --arch, four launches against two (see above)")
-    parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill or --ffn")
-    parser.add_argument("--keep", type=float, default=0.5, help="with --prefill: the selections' keep fraction")
+    parser.add_argument("--tuner", action="store_true",
+                        help="time the GEMV tuner's candidates as it times them and in a graph (see above)")
+    parser.add_argument("--arch", choices=list(CONFIGS), default="qwen2", help="with --prefill, --ffn or --tuner")
+    parser.add_argument("--keep", type=float, default=0.5,
+                        help="with --prefill: the selections' keep fraction; with --tuner: the GEMVs'")
     args = parser.parse_args(argv)
     if args.tokens is None:
         args.tokens = 32 if args.prefill else 1
     if args.prefill and not (0 < args.keep <= 1 and 8 < args.tokens):
         print("--prefill takes --keep in (0, 1] and --tokens above 8 (fewer take the decode GEMV)", file=sys.stderr)
+        return 2
+    if args.tuner and not 0 < args.keep < 1:
+        print("--tuner takes --keep in (0, 1): the GEMVs it times gather listed kept rows", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("bench_gemv needs a CUDA GPU; none found.", file=sys.stderr)
@@ -76,6 +88,8 @@ def main(argv=None) -> int:
         return prefill(args)
     if args.ffn:
         return ffn(args)
+    if args.tuner:
+        return tuner(args)
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
@@ -118,7 +132,7 @@ def main(argv=None) -> int:
             # The eager decode path's single launch (top-K inside every GEMV program): more GPU time, one launch less.
             select_us = None
             if gather and n_in <= MAX_SELECT_FEATURES:
-                select_config, select_hint = choose_config(xs[0], weights_t[0]), new_hint("cuda", 1)
+                select_config, select_hint = choose_config(xs[0], weights_t[0], tall=False), new_hint("cuda", 1)
                 select_us = graph_time_us(lambda i: select_gemv(xs[i % copies], k, weights_t[i % copies],
                                                                 hint=select_hint, config=select_config))
             # Rows touched: the union of kept features over the tokens.
@@ -141,6 +155,54 @@ def main(argv=None) -> int:
                 title=f"Decode GEMV, {args.tokens} token(s), {args.dtype}, {torch.cuda.get_device_name()}")
     write_json(f"gemv_{args.dtype}_t{args.tokens}.json", {"tokens": args.tokens, "dtype": args.dtype,
                                                           "results": results})
+    return 0
+
+
+def tuner(args, device: str = "cuda") -> int:
+    """``--tuner``: per projection group of ``args.arch`` (one launch over q/k/v and over gate/up, as the model runs
+    them), one token with ``args.keep`` of its rows listed: every candidate launch of the GEMV tuner, µs as the tuner
+    times it and in a CUDA-graph replay past L2, and the pick of each timing with and without the tall tiles."""
+    import triton
+
+    from qsparse_hf.kernels import gemv
+
+    dtype = getattr(torch, args.dtype)
+    config = CONFIGS[args.arch](1)
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    kv_width = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    groups = {"q/k/v": (hidden, hidden + 2 * kv_width), "o": (hidden, hidden),
+              "gate/up": (hidden, 2 * intermediate), "down": (intermediate, hidden)}
+    results, rows = [], []
+    for name, (n_in, n_out) in groups.items():
+        copies = max(2, -(-L2_ESCAPE_BYTES // (n_in * n_out * 2)))
+        weights_t = [torch.randn(n_in, n_out, device=device, dtype=dtype) / n_in**0.5 for _ in range(copies)]
+        k = keep_count(args.keep, n_in)
+        x = torch.randn(1, n_in, device=device, dtype=dtype)
+        kept = torch.randperm(n_in, device=device)[:k].sort().values.to(torch.int32).reshape(1, k)
+        every, regular = gemv._candidates(n_out, k), gemv._candidates(n_out, k, tall=False)
+        timed = {}
+        for candidate in every:
+            def run(i=0, candidate=candidate):
+                return gemv.sparse_gemv(x, weights_t[i % copies], config=candidate, kept=kept)
+            try:
+                run()
+            except Exception:  # a launch the compiler rejects is skipped, as the tuner skips it
+                continue
+            timed[candidate] = (triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median") * 1000,
+                                graph_time_us(run))
+        picks = {label: min((c for c in cands if c in timed), key=lambda c: timed[c][0])
+                 for label, cands in (("tuner", every), ("tuner without tall tiles", regular))}
+        fastest = min(timed, key=lambda c: timed[c][1])
+        results.append(dict(group=name, n_in=n_in, n_out=n_out, k=k, fastest_in_graph=[list(fastest), *timed[fastest]],
+                            **{label: [list(c), *timed[c]] for label, c in picks.items()},
+                            launches=[[list(c), *timed[c]] for c in sorted(timed, key=lambda c: timed[c][1])]))
+        rows.append([name, len(timed)] + [f"{'/'.join(map(str, c[:4]))}: {timed[c][1]:.1f}"
+                                          for c in (picks["tuner"], picks["tuner without tall tiles"], fastest)])
+        del weights_t
+    print_table(["group", "launches timed", "tuner's pick: graph µs", "without tall tiles", "fastest in the graph"],
+                rows, title=f"GEMV tuner, {args.arch}, keep {args.keep}, one token, {args.dtype}, {device_name()}")
+    write_json(f"gemv_tuner_{args.arch}_keep{args.keep}.json", {"arch": args.arch, "keep": args.keep,
+                                                                "dtype": args.dtype, "results": results})
     return 0
 
 

@@ -36,6 +36,54 @@ def test_gemv_prefill_refuses_bad_arguments_before_touching_a_gpu(argv, capsys):
     assert "--prefill takes --keep in (0, 1] and --tokens above 8" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("keep", ["1", "0", "1.5"])
+def test_gemv_tuner_check_refuses_a_keep_without_listed_rows(keep, capsys):
+    bench = importlib.import_module("bench_gemv")
+    assert bench.main(["--tuner", "--keep", keep]) == 2
+    assert "--tuner takes --keep in (0, 1)" in capsys.readouterr().err
+
+
+def test_gemv_tuner_check_reports_the_picks_of_each_timing(monkeypatch, tmp_path, capsys):
+    # Each candidate is run once for real (here through Triton's interpreter) and timed two ways: the tuner's pick is
+    # the fastest by the tuner's timing among all candidates, or among those without the tall tiles, and the graph's
+    # fastest is reported beside them.
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels on a CPU, through Triton's interpreter")
+    import triton
+    from transformers import Qwen2Config
+
+    from qsparse_hf.kernels import gemv
+
+    bench = importlib.import_module("bench_gemv")
+    a, b, c = gemv.GemvConfig(32, 16, 2), gemv.GemvConfig(32, 32, 1), gemv.GemvConfig(64, 64, 1)
+    monkeypatch.setattr(gemv, "_candidates", lambda n_out, n_in, tokens=1, tall=True: [a, b, c] if tall else [a, b])
+    bench_us = {a: 3.0, b: 2.0, c: 1.0}  # as the tuner times them
+    graph_us = {a: 1.5, b: 2.5, c: 2.0}  # in a graph
+    current = {}
+    real_sparse_gemv = gemv.sparse_gemv
+
+    def sparse_gemv(x, weight_t, config=None, kept=None):
+        current["config"] = config
+        return real_sparse_gemv(x, weight_t, config=config, kept=kept)
+
+    monkeypatch.setattr(gemv, "sparse_gemv", sparse_gemv)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda run, **_: (run(), bench_us[current["config"]] / 1000)[1])
+    monkeypatch.setattr(bench, "graph_time_us", lambda step: (step(1), graph_us[current["config"]])[1])
+    monkeypatch.setattr(bench, "L2_ESCAPE_BYTES", 0)
+    monkeypatch.setitem(bench.CONFIGS, "qwen2", lambda layers: Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = bench.argparse.Namespace(arch="qwen2", keep=0.5, dtype="bfloat16")
+    assert bench.tuner(args, device="cpu") == 0
+    results = json.loads((tmp_path / "gemv_tuner_qwen2_keep0.5.json").read_text())["results"]
+    assert [r["group"] for r in results] == ["q/k/v", "o", "gate/up", "down"]
+    assert [(r["n_in"], r["n_out"], r["k"]) for r in results[:1]] == [(64, 64 + 2 * 32, 32)]
+    for r in results:
+        assert r["tuner"] == [list(c), 1.0, 2.0] and r["tuner without tall tiles"] == [list(b), 2.0, 2.5]
+        assert r["fastest_in_graph"] == [list(a), 3.0, 1.5] and len(r["launches"]) == 3
+    assert "| q/k/v | 3 | 64/64/1/4: 2.0 | 32/32/1/4: 2.5 | 32/16/2/4: 1.5 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--layers", "0"], ["--calls", "0"]])
 def test_compiled_host_refuses_bad_arguments_before_loading(argv, capsys):
     bench = importlib.import_module("bench_compiled_host")
