@@ -158,6 +158,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def projection_groups(config) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """The groups of a decoder layer's projections that share an input, as ``{name: (in_features, (out_features
+    of each member, ...))}``: q/k/v, o, gate/up and down of ``config`` (a `CONFIGS` model's)."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    kv_width = config.num_key_value_heads * (hidden // config.num_attention_heads)
+    return {"q/k/v": (hidden, (hidden, kv_width, kv_width)), "o": (hidden, (hidden,)),
+            "gate/up": (hidden, (intermediate, intermediate)), "down": (intermediate, (hidden,))}
+
+
 def tuner(args, device: str = "cuda") -> int:
     """``--tuner``: per projection group of ``args.arch`` (one launch over q/k/v and over gate/up, as the model runs
     them), one token with ``args.keep`` of its rows listed: every candidate launch of the GEMV tuner, µs as the tuner
@@ -167,13 +176,9 @@ def tuner(args, device: str = "cuda") -> int:
     from qsparse_hf.kernels import gemv
 
     dtype = getattr(torch, args.dtype)
-    config = CONFIGS[args.arch](1)
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    kv_width = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    groups = {"q/k/v": (hidden, hidden + 2 * kv_width), "o": (hidden, hidden),
-              "gate/up": (hidden, 2 * intermediate), "down": (intermediate, hidden)}
     results, rows = [], []
-    for name, (n_in, n_out) in groups.items():
+    for name, (n_in, widths) in projection_groups(CONFIGS[args.arch](1)).items():
+        n_out = sum(widths)
         copies = max(2, -(-L2_ESCAPE_BYTES // (n_in * n_out * 2)))
         weights_t = [torch.randn(n_in, n_out, device=device, dtype=dtype) / n_in**0.5 for _ in range(copies)]
         k = keep_count(args.keep, n_in)
@@ -215,13 +220,8 @@ def prefill(args) -> int:
 
     dtype = getattr(torch, args.dtype)
     layers = LAYERS[args.arch]
-    config = CONFIGS[args.arch](layers)
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    kv_width = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    groups = {"q/k/v": (hidden, (hidden, kv_width, kv_width)), "o": (hidden, (hidden,)),
-              "gate/up": (hidden, (intermediate, intermediate)), "down": (intermediate, (hidden,))}
     rows, totals = [], [0.0] * 4
-    for name, (n_in, widths) in groups.items():
+    for name, (n_in, widths) in projection_groups(CONFIGS[args.arch](layers)).items():
         copies = max(2, -(-L2_ESCAPE_BYTES // (n_in * sum(widths) * 2)))
         weights = [[torch.randn(w, n_in, device="cuda", dtype=dtype) / n_in**0.5 for w in widths]
                    for _ in range(copies)]

@@ -198,17 +198,17 @@ def _candidates(n_out: int, n_in: int, tokens: int = 1, tall: bool = True) -> li
     partials that stay small next to the weight bytes read; and (``tall``) the tall tiles where a split's rows fill
     one row block at least half (one step per program), up to sixteen waves."""
     found = []
-    for tall, tiles in ((False, _TILES), (True, _TALL_TILES))[:2 if tall else 1]:
+    # (the two conditions are disjoint: a tile in both lists never yields the same launch twice)
+    for one_step, tiles in ((False, _TILES), (True, _TALL_TILES))[:2 if tall else 1]:
         for (block_n, block_k, num_warps), split in itertools.product(tiles, _SPLITS):
             if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
                 continue
             programs = _cdiv(n_out, block_n) * split
             rows = n_in // split
-            fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if tall else (
+            fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if one_step else (
                 programs <= 1056 and rows >= 2 * block_k)
-            config = GemvConfig(block_n, block_k, split, num_warps, 3)
-            if 132 <= programs and fits and split * 16 <= n_in and config not in found:
-                found.append(config)
+            if 132 <= programs and fits and split * 16 <= n_in:
+                found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
     return found or [_default_config(n_out, n_in)]
 
 
