@@ -11,6 +11,9 @@ import torch
 if not torch.cuda.is_available():
     # The Triton kernels run on CPU through Triton's interpreter; it must be chosen before any kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# GPU runs of the tests tune their own launches rather than read or add to the user's cache (tests/test_tuning.py
+# points it at temporary files).
+os.environ.setdefault("QSPARSE_TUNING_CACHE", "0")
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import GemvConfig, _cdiv, _fastest, _tuning_inputs
+from . import tuning
+from .gemv import GemvConfig, _cdiv, _fastest, _tunable, _tuning_inputs
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import (_INF_KEY, _PRECISE, HINT_RADIUS, _chunk_of_row, _key_window_bins, _magnitude_key, _round_like,
                    _silu, _silu_options, _split_bins, _split_parts_limit, _threshold_of_parts,
@@ -198,7 +199,8 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
                  tune: bool = True) -> GemvConfig:
     """`gated_select`'s launch ``(block_n, block_k, split, num_warps, num_stages)`` for a token like ``x``, the
     gate/up block ``weight_t`` and ``rows`` kept inputs (None: every input), timed once per shape on the GPU
-    (outside graph capture and compilation) and cached; elsewhere a default.
+    (outside graph capture and compilation) and cached, in this process and on disk (`tuning`); elsewhere a
+    default.
 
     Example:
         >>> gated_config(torch.zeros(1, 4096, dtype=torch.bfloat16), torch.zeros(4096, 28672), 14336, tune=False)
@@ -206,17 +208,23 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
     """
     n_in = weight_t.shape[0]
     length = n_in if rows is None else rows
-    key = (n_in, weight_t.shape[1], inter, length, rows is None, x.dtype, x.device)
+    shape = (n_in, weight_t.shape[1], inter, length, rows is None, x.dtype)
+    key = (*shape, x.device)
     if key in _CONFIGS:
         return _CONFIGS[key]
     default = _default_config(inter, length, x.dtype)
-    if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+    if not _tunable(x, tune):
         return default
+    stored = tuning.remembered("gated", shape, x.device)  # picked by an earlier process on a GPU like this one
+    if stored is not None:
+        best = _CONFIGS[key] = GemvConfig(*stored)
+        return best
     sample, kept = _tuning_inputs(x, n_in, rows)
     hint = torch.zeros(1, dtype=torch.int32, device=x.device)
     best = _CONFIGS[key] = _fastest(
         _config_candidates(inter, length, x.dtype), default,
         lambda config: _launch(sample, kept, weight_t, 0, inter, inter, max(1, inter // 2), hint, config))
+    tuning.remember("gated", shape, x.device, best)
     return best
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import MAX_DECODE_TOKENS
+from . import MAX_DECODE_TOKENS, tuning
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
@@ -231,30 +231,50 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     ``rows``: the number of kept features when the GEMV gathers listed rows (``kept`` of `sparse_gemv`), else None.
     ``tall``: the tall tiles may be chosen; `select_gemv` asks without them, since each of its programs repeats the
     selection and they launch up to twice the programs (it then takes the plain pick when that is not a tall one).
-    Tuning runs only on CUDA, outside graph capture and compilation; elsewhere a heuristic default is used.
+    Tuning runs only on CUDA, outside graph capture and compilation; elsewhere a heuristic default is used. Picks
+    are also stored on disk and read back by later processes on the same kind of GPU (`tuning`).
 
     Example:
         >>> choose_config(torch.zeros(1, 4096), torch.zeros(4096, 4096), tune=False)
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, _tokens(x), x.dtype, x.device, rows, tall)
+    shape = (n_in, n_out, _tokens(x), x.dtype, rows, tall)
+    key = (*shape, x.device)
     if key in _CHOSEN:
         return _CHOSEN[key]
     length = n_in if rows is None else rows
     default = _default_config(n_out, length)
-    if not (tune and x.is_cuda) or torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+    if not _tunable(x, tune):
         return default
+    stored = tuning.remembered("gemv", shape, x.device)  # picked by an earlier process on a GPU like this one
+    if stored is not None:
+        best = _CHOSEN[key] = GemvConfig(*stored)
+        return best
     candidates = _candidates(n_out, length, _tokens(x), tall)
     if not tall:
         best = choose_config(x, weight_t, tune, rows)
-        if best in candidates:  # the fastest of all is allowed: no second timing
-            _CHOSEN[key] = best
-            return best
-    sample, kept = _tuning_inputs(x, n_in, rows)
-    best = _CHOSEN[key] = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config,
-                                                                               kept=kept))
+        if best not in candidates:
+            sample, kept = _tuning_inputs(x, n_in, rows)
+            best = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config, kept=kept))
+        # (else the fastest of all is allowed: no second timing)
+    else:
+        sample, kept = _tuning_inputs(x, n_in, rows)
+        best = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config, kept=kept))
+    _CHOSEN[key] = best
+    tuning.remember("gemv", shape, x.device, best)
     return best
+
+
+def _tunable(x: torch.Tensor, tune: bool = True) -> bool:
+    """Whether launches for inputs like ``x`` may be timed now: asked to, on CUDA, outside graph capture and
+    compilation.
+
+    Example:
+        >>> _tunable(torch.zeros(1, 8))
+        False
+    """
+    return tune and x.is_cuda and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling()
 
 
 def _tuning_inputs(x: torch.Tensor, n_in: int, rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
