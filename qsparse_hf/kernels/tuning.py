@@ -38,11 +38,13 @@ def cache_path() -> Path | None:
     """The tuning cache file, or None when ``QSPARSE_TUNING_CACHE=0`` turns it off.
 
     Example:
-        >>> os.environ["QSPARSE_TUNING_CACHE"] = "/tmp/tuning.json"; str(cache_path())
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"QSPARSE_TUNING_CACHE": "/tmp/tuning.json"}):
+        ...     str(cache_path())
         '/tmp/tuning.json'
-        >>> os.environ["QSPARSE_TUNING_CACHE"] = "0"; cache_path() is None
+        >>> with mock.patch.dict(os.environ, {"QSPARSE_TUNING_CACHE": "0"}):
+        ...     cache_path() is None
         True
-        >>> del os.environ["QSPARSE_TUNING_CACHE"]
     """
     asked = os.environ.get("QSPARSE_TUNING_CACHE")
     if asked == "0":
