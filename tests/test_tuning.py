@@ -79,9 +79,11 @@ def test_the_eager_single_launch_tuning_is_remembered_too(fresh_process):
     x, weight_t = _shape()
     plain = gemv.choose_config(x, weight_t)
     single = gemv.choose_config(x, weight_t, tall=False)
+    timed = len(timer.asked)  # the plain pick, and the single launch's unless the plain pick serves it
+    assert timed in (1, 2) and (timed == 2) == (plain not in gemv._candidates(4608, 3584, tall=False))
     restart()
     assert gemv.choose_config(x, weight_t, tall=False) == single and gemv.choose_config(x, weight_t) == plain
-    assert len(timer.asked) <= 2
+    assert len(timer.asked) == timed
 
 
 def test_the_gated_ffn_tuner_shares_the_file(fresh_process):
