@@ -928,7 +928,9 @@ class DecodeWeights:
 
 
 def _split_members(out: torch.Tensor, widths: tuple) -> tuple[torch.Tensor, ...]:
-    return (out,) if len(widths) == 1 else tuple(out.split(widths, dim=-1))
+    # (split_with_sizes directly: Tensor.split's Python wrapper costs 1.7 µs more per call, twice per layer and
+    # token of an eager decode)
+    return (out,) if len(widths) == 1 else tuple(out.split_with_sizes(widths, dim=-1))
 
 
 def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
