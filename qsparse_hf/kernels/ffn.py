@@ -208,10 +208,10 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
     """
     n_in = weight_t.shape[0]
     length = n_in if rows is None else rows
-    shape = (n_in, weight_t.shape[1], inter, length, rows is None, x.dtype)
-    key = (*shape, x.device)
+    key = (n_in, weight_t.shape[1], inter, length, rows is None, x.dtype, x.device)
     if key in _CONFIGS:
         return _CONFIGS[key]
+    shape = key[:-1]  # what the disk keeps (see gemv.choose_config)
     default = _default_config(inter, length, x.dtype)
     if not _tunable(x, tune):
         return default
