@@ -211,20 +211,19 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
     key = (n_in, weight_t.shape[1], inter, length, rows is None, x.dtype, x.device)
     if key in _CONFIGS:
         return _CONFIGS[key]
-    shape = key[:-1]  # what the disk keeps (see gemv.choose_config)
     default = _default_config(inter, length, x.dtype)
     if not _tunable(x, tune):
         return default
-    stored = tuning.remembered("gated", shape, x.device)  # picked by an earlier process on a GPU like this one
-    if stored is not None:
-        best = _CONFIGS[key] = GemvConfig(*stored)
-        return best
-    sample, kept = _tuning_inputs(x, n_in, rows)
-    hint = torch.zeros(1, dtype=torch.int32, device=x.device)
-    best = _CONFIGS[key] = _fastest(
-        _config_candidates(inter, length, x.dtype), default,
-        lambda config: _launch(sample, kept, weight_t, 0, inter, inter, max(1, inter // 2), hint, config))
-    tuning.remember("gated", shape, x.device, best)
+
+    def time() -> GemvConfig:
+        sample, kept = _tuning_inputs(x, n_in, rows)
+        hint = torch.zeros(1, dtype=torch.int32, device=x.device)
+        return _fastest(_config_candidates(inter, length, x.dtype), default,
+                        lambda config: _launch(sample, kept, weight_t, 0, inter, inter, max(1, inter // 2), hint,
+                                               config))
+
+    # (on disk without the device: its fingerprint, `tuning`, stands for it there)
+    best = _CONFIGS[key] = GemvConfig(*tuning.tuned("gated", key[:-1], x.device, time))
     return best
 
 

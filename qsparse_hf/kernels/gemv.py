@@ -242,23 +242,22 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     key = (n_in, n_out, _tokens(x), x.dtype, rows, tall, x.device)
     if key in _CHOSEN:
         return _CHOSEN[key]
-    shape = key[:-1]  # what the disk keeps: the device's own fingerprint stands for it there
     length = n_in if rows is None else rows
     default = _default_config(n_out, length)
     if not _tunable(x, tune):
         return default
-    stored = tuning.remembered("gemv", shape, x.device)  # picked by an earlier process on a GPU like this one
-    if stored is not None:
-        best = _CHOSEN[key] = GemvConfig(*stored)
+
+    def time() -> GemvConfig:
+        candidates = _candidates(n_out, length, _tokens(x), tall)
+        # Without the tall tiles, the plain pick is taken where it is among the candidates (the fastest of all)
+        best = None if tall else choose_config(x, weight_t, tune, rows)
+        if best not in candidates:
+            sample, kept = _tuning_inputs(x, n_in, rows)
+            best = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config, kept=kept))
         return best
-    candidates = _candidates(n_out, length, _tokens(x), tall)
-    # Without the tall tiles, the plain pick is taken where it is among the candidates (the fastest of all)
-    best = None if tall else choose_config(x, weight_t, tune, rows)
-    if best not in candidates:
-        sample, kept = _tuning_inputs(x, n_in, rows)
-        best = _fastest(candidates, default, lambda config: _launch(sample, weight_t, None, config, kept=kept))
-    _CHOSEN[key] = best
-    tuning.remember("gemv", shape, x.device, best)
+
+    # (on disk without the device: its fingerprint, `tuning`, stands for it there)
+    best = _CHOSEN[key] = GemvConfig(*tuning.tuned("gemv", key[:-1], x.device, time))
     return best
 
 

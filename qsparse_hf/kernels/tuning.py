@@ -22,10 +22,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-__all__ = ["cache_path", "remembered", "remember"]
+__all__ = ["cache_path", "tuned", "remembered", "remember"]
 
 # The kernels whose source decides what a launch configuration means and how fast it is.
 _SOURCES = ("gemv.py", "ffn.py", "launch.py", "topk.py")
@@ -102,6 +103,21 @@ def _read(path: Path) -> dict[str, list]:
         _warn_once(path, "read", ValueError("not a JSON object"))
         return {}
     return entries
+
+
+def tuned(tuner: str, key: tuple, device: torch.device, time: Callable[[], tuple]) -> tuple:
+    """``tuner``'s launch for ``key`` on a GPU like ``device``: the one an earlier process (or this one) stored,
+    else ``time()``'s pick, stored for the next.
+
+    Example:
+        >>> tuned("gemv", shape, x.device, lambda: _fastest(candidates, default, run))  # doctest: +SKIP
+        (64, 128, 16, 4, 3)
+    """
+    config = remembered(tuner, key, device)
+    if config is None:
+        config = time()
+        remember(tuner, key, device, config)
+    return config
 
 
 def remembered(tuner: str, key: tuple, device: torch.device) -> tuple | None:
