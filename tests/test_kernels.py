@@ -196,8 +196,14 @@ def test_gemv_tuner_times_tall_tiles_where_one_step_covers_a_split(n_out, rows):
         assert (64, 128, 16) in one_step
     # select_gemv's programs each repeat the selection: it is tuned without the tall tiles' extra programs
     assert gemv._candidates(n_out, rows, tall=False) == [c for c in found if c[:3] not in one_step]
-    if rows == 9472:  # down's: sixteen waves cannot hold a split's rows in one block
-        assert one_step == [] and gemv.GemvConfig(64, 128, 8, 4) in found
+    if rows == 9472:  # down's: only the widest row block holds a split's rows within sixteen waves (37 splits)
+        assert one_step == [(64, 256, 37)] and gemv.GemvConfig(64, 128, 8, 4) in found
+        # ten steps of 128 rows: also timed with shallower pipelines (an H100 ran depth 1 fastest)
+        assert {gemv.GemvConfig(64, 128, 8, 4, s) for s in (1, 2, 3)} <= set(found)
+    if rows == 1792 and n_out == 3584:  # the fewest splits that fill one block of 128 or 256 rows
+        assert {(64, 128, 14), (32, 256, 7)} <= set(one_step)
+    # shallower pipelines only where a 4-warp tile of 128+ rows takes several steps
+    assert all(c[3] == 4 and c[1] >= 128 and c[:3] not in one_step for c in found if c[4] != 3)
 
 
 @pytest.mark.parametrize("config", [None, GemvConfig(32, 32, 1), GemvConfig(64, 64, 4), GemvConfig(32, 32, 3),

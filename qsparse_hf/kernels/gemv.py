@@ -191,24 +191,41 @@ _TALL_TILES = ((64, 128, 4), (32, 256, 4), (64, 256, 8))
 #: Several tokens go through ``tl.dot``, which needs row blocks of at least this many rows.
 _MIN_DOT_BLOCK_K = 16
 _SPLITS = (1, 2, 4, 8, 16, 32, 64)
+#: Shallower software pipelines, also timed for 4-warp tiles of 128+ rows that take several steps: without the
+#: shared-memory stages more programs stay resident. On an H100 (keep 0.5, benchmarks/README.md, twenty-first
+#: stop) depth 1 took down_proj 28.8 → 27.7 µs (Qwen2-7B) and 25.3 → 24.1 (Mistral-7B), depth 2 Mistral's q/k/v
+#: 13.3 → 12.7; the long loops of gate/up's narrow tiles keep depth 3.
+_SHALLOW_STAGES = (1, 2)
 
 
 def _candidates(n_out: int, n_in: int, tokens: int = 1, tall: bool = True) -> list[GemvConfig]:
     """Launches worth timing: a few waves of programs over the SMs, at least two row blocks per split, and split-K
-    partials that stay small next to the weight bytes read; and (``tall``) the tall tiles where a split's rows fill
-    one row block at least half (one step per program), up to sixteen waves."""
+    partials that stay small next to the weight bytes read (4-warp tiles of 128+ rows also with shallower
+    pipelines); and (``tall``) the tall tiles where a split's rows fill one row block at least half (one step per
+    program), up to sixteen waves, also with the fewest splits that do (rows per split just under the block).
+
+    Example:
+        >>> GemvConfig(64, 128, 14, 4, 3) in _candidates(3584, 1792)  # 14 splits of 128 rows
+        True
+    """
     found = []
     # (the two conditions are disjoint: a tile in both lists never yields the same launch twice)
     for one_step, tiles in ((False, _TILES), (True, _TALL_TILES))[:2 if tall else 1]:
-        for (block_n, block_k, num_warps), split in itertools.product(tiles, _SPLITS):
-            if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
-                continue
-            programs = _cdiv(n_out, block_n) * split
-            rows = n_in // split
-            fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if one_step else (
-                programs <= 1056 and rows >= 2 * block_k)
-            if 132 <= programs and fits and split * 16 <= n_in:
-                found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
+        for block_n, block_k, num_warps in tiles:
+            # one step: a split count that need not be a power of two fills the row block (Qwen2-7B's q/k/v on an
+            # H100: 14 or 15 splits of 128 rows 10.2 µs, 16 splits of 112 rows 10.5)
+            splits = sorted({*_SPLITS, _cdiv(n_in, block_k)}) if one_step else _SPLITS
+            for split in splits:
+                if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
+                    continue
+                programs = _cdiv(n_out, block_n) * split
+                rows = n_in // split
+                fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if one_step else (
+                    programs <= 1056 and rows >= 2 * block_k)
+                if 132 <= programs and fits and split * 16 <= n_in:
+                    found.append(GemvConfig(block_n, block_k, split, num_warps, 3))
+                    if not one_step and num_warps == 4 and block_k >= 128:
+                        found += [GemvConfig(block_n, block_k, split, num_warps, s) for s in _SHALLOW_STAGES]
     return found or [_default_config(n_out, n_in)]
 
 
