@@ -11,7 +11,6 @@ are served by one launch over the whole block, or by one launch per member over 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -212,12 +211,12 @@ def _candidates(n_out: int, n_in: int, tokens: int = 1, tall: bool = True) -> li
     # (the two conditions are disjoint: a tile in both lists never yields the same launch twice)
     for one_step, tiles in ((False, _TILES), (True, _TALL_TILES))[:2 if tall else 1]:
         for block_n, block_k, num_warps in tiles:
+            if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
+                continue
             # one step: a split count that need not be a power of two fills the row block (Qwen2-7B's q/k/v on an
             # H100: 14 or 15 splits of 128 rows 10.2 µs, 16 splits of 112 rows 10.5)
             splits = sorted({*_SPLITS, _cdiv(n_in, block_k)}) if one_step else _SPLITS
             for split in splits:
-                if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
-                    continue
                 programs = _cdiv(n_out, block_n) * split
                 rows = n_in // split
                 fits = (programs <= 2112 and block_k // 2 <= rows <= block_k) if one_step else (
