@@ -126,6 +126,30 @@ def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
+    # Each row gets a hint at another offset from its own threshold: across the window searched first, at its
+    # edges and just past them (the full search then), on tie-heavy rows (magnitudes on a coarse grid) and rows
+    # where hundreds of keys sit at the threshold.
+    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS
+
+    radius, dim, k = HINT_RADIUS[dtype], 600, 250
+    offsets = sorted({*range(-2 * radius - 2, 2 * radius + 3, max(1, radius // 8)), -2 * radius, -2 * radius + 1,
+                      -radius, -radius - 1, -1, 0, 1, radius - 1, radius, radius + 1})
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randint(-40, 41, (len(offsets), dim), generator=generator) / 8).to(dtype)
+    x[::3, 100:450] = x[::3, 100:101]  # rows where the K-th largest is tied with hundreds of others
+    x = x.to(DEV)
+    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
+    threshold = keys.sort(dim=-1, descending=True).values[:, k - 1].int()
+    hint = (threshold + torch.tensor(offsets, device=DEV, dtype=torch.int32)).clamp(min=0)
+    out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
+    mask = topk_mask(x, k)
+    assert torch.equal(out, torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV)))
+    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+    assert torch.equal(hint, threshold)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("digit_bits", [1, 2])
 def test_topk_kernel_on_extreme_magnitudes(dtype, digit_bits):
     # The radix select across digit boundaries: subnormals, the largest finite, inf, keys that differ
