@@ -23,7 +23,10 @@ sample of the same call.
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer, and with ``static`` in ``--ways`` those of one decode
 token of ``generate(static)`` beside them (with its wall time per token, prefill excluded), and those and the host's
-operators of its prefill call.
+operators of its prefill call. With programmatic dependent launch a kernel starts before the one it follows has
+finished and waits inside it, and the profiler counts that wait as the kernel's duration (a 5 µs selection read
+53 µs after the gate/up GEMV): for the time each kernel itself takes, profile with ``QSPARSE_PDL=0`` (and
+``--inductor-pdl off``); the step's time is what PDL changes.
 Programmatic dependent launch (Hopper and later GPUs) is on by default for our kernels (``QSPARSE_PDL=0`` turns it
 off) and off for Inductor's, which ``--inductor-pdl on`` turns on (``torch._inductor.config.triton.enable_pdl``),
 for dense and sparse alike. The title and the JSON say which were on.
@@ -325,11 +328,15 @@ def _kernel_times(prof) -> dict[str, list]:
 
 def _kernel_report(kernels: dict[str, list], steps: float, layers: int, heading: str, top: int) -> list[str]:
     """Report lines of `_kernel_times` spread over ``steps`` decode steps: a heading with kernels and µs of kernel
-    time per layer, then the ``top`` kernels by time."""
+    time per layer (and, with programmatic dependent launch on, a line saying what that does to the times), then
+    the ``top`` kernels by time."""
     per_step = sum(t for _, t in kernels.values()) / steps
     count = sum(c for c, _ in kernels.values()) / steps
     lines = [f"{heading}, {count / layers:.1f} kernels and {per_step / layers:.1f} µs of kernel time per layer "
              f"({per_step:.0f} µs per step)"]
+    if pdl_enabled():  # (see the module's docstring)
+        lines.append("  (programmatic dependent launch on: our kernels' times include their wait for the kernel "
+                     "before; QSPARSE_PDL=0 times each alone)")
     for name, (calls, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"{calls / steps / layers:6.2f}/layer {total / steps / layers:8.2f} µs/layer "
                      f"{total / calls if calls else 0.0:7.2f} µs/call  {name}")

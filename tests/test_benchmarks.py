@@ -175,7 +175,7 @@ def test_decode_bench_warms_generate_up_until_a_call_records_no_graph(monkeypatc
     assert bench.warm_up_generate(model, None, {}, asked) == made == model.calls
 
 
-def test_decode_bench_stops_generate_at_a_length_and_differences_kernel_profiles():
+def test_decode_bench_stops_generate_at_a_length_and_differences_kernel_profiles(monkeypatch):
     # generate(static)'s per-token kernels come from two calls that stop at different lengths (same cache): the
     # criterion must stop exactly there, and the difference must cancel what both calls ran (the prefill).
     bench = importlib.import_module("bench_decode")
@@ -189,6 +189,10 @@ def test_decode_bench_stops_generate_at_a_length_and_differences_kernel_profiles
     lines = bench._kernel_report(bench.per_token_difference(short, long), 32, 2, "m: generate(static)", top=2)
     assert lines[0].startswith("m: generate(static), 1.0 kernels and 1.5 µs of kernel time per layer (3 µs per step)")
     assert "gemv" in lines[1] and "sdpa_mask" in lines[2] and len(lines) == 3
+    # With programmatic dependent launch a kernel's time includes its wait: the report says so under its heading.
+    monkeypatch.setattr(bench, "pdl_enabled", lambda: True)
+    noted = bench._kernel_report(bench.per_token_difference(short, long), 32, 2, "m: generate(static)", top=2)
+    assert "QSPARSE_PDL=0" in noted[1] and noted[:1] + noted[2:] == lines
     for short, long in ((8, 8), (0, 8), (8, 65)):  # no decode steps between the calls, or past the cache
         with pytest.raises(ValueError, match="0 < short < long <= new_tokens"):
             bench.generate_kernel_profile(None, torch.zeros(1, 4), "m", new_tokens=64, short=short, long=long)
