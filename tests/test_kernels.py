@@ -37,6 +37,15 @@ def _kernels_on_cpu_too():
     set_kernels_enabled(previous, on_cpu=False)
 
 
+def _kth_keys(x, k):
+    """Each row's K-th largest magnitude as the kernels' key (its bit pattern, NaN ranking as infinity): the
+    threshold a hinted selection leaves in its hint."""
+    from qsparse_hf.kernels.topk import _INF_KEY
+
+    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[x.dtype])
+    return keys.sort(dim=-1, descending=True).values[:, k - 1].int()
+
+
 def _rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -99,15 +108,14 @@ def test_fused_silu_equals_pytorch_silu_on_every_16_bit_value(dtype):
 def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
     # Whatever the hint holds (nothing yet, garbage, the right key, a near miss), the result is the reference mask,
     # and afterwards the hint holds each row's threshold: the K-th largest magnitude's key (NaN ranking as inf).
-    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, new_hint
+    from qsparse_hf.kernels.topk import HINT_RADIUS, new_hint
 
     dim, k = 700, 300
     x = torch.randn(5, dim, device=DEV).to(dtype)
     x[0] = x[0, 0]  # all tied
     x[1, ::2] = 0
     x[2, 10] = float("nan")
-    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
-    threshold = keys.sort(dim=-1, descending=True).values[:, k - 1].int()
+    threshold = _kth_keys(x, k)
     radius = HINT_RADIUS[dtype]
     guesses = [new_hint(DEV, 5), torch.randint(0, 0x7FFF, (5,), device=DEV, dtype=torch.int32), threshold.clone(),
                threshold + radius - 1, threshold - radius, threshold + 5 * radius, torch.zeros_like(threshold)]
@@ -130,7 +138,7 @@ def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
     # Each row gets a hint at another offset from its own threshold: across the window searched first, at its
     # edges and just past them (the full search then), on tie-heavy rows (magnitudes on a coarse grid) and rows
     # where hundreds of keys sit at the threshold.
-    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS
+    from qsparse_hf.kernels.topk import HINT_RADIUS
 
     radius, dim, k = HINT_RADIUS[dtype], 600, 250
     offsets = sorted({*range(-2 * radius - 2, 2 * radius + 3, max(1, radius // 8)), -2 * radius, -2 * radius + 1,
@@ -139,8 +147,7 @@ def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
     x = (torch.randint(-40, 41, (len(offsets), dim), generator=generator) / 8).to(dtype)
     x[::3, 100:450] = x[::3, 100:101]  # rows where the K-th largest is tied with hundreds of others
     x = x.to(DEV)
-    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
-    threshold = keys.sort(dim=-1, descending=True).values[:, k - 1].int()
+    threshold = _kth_keys(x, k)
     hint = (threshold + torch.tensor(offsets, device=DEV, dtype=torch.int32)).clamp(min=0)
     out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
     mask = topk_mask(x, k)
@@ -1423,7 +1430,7 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     # searches the row itself when it lies outside the window) and writes the row: ties across slices, zeros, NaN,
     # a short last slice, hints that place the threshold at either edge of the window or just outside it.
     from qsparse_hf.kernels import launch
-    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, new_hint
+    from qsparse_hf.kernels.topk import HINT_RADIUS, new_hint
 
     dim, k = 1100, 440  # the last part short
     x = torch.randn(4, dim, device=DEV).to(dtype)
@@ -1434,8 +1441,7 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     mask = topk_mask(x, k)
     expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
     expected_kept = torch.stack([row.nonzero().flatten() for row in mask])
-    keys = (x.view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])  # NaN ranks as infinity
-    thresholds = torch.stack([row_keys[m].min() for row_keys, m in zip(keys, mask)]).int()
+    thresholds = _kth_keys(x, k)
     radius = HINT_RADIUS[dtype]
     hints = [new_hint(DEV, 4), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
              thresholds + radius + 1, thresholds - radius, torch.full((4,), 0x3F00, dtype=torch.int32, device=DEV)]
@@ -1467,7 +1473,7 @@ def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype):
     # The split launches with SiLU computed on the way and the product with up in the writer (what a compiled
     # decode step runs for a gated FFN's activation): the same bits, kept list and zero count as the register
     # kernel's fused launch, from any hint (none, the threshold, either edge of the window, just outside it).
-    from qsparse_hf.kernels.topk import _INF_KEY, HINT_RADIUS, silu_topk_rows
+    from qsparse_hf.kernels.topk import HINT_RADIUS, silu_topk_rows
 
     dim, k = 700, 280  # the last part short
     gate = (torch.randn(3, dim, device=DEV) * 2).to(dtype)
@@ -1479,8 +1485,7 @@ def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype):
     expected, expected_kept = silu_topk_rows(gate, k, up, indices=True)
     mask = topk_mask(F.silu(gate), k)
     assert torch.equal(expected_kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
-    keys = (F.silu(gate).view(torch.int16).int() & 0x7FFF).clamp(max=_INF_KEY[dtype])
-    thresholds = torch.stack([row_keys[m].min() for row_keys, m in zip(keys, mask)]).int()
+    thresholds = _kth_keys(F.silu(gate), k)
     radius = HINT_RADIUS[dtype]
     config = ("split", 256, 4) if dtype == torch.bfloat16 else ("split", 512, 4)
     for hint in (new_hint(DEV, 3), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
