@@ -37,6 +37,12 @@ def _kernels_on_cpu_too():
     set_kernels_enabled(previous, on_cpu=False)
 
 
+def _sparse_llama():
+    """The tiny Llama in bf16 on the kernels' device, converted at keep 0.5."""
+    model = tiny_model("llama").to(DEV, torch.bfloat16)
+    return convert_to_qsparse(model, topk=0.5)
+
+
 def _kth_keys(x, k):
     """Each row's K-th largest magnitude as the kernels' key (its bit pattern, NaN ranking as infinity): the
     threshold a hinted selection leaves in its hint."""
@@ -696,8 +702,7 @@ def _switch_select_in_gemv(monkeypatch):
 def test_eager_decode_plans_step_aside_when_anything_changes(change, monkeypatch):
     from qsparse_hf.layers import QSparseActivation
 
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     # (the prefill is longer than a decode step may be: it takes the dense path and leaves the plans alone)
     tokens = torch.randint(3, 128, (1, 12), device=DEV)
     _step_by_step(model, tokens[:, :11])  # plans built and used
@@ -741,8 +746,7 @@ def test_fused_ffn_step_runs_hooks_by_stepping_aside_and_leaves_with_revert(monk
     from qsparse_hf import revert_qsparse
     from qsparse_hf.layers import GatedFFNForward
 
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     tokens = torch.randint(3, 128, (1, 9), device=DEV)
     first_mlp = model.model.layers[0].mlp
     seen = []
@@ -798,8 +802,7 @@ def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
 
 
 def test_decode_weights_rebuilt_after_the_model_moves():
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     prepare_for_decode(model)
     q = model.model.layers[0].self_attn.q_proj
     weights = q.sparsifier.decode_weights
@@ -814,8 +817,7 @@ def test_decode_weights_rebuilt_after_the_model_moves():
 
 def test_decode_weights_notice_one_member_weight_or_bias_replaced():
     # A member whose Parameter is swapped (one of q/k/v, as a user or a library may do) no longer reads the block.
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     prepare_for_decode(model)
     attention = model.model.layers[0].self_attn
     weights = attention.q_proj.sparsifier.decode_weights
@@ -918,8 +920,7 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
     # Dynamo traces the sparsifier's identity cache, so the compiled step launches what the eager step does
     # (custom ops are never merged by the compiler itself).
     torch._dynamo.reset()
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     with torch.no_grad():
         eager = model(ids).logits
@@ -944,8 +945,7 @@ def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):
     if not hasattr(dynamo_utils, "object_setattr_ignore_descriptor"):
         pytest.skip("this torch replays attribute writes some other way")
     torch._dynamo.reset()
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    convert_to_qsparse(model, topk=0.5)
+    model = _sparse_llama()
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     replayed = []
     real_setattr = dynamo_utils.object_setattr_ignore_descriptor
