@@ -43,6 +43,11 @@ def _sparse_llama():
     return convert_to_qsparse(model, topk=0.5)
 
 
+def _listed(mask):
+    """Each row's kept positions, ascending: the list a selection writes beside its sparse rows."""
+    return torch.stack([row.nonzero().flatten() for row in mask])
+
+
 def _kth_keys(x, k):
     """Each row's K-th largest magnitude as the kernels' key (its bit pattern, NaN ranking as infinity): the
     threshold a hinted selection leaves in its hint."""
@@ -72,7 +77,7 @@ def test_topk_kernel_equals_reference_mask(dtype, dim, k, config):
     assert ((out != 0) | (x == 0)).sum(-1).ge(k).all()
     # The kept list: exactly the mask's positions, ascending.
     assert kept.dtype == torch.int32 and kept.shape == (6, k)
-    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+    assert torch.equal(kept.long(), _listed(mask))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -90,7 +95,7 @@ def test_fused_silu_top_k_and_product_equal_the_unfused_ops_bit_for_bit(dtype):
     zeros = torch.zeros((), dtype=torch.int64, device=DEV)
     out, kept = silu_topk_rows(gate, 120, zeros=zeros, indices=True, hint=new_hint(DEV, 5))
     assert same_bits(out, sparse)
-    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in topk_mask(act, 120)]))
+    assert torch.equal(kept.long(), _listed(topk_mask(act, 120)))
     assert int(zeros) == int((sparse == 0).sum())  # the top-K's zeros, not the product's
     assert same_bits(silu_topk_rows(gate, 120, up), sparse * up)
     # a column slice of a wider output (gate and up side by side, as the gate/up GEMV writes them)
@@ -126,7 +131,7 @@ def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
     guesses = [new_hint(DEV, 5), torch.randint(0, 0x7FFF, (5,), device=DEV, dtype=torch.int32), threshold.clone(),
                threshold + radius - 1, threshold - radius, threshold + 5 * radius, torch.zeros_like(threshold)]
     expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
-    expected_kept = torch.stack([row.nonzero().flatten() for row in topk_mask(x, k)])
+    expected_kept = _listed(topk_mask(x, k))
     for hint in guesses:
         out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
         torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)  # bit for bit, NaN kept
@@ -158,7 +163,7 @@ def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
     out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
     mask = topk_mask(x, k)
     assert torch.equal(out, torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV)))
-    assert torch.equal(kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+    assert torch.equal(kept.long(), _listed(mask))
     assert torch.equal(hint, threshold)
 
 
@@ -1412,7 +1417,7 @@ def test_streamed_selection_equals_the_reference_chunk_by_chunk(dtype):
     x[2, 999] = float("nan")
     x[3] = x[3, 0]  # all tied
     expected = torch.where(topk_mask(x, k), x, torch.zeros((), dtype=dtype, device=DEV))
-    expected_kept = torch.stack([row.nonzero().flatten() for row in topk_mask(x, k)])
+    expected_kept = _listed(topk_mask(x, k))
     for config in [("streamed", 256, 8), ("streamed", 1024, 8), STREAMED_CANDIDATES[0]]:
         for hint in (None, new_hint(DEV, 4), torch.full((4,), 0x3F00, dtype=torch.int32, device=DEV)):
             zeros = torch.zeros((), dtype=torch.int64, device=DEV)
@@ -1440,7 +1445,7 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
     x[3] = x[3, 0]  # all tied
     mask = topk_mask(x, k)
     expected = torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV))
-    expected_kept = torch.stack([row.nonzero().flatten() for row in mask])
+    expected_kept = _listed(mask)
     thresholds = _kth_keys(x, k)
     radius = HINT_RADIUS[dtype]
     hints = [new_hint(DEV, 4), thresholds.clone(), thresholds + radius, thresholds - radius + 1,
@@ -1484,7 +1489,7 @@ def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype):
     up[1, 1] = float("inf")  # a dropped feature times inf is NaN, as in the unfused product
     expected, expected_kept = silu_topk_rows(gate, k, up, indices=True)
     mask = topk_mask(F.silu(gate), k)
-    assert torch.equal(expected_kept.long(), torch.stack([row.nonzero().flatten() for row in mask]))
+    assert torch.equal(expected_kept.long(), _listed(mask))
     thresholds = _kth_keys(F.silu(gate), k)
     radius = HINT_RADIUS[dtype]
     config = ("split", 256, 4) if dtype == torch.bfloat16 else ("split", 512, 4)
