@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from .attention import restore_attention, use_decode_attention
 from .config import QSparseConfig
 from .functional import keep_count
 from .layers import (
@@ -549,6 +550,7 @@ def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:
     model_config.quantization_config = config
     model.hf_quantizer = QSparseHfQuantizer(config, pre_quantized=False)
     QSparseHfQuantizer.mark_model(model)
+    use_decode_attention(model)  # one-token attention in one launch (decode steps weigh the shared parts more)
 
 
 def revert_qsparse(model: nn.Module) -> nn.Module:
@@ -580,6 +582,7 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
         del model_config.quantization_config
         model_config._is_quantized = False
     RealTokenTracker.detach(model)
+    restore_attention(model)
     for attr in ("hf_quantizer", "quantization_method", "_qsparse_config"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -11,6 +11,7 @@ import functools
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from .attention import register_attention
 from .config import LOADING_NOTE, QUANT_METHOD, QSparseConfig
 
 __all__ = ["QSparseHfQuantizer", "register"]
@@ -85,7 +86,8 @@ class QSparseHfQuantizer(HfQuantizer):
 
 
 def register() -> None:
-    """Register ``quant_method="qsparse"`` with transformers (idempotent; done on ``import qsparse_hf``).
+    """Register ``quant_method="qsparse"`` and the ``"qsparse_sdpa"`` attention (`attention.register_attention`) with
+    transformers (idempotent; done on ``import qsparse_hf``).
 
     Example:
         >>> register(); register()  # safe to call twice
@@ -94,3 +96,4 @@ def register() -> None:
         AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = QSparseConfig
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not QSparseHfQuantizer:
         AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = QSparseHfQuantizer
+    register_attention()

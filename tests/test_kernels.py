@@ -1259,14 +1259,17 @@ def test_compiled_decode_steps_equal_eager_bit_for_bit_with_emulated_casts(arch,
     # What compiling changes is Inductor's rounding (see above), not the decode ops: with emulate_precision_casts a
     # compiled step gives the eager step's logits bit for bit, step after step. (Eager one-token steps select inside
     # the GEMV launch, whose tile a GPU may tune apart from the compiled step's GEMV over the kept list: the
-    # like-for-like eager step is the two-launch one.) Not Gemma2: there the dense model's compiled step already
-    # differs from its eager one with the flag on (torch 2.13, CPU), so the comparison says nothing of ours.
+    # like-for-like eager step is the two-launch one; likewise compiled steps run the decode attention and eager
+    # ones SDPA, so both take SDPA here: tests/test_attention.py compares the two.) Not Gemma2: there the dense
+    # model's compiled step already differs from its eager one with the flag on (torch 2.13, CPU), so the
+    # comparison says nothing of ours.
     import torch._inductor.config as inductor_config
     from transformers import StaticCache
 
     from qsparse_hf import kernels
 
     monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION", False)
     torch._dynamo.reset()
     model = tiny_model(arch).to(DEV, torch.bfloat16)
     convert_to_qsparse(model, topk=0.5)

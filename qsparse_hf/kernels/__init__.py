@@ -1,5 +1,6 @@
-"""Triton kernels that make Q-Sparse cheaper than dense: exact top-K in one pass, and a decode GEMV that reads only
-the weight rows of kept input features.
+"""Triton kernels that make Q-Sparse cheaper than dense: exact top-K in one pass, a decode GEMV that reads only
+the weight rows of kept input features, and one-token attention over the key/value cache in one launch for compiled
+decode steps (`attention`, through `qsparse_hf.attention`).
 
 `QSparseLinear` uses them by itself on CUDA (bf16/fp16): the top-K kernel for every forward (training included,
 with the straight-through gradient) and the sparse GEMV for decode steps of at most
@@ -33,6 +34,11 @@ SELECT_IN_GEMV = os.environ.get("QSPARSE_SELECT_IN_GEMV", "1") != "0"
 #: on Mistral-7B at keep 0.5 (H200, benchmarks/README.md). ``QSPARSE_FUSED_ACTIVATION=0`` turns it off (the A/B:
 #: ``bench_decode.py --ways compile,compile2``).
 FUSED_ACTIVATION = os.environ.get("QSPARSE_FUSED_ACTIVATION", "1") != "0"
+#: One-token attention of a converted model in one launch over the cache (`attention.decode_attention`, through the
+#: ``"qsparse_sdpa"`` attention implementation that `convert_to_qsparse` selects) instead of transformers' SDPA
+#: path, five kernels a layer on a compiled step. ``QSPARSE_DECODE_ATTENTION=0`` keeps SDPA (the A/B:
+#: ``bench_decode.py --ways compile,compile6``).
+DECODE_ATTENTION = os.environ.get("QSPARSE_DECODE_ATTENTION", "1") != "0"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

@@ -146,16 +146,20 @@ class KernelLaunch:
     order) launches it on the tensors' device.
 
     The direct launch keys compiled kernels on the tensors' dtypes and 16-byte alignment and on the scalars' exact
-    values: at least as fine as Triton's specialization, so equal keys always mean the same compiled kernel.
+    values: at least as fine as Triton's specialization, so equal keys always mean the same compiled kernel. With
+    ``scalars_by_class``, integer scalars are keyed by what Triton specializes them on (32- or 64-bit, equal to 1,
+    divisible by 16) instead: for scalars that change at every call (a growing cache's length and strides), which
+    would otherwise take Triton's generic path each time.
 
     Example:
         >>> launch = KernelLaunch(my_kernel, dict(BLOCK=128, num_warps=4))  # doctest: +SKIP
         >>> launch((4,), (x, out), (x.numel(),))  # doctest: +SKIP
     """
 
-    def __init__(self, kernel, constants: dict) -> None:
+    def __init__(self, kernel, constants: dict, scalars_by_class: bool = False) -> None:
         self.kernel = kernel
         self.constants = constants
+        self.scalars_by_class = scalars_by_class
         names = getattr(kernel, "arg_names", None)
         # constexpr values in the kernel's argument order: the compiled launcher takes every argument
         self._constexprs = None if names is None else tuple(constants[n] for n in names if n in constants)
@@ -178,7 +182,8 @@ class KernelLaunch:
         pointers = tuple([t.data_ptr() for t in tensors])
         # is_cuda in the key: a CPU tensor never reaches a cached launcher (Triton's own path rejects it), since the
         # launcher takes the pointers as plain integers and no longer checks them with the driver.
-        key = (tuple([(t.dtype, t.is_cuda, p % 16 == 0) for t, p in zip(tensors, pointers)]), scalars)
+        key = (tuple([(t.dtype, t.is_cuda, p % 16 == 0) for t, p in zip(tensors, pointers)]),
+               tuple(map(_specialization, scalars)) if self.scalars_by_class else scalars)
         cached = self._compiled.get(key)
         if cached is None:
             compiled = self.kernel.run(*args, grid=grid, warmup=False, **self.constants)
@@ -186,15 +191,29 @@ class KernelLaunch:
                 self._compiled[key] = _launcher(compiled)
             return
         launch, function, metadata, cooperative, pdl = cached
+        grid_y, grid_z = (tuple(grid[1:]) + (1, 1))[:2]
         # the tensors' device is the current one (`__call__`): no need to ask Triton's driver which it is
         stream = driver.active.get_current_stream(tensors[0].device.index)
         if cooperative is None:  # Triton's launcher object, for a layout `_launcher` does not know
-            launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, metadata, None, None, None,
+            launch(grid[0], grid_y, grid_z, stream, function, metadata, None, None, None,
                    *pointers, *scalars, *self._constexprs)
         else:
-            launch(grid[0], grid[1] if len(grid) > 1 else 1, 1, stream, function, cooperative, pdl, None, None,
+            launch(grid[0], grid_y, grid_z, stream, function, cooperative, pdl, None, None,
                    metadata, None, None, None, *pointers, *scalars, *self._constexprs)
         _DIRECT_COUNT[0] += 1
+
+
+def _specialization(scalar) -> tuple:
+    """What Triton compiles a scalar argument for: its type, and for integers whether they fit 32 bits, equal 1 and
+    are divisible by 16 (floats and other scalars: their type and value).
+
+    Example:
+        >>> _specialization(304) == _specialization(305), _specialization(304) == _specialization(320)
+        (False, True)
+    """
+    if type(scalar) is int:
+        return int, -(1 << 31) <= scalar < (1 << 31), scalar == 1, scalar % 16 == 0
+    return type(scalar), scalar
 
 
 def _launcher(compiled) -> tuple | None:

@@ -18,6 +18,8 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   applying that top-K as it reads (`gemv.masked_gemv`), over the block ``weight`` views.
 - ``qsparse::gated_select_listed(...)``: `gated_select`'s arguments; the sparse activation times up and its kept
   features' list, as the split selection writes them (`ffn.gated_select_listed`).
+- ``qsparse::decode_attention(query, key, value, mask, scale)``: one-token attention over the key/value cache in one
+  launch (`attention.decode_attention`; inference).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -29,14 +31,15 @@ from typing import Optional
 
 import torch
 
+from .attention import decode_attention as _decode_attention_launch
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
 from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
 from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
-           "gated_select", "gated_select_listed", "masked_linear_block", "register_hint", "block_of",
-           "repeatable_linear", "repeatable_select"]
+           "gated_select", "gated_select_listed", "masked_linear_block", "decode_attention", "register_hint",
+           "block_of", "repeatable_linear", "repeatable_select"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -210,6 +213,18 @@ def _masked_linear_block(values: torch.Tensor, keys: torch.Tensor, state: torch.
 @_masked_linear_block.register_fake
 def _(values, keys, state, weight, bias, column, bias_column, width):
     return values.new_empty(*values.shape[:-1], width)
+
+
+@torch.library.custom_op("qsparse::decode_attention", mutates_args=())
+def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor],
+                      scale: Optional[float]) -> torch.Tensor:
+    return _decode_attention_launch(query, key, value, mask, scale)
+
+
+@_decode_attention.register_fake
+def _(query, key, value, mask, scale):
+    batch, heads, _, head_dim = query.shape
+    return query.new_empty(batch, 1, heads, head_dim)
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -409,3 +424,16 @@ def repeatable_select(x: torch.Tensor, k: int, zeros: torch.Tensor | None = None
     """
     hint = _hint_for(hint_slot, x)
     return repeat_row_launch(x, k, zeros, indices=True, hint=hint, silu=silu, multiply=multiply), hint
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None = None) -> torch.Tensor:
+    """One-token attention over a key/value cache in one launch (`attention.decode_attention`: arguments, result
+    ``[batch, 1, heads, head_dim]``); ``qsparse::decode_attention`` under ``torch.compile``. Inference only.
+
+    Example:
+        >>> out = decode_attention(query, key_cache, value_cache, mask, module.scaling)  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        return _decode_attention(query, key, value, mask, scale)
+    return _decode_attention_launch(query, key, value, mask, scale)

@@ -1,0 +1,219 @@
+"""One-token attention for decoding, over the key/value cache as transformers keeps it, in one launch.
+
+A decode step's attention is small work (one query per head against a few hundred cached positions) that transformers'
+SDPA path spreads over five kernels on a compiled step: the grouped key and value heads copied out to one per query
+head (``repeat_kv``), the query and output re-laid, and the fused attention kernel itself. Here the query heads that
+share a key/value head are one program's rows (one ``tl.dot`` against each block of cached positions, the cache read
+where it lies), the positions are split over programs (split-KV, "flash decoding"), and the last split of a key/value
+head to finish merges the partial softmaxes in split order (deterministic) in the same launch, as the split-K GEMVs
+do (`gemv`).
+
+The mask is transformers' boolean one (True: attend), or none (every cached position is attended).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+
+__all__ = ["decode_attention", "check_decode_attention", "MAX_HEAD_DIM"]
+
+#: Widest head the kernel serves (a program holds a ``[group, head_dim]`` accumulator per query group).
+MAX_HEAD_DIM = 256
+#: Cached positions one program step reads per key/value head.
+_BLOCK_S = 64
+#: At most this many programs per key/value head (each merges nothing; the last one merges every split's partials).
+_MAX_SPLITS = 16
+#: Warps per program.
+_NUM_WARPS = 4
+#: Programs a launch aims for in all (about one wave on a 132-SM GPU), before `_MAX_SPLITS` caps the split.
+_TARGET_PROGRAMS = 128
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, length, scale, stride_qb, stride_qh, stride_kb,
+    stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ob, stride_oh, stat_offset,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _dependent_launch_start(PDL)
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = tl.program_id(2)
+    splits = tl.num_programs(1)
+    rows = tl.arange(0, GROUP_PAD)
+    row_ok = rows < GROUP
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    heads = kv_head * GROUP + rows
+    # bf16/fp16 values are exact in tf32: the scores' products are exact, accumulated in fp32 (and Triton's CPU
+    # interpreter mishandles bf16 dots)
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running maximum of each row's scores
+    total = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp(score - best)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    first = split * BLOCKS_PER_SPLIT * BLOCK_S
+    for block in tl.range(0, BLOCKS_PER_SPLIT):
+        pos = first + block * BLOCK_S + tl.arange(0, BLOCK_S)
+        cached = pos < length
+        visible = cached
+        if HAS_MASK:
+            visible = visible & (tl.load(mask_ptr + batch * stride_mb + pos, mask=cached, other=0) != 0)
+        load_ok = cached[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + pos[:, None] * stride_ks + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        v = tl.load(v_base + pos[:, None] * stride_vs + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision="tf32") * scale
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a row with nothing visible yet stays at 0
+        weights = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(best - shift)
+        # The weights multiply the values rounded to the values' dtype, as SDPA's fused kernels (flash, cuDNN) do:
+        # its rounding, not a finer one, so that a decode step's output matches theirs to the last bit far more
+        # often (a bit that moves can move a feature across the next top-K's cut-off). The sum stays unrounded.
+        rounded = weights.to(v_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc * rescale[:, None] + tl.dot(rounded, v, input_precision="tf32")
+        total = total * rescale + tl.sum(weights, axis=1)
+        best = new_best
+    out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    if splits == 1:
+        tl.store(out_ptrs, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Every split writes its partial softmax (accumulator, maximum, sum); the last split of this key/value head
+        # to arrive (an atomic ticket) merges them in split order -- the same order whichever program is last --
+        # then re-arms the ticket for the next launch.
+        slot = batch * tl.num_programs(0) + kv_head
+        part_rows = (slot * splits + split) * GROUP_PAD + rows
+        tl.store(part_ptr + part_rows[:, None] * BLOCK_D + dims[None, :], acc)
+        tl.store(part_ptr + stat_offset + part_rows * 2, best)
+        tl.store(part_ptr + stat_offset + part_rows * 2 + 1, total)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(sem_ptr + slot, 1, sem="acq_rel")
+        if ticket == splits - 1:
+            best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+            # (unrolled up to the most splits a launch takes: every split's loads in flight at once)
+            for other in tl.static_range(MAX_SPLITS):
+                there = other < splits
+                other_rows = (slot * splits + other) * GROUP_PAD + rows
+                other_best = tl.load(part_ptr + stat_offset + other_rows * 2, mask=there, other=float("-inf"),
+                                     cache_modifier=".cg")
+                other_total = tl.load(part_ptr + stat_offset + other_rows * 2 + 1, mask=there, other=0.0,
+                                      cache_modifier=".cg")
+                other_acc = tl.load(part_ptr + other_rows[:, None] * BLOCK_D + dims[None, :], mask=there, other=0.0,
+                                    cache_modifier=".cg")
+                new_best = tl.maximum(best, other_best)
+                shift = tl.where(new_best == float("-inf"), 0.0, new_best)
+                mine, theirs = tl.exp(best - shift), tl.exp(other_best - shift)
+                acc = acc * mine[:, None] + other_acc * theirs[:, None]
+                total = total * mine + other_total * theirs
+                best = new_best
+            tl.store(out_ptrs, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(sem_ptr + slot, 0)
+
+
+def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           mask: torch.Tensor | None) -> str | None:
+    """Why `decode_attention` cannot take these arguments, or None when it can: one query token per sequence,
+    bf16/fp16 throughout, key and value of one shape with a head size up to `MAX_HEAD_DIM`, query heads a multiple
+    of the key/value heads, and a boolean mask of shape ``[batch or 1, 1, 1, positions]`` or none.
+
+    Example:
+        >>> q, kv = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 9, 64, dtype=torch.bfloat16)
+        >>> check_decode_attention(q, kv, kv, None) is None, check_decode_attention(q.float(), kv, kv, None)
+        (True, 'query, key and value must be bf16 or fp16 of one dtype')
+    """
+    if query.dim() != 4 or key.dim() != 4 or key.shape != value.shape:
+        return "query, key and value must be [batch, heads, positions, head_dim], key and value of one shape"
+    batch, heads, tokens, head_dim = query.shape
+    if tokens != 1:
+        return "one query token per sequence"
+    if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return "query, key and value must be bf16 or fp16 of one dtype"
+    if key.shape[0] != batch or key.shape[-1] != head_dim or not 16 <= head_dim <= MAX_HEAD_DIM:
+        return f"key/value batch and head size must match the query's, head size 16 to {MAX_HEAD_DIM}"
+    if heads % key.shape[1] or key.shape[2] == 0:
+        return "query heads must be a multiple of the key/value heads, with at least one cached position"
+    if any(t.stride(-1) != 1 for t in (query, key, value)):
+        return "query, key and value need unit stride along the head dimension"
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1)
+                             or mask.shape[0] not in (1, batch) or mask.shape[-1] != key.shape[2]
+                             or mask.stride(-1) != 1):
+        return "the mask must be a boolean [batch or 1, 1, 1, positions] tensor (or None)"
+    return None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+_LAUNCHES: dict[tuple, KernelLaunch] = {}
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None = None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` for one query token per sequence, grouped-query heads read in place.
+
+    Args:
+        query: ``[batch, heads, 1, head_dim]``, bf16/fp16, unit stride along ``head_dim``.
+        key, value: ``[batch, kv_heads, positions, head_dim]`` (e.g. a static cache's buffers); ``heads`` a
+            multiple of ``kv_heads``.
+        mask: boolean ``[batch or 1, 1, 1, positions]`` (True: attend), or None to attend every position.
+        scale: defaults to ``head_dim ** -0.5``.
+
+    Returns ``[batch, 1, heads, head_dim]`` (the layout transformers' attention functions return). A position
+    masked everywhere gives NaN, as SDPA does.
+
+    Example:
+        >>> q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> kv = torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> decode_attention(q, kv, kv, None).shape  # doctest: +SKIP
+        torch.Size([1, 1, 8, 64])
+    """
+    problem = check_decode_attention(query, key, value, mask)
+    if problem is not None:
+        raise ValueError(f"decode_attention: {problem}; got query {tuple(query.shape)} {query.dtype}, key "
+                         f"{tuple(key.shape)} {key.dtype}, mask {None if mask is None else tuple(mask.shape)}")
+    batch, heads, _, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    blocks = _cdiv(length, _BLOCK_S)
+    splits = min(blocks, _MAX_SPLITS, max(1, _TARGET_PROGRAMS // (batch * kv_heads)))
+    # a power of two, so that a growing cache compiles a new kernel only when its length doubles
+    blocks_per_split = 1 << (_cdiv(blocks, splits) - 1).bit_length()
+    splits = _cdiv(blocks, blocks_per_split)  # no split left without a block
+    group_pad = max(16, 1 << (group - 1).bit_length())  # tl.dot takes at least 16 rows
+    block_d = 1 << (head_dim - 1).bit_length()
+    out = torch.empty(batch, 1, heads, head_dim, dtype=query.dtype, device=query.device)
+    stat_offset = batch * kv_heads * splits * group_pad * block_d
+    # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
+    partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
+    tickets = _semaphores(query.device, batch * kv_heads)
+    constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, _BLOCK_S, _NUM_WARPS)
+    launch = _LAUNCHES.get(constants)
+    if launch is None:
+        # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
+        launch = _LAUNCHES[constants] = KernelLaunch(_decode_attention_kernel, dict(
+            GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
+            BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
+            num_warps=_NUM_WARPS, **pdl_constants()), scalars_by_class=True)
+    mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    launch(
+        (kv_heads, splits, batch),
+        (query, key, value, query if mask is None else mask, out, partials, tickets),
+        (length, float(head_dim ** -0.5 if scale is None else scale), query.stride(0),
+         query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
+         value.stride(2), mask_batch_stride, out.stride(0), out.stride(2), stat_offset),
+    )
+    return out
+

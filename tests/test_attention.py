@@ -1,0 +1,184 @@
+"""The one-token decode attention (`kernels.attention`) and the ``"qsparse_sdpa"`` attention implementation that
+converted models run: the kernel against torch's SDPA on GQA shapes, masks and split counts; which calls take it;
+the switch on conversion and back on revert. On the GPU when there is one, else through Triton's CPU interpreter.
+
+Tolerance: the kernel accumulates in fp32 and rounds the softmax weights to the values' dtype, as SDPA's fused
+kernels do, so it differs from a float64 reference by those two roundings (weights and output, < 1e-2 relative).
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import KERNEL_DEVICE, TINY_CONFIGS, tiny_model  # noqa: E402
+
+from qsparse_hf import convert_to_qsparse, kernels, revert_qsparse  # noqa: E402
+from qsparse_hf.attention import ATTENTION_NAME, use_decode_attention  # noqa: E402
+from qsparse_hf.kernels import set_kernels_enabled  # noqa: E402
+from qsparse_hf.kernels import ops as kernel_ops  # noqa: E402
+from qsparse_hf.kernels.attention import decode_attention  # noqa: E402
+
+DEV = KERNEL_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on_cpu_too():
+    previous = set_kernels_enabled(True, on_cpu=True)
+    yield
+    set_kernels_enabled(previous, on_cpu=False)
+
+
+def _reference(query, key, value, mask, scale):
+    """SDPA in float64 over the key/value heads repeated per query head, in the kernel's output layout."""
+    group = query.shape[1] // key.shape[1]
+    key, value = (t.double().repeat_interleave(group, dim=1) for t in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(query.double(), key, value, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _qkv(batch, heads, kv_heads, length, head_dim, dtype=torch.bfloat16):
+    query = torch.randn(batch, heads, 1, head_dim, device=DEV).to(dtype)
+    key = torch.randn(batch, kv_heads, length, head_dim, device=DEV).to(dtype)
+    return query, key, torch.randn_like(key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim", [
+    (1, 4, 2, 1, 16),  # one cached position
+    (1, 28, 4, 304, 128),  # Qwen2-7B's grouping, a benchmark's cache: five splits
+    (1, 32, 8, 65, 128),  # Mistral-7B's grouping, a split of one position
+    (2, 8, 8, 1100, 80),  # no grouping, a head size that is not a power of two, several blocks per split
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_sdpa(dtype, batch, heads, kv_heads, length, head_dim, masked):
+    torch.manual_seed(0)
+    query, key, value = _qkv(batch, heads, kv_heads, length, head_dim, dtype)
+    mask = None
+    if masked:  # a static cache's mask: the filled positions, here a different count per sequence
+        mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=DEV)
+        for row in range(batch):
+            mask[row, ..., : max(1, (length * (2 + row)) // 4)] = True
+        if length > 8:
+            mask[0, ..., 3] = False  # a hole (padding) in the middle
+    out = decode_attention(query, key, value, mask, 0.1)
+    expected = _reference(query, key, value, mask, 0.1)
+    assert out.shape == (batch, 1, heads, head_dim) and out.dtype == dtype
+    assert torch.allclose(out.double(), expected, atol=1e-2, rtol=1e-2)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-2
+    # The partials merge in split order and the tickets re-arm: a second call gives the same bits.
+    assert torch.equal(decode_attention(query, key, value, mask, 0.1), out)
+
+
+def test_decode_attention_reads_strided_caches_and_broadcast_masks():
+    torch.manual_seed(0)
+    # A query laid out [batch, tokens, heads, dim] and transposed (as transformers' projections give it), a key and
+    # value that are slices of wider buffers, a mask shared by the two sequences.
+    query = torch.randn(2, 1, 8, 64, device=DEV).to(torch.bfloat16).transpose(1, 2)
+    buffer = torch.randn(2, 2, 2, 200, 64, device=DEV).to(torch.bfloat16)
+    key, value = buffer[:, 0], buffer[:, 1]
+    mask = torch.arange(200, device=DEV).lt(150).reshape(1, 1, 1, 200)
+    out = decode_attention(query, key, value, mask)
+    assert torch.allclose(out.double(), _reference(query, key, value, mask, 64 ** -0.5), atol=1e-2, rtol=1e-2)
+
+
+def test_decode_attention_keeps_nan():
+    query, key, value = _qkv(1, 4, 2, 70, 32)
+    value[0, 1, 5, 0] = float("nan")  # heads 2 and 3 read it; 0 and 1 do not
+    out = decode_attention(query, key, value, None)
+    assert out[0, 0, 2:, 0].isnan().all() and not out[0, 0, :2].isnan().any()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda q, k, v, m: (q.expand(1, 4, 2, 32), k, v, m), "one query token"),
+    (lambda q, k, v, m: (q.float(), k, v, m), "bf16 or fp16"),
+    (lambda q, k, v, m: (q, k, v, m.float()), "boolean"),
+    (lambda q, k, v, m: (q[:, :3], k, v, m), "multiple"),
+    (lambda q, k, v, m: (q, k, v, m[..., :5]), "boolean"),
+])
+def test_decode_attention_rejects_what_it_does_not_compute(change, message):
+    query, key, value = _qkv(1, 4, 2, 9, 32)
+    mask = torch.ones(1, 1, 1, 9, dtype=torch.bool, device=DEV)
+    with pytest.raises(ValueError, match=message):
+        decode_attention(*change(query, key, value, mask))
+
+
+def _count_launches(monkeypatch) -> list:
+    """The decode attention launches from now on (the custom op's body looks the launch up at each call)."""
+    calls = []
+    real = kernel_ops._decode_attention_launch
+    monkeypatch.setattr(kernel_ops, "_decode_attention_launch", lambda *args: (calls.append(1), real(*args))[1])
+    return calls
+
+
+def _compiled_decode(model, tokens, prompt_length):
+    """Logits of every step of decoding ``tokens`` (teacher-forced, so every run sees the same context) through a
+    static cache: the first ``prompt_length`` as an eager prefill, then one compiled step per token (Dynamo's eager
+    backend: what Inductor would run, without its code generation)."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    cache = StaticCache(config=model.config, max_cache_len=tokens.shape[1])
+    positions = torch.arange(tokens.shape[1], device=DEV)
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        logits = [model(tokens[:, :prompt_length], past_key_values=cache,
+                        cache_position=positions[:prompt_length]).logits[:, -1]]
+        for position in range(prompt_length, tokens.shape[1]):
+            logits.append(step(tokens[:, position:position + 1], past_key_values=cache,
+                               cache_position=positions[position:position + 1]).logits[:, -1])
+    return torch.stack(logits)
+
+
+#: Every tiny family whose attention is SDPA (Gemma2 runs eager attention: its softcapping is not SDPA's).
+SDPA_ARCHS = [arch for arch in TINY_CONFIGS if arch != "gemma2"]
+
+
+@pytest.mark.parametrize("arch", SDPA_ARCHS)
+def test_compiled_decode_steps_run_the_kernel_and_match_sdpa(arch, monkeypatch):
+    # topk=1.0: the decode path without selections, so the two runs differ by the attention's rounding alone (at
+    # 0.5 a bf16 bit can also move a feature across a top-K cut-off, and a tiny random model's logits by percents)
+    model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=1.0)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    tokens = torch.randint(3, 128, (1, 10), device=DEV)
+    calls = _count_launches(monkeypatch)
+    logits = _compiled_decode(model, tokens, 6)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # four one-token steps; the prefill is SDPA's
+    monkeypatch.setattr(kernels, "DECODE_ATTENTION", False)
+    expected = _compiled_decode(model, tokens, 6)
+    assert len(calls) == 4 * model.config.num_hidden_layers  # switched off: SDPA throughout
+    assert torch.equal(logits[0], expected[0])  # the prefill
+    # (measured 2e-3 to 6e-3 on CPU: one bf16 rounding of each attention output, carried through two layers)
+    assert ((logits.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2
+
+
+def test_eager_steps_training_and_prefill_stay_on_sdpa(monkeypatch):
+    model = convert_to_qsparse(tiny_model("llama").to(DEV, torch.bfloat16), topk=0.5)
+    calls = _count_launches(monkeypatch)
+    with torch.no_grad():
+        model.generate(torch.randint(3, 128, (1, 5), device=DEV), max_new_tokens=3, do_sample=False,
+                       disable_compile=True, cache_implementation="static")  # eager steps: host-bound
+    model.train()
+    step = torch.compile(model, fullgraph=True, backend="eager")
+    step(torch.randint(3, 128, (1, 1), device=DEV)).logits.float().sum().backward()  # compiled, with gradients
+    assert calls == []
+
+
+def test_conversion_switches_sdpa_models_only_and_revert_restores(tmp_path):
+    model = convert_to_qsparse(tiny_model("mistral"), topk=0.5)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert ATTENTION_NAME not in json.dumps(saved)  # a checkpoint never asks for the plugin's attention
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == ATTENTION_NAME
+    revert_qsparse(model)
+    assert model.config._attn_implementation == "sdpa"
+
+    eager = tiny_model("mistral")
+    eager.set_attn_implementation("eager")
+    assert not use_decode_attention(eager)
+    assert convert_to_qsparse(eager, topk=0.5).config._attn_implementation == "eager"  # a user's choice stays
