@@ -20,6 +20,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
 
@@ -33,12 +34,6 @@ ATTENTION_NAME = "qsparse_sdpa"
 # Keyword arguments that change what attention computes in ways the decode kernel does not (transformers passes
 # them to the attention function when a model uses them): those calls go to SDPA.
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
-
-
-def _sdpa_forward():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward
 
 
 def _decodes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -73,7 +68,8 @@ def qsparse_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
         from .kernels.ops import decode_attention
 
         return decode_attention(query, key, value, attention_mask, scaling), None
-    return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
 
 
 def register_attention() -> None:
