@@ -10,8 +10,9 @@ one-token queries of a compiled step on a kernel device (``generate(cache_implem
 ``sdpa_attention_forward``, unchanged. Eager steps stay on SDPA because they wait on the host, not on the GPU
 (the kernel saves GPU time), and so keep the rounding of the reference path's attention: with the kernel in eager
 steps too, greedy decoding of the embedded mistral-micro on an H100 parted from the reference path within 256
-tokens (one bf16 bit of an attention output can move a feature across the next top-K's cut-off). `revert_qsparse` switches back; ``config.json`` never records it (transformers
-does not save the attention implementation), and ``QSPARSE_DECODE_ATTENTION=0`` keeps every call on SDPA.
+tokens (one bf16 bit of an attention output can move a feature across the next top-K's cut-off).
+`revert_qsparse` switches back; ``config.json`` never records it (transformers does not save the attention
+implementation), and ``QSPARSE_DECODE_ATTENTION=0`` keeps every call on SDPA.
 """
 
 from __future__ import annotations

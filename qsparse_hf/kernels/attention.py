@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import _cdiv
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 
 __all__ = ["decode_attention", "check_decode_attention", "MAX_HEAD_DIM"]
@@ -25,7 +26,7 @@ __all__ = ["decode_attention", "check_decode_attention", "MAX_HEAD_DIM"]
 MAX_HEAD_DIM = 256
 #: Cached positions one program step reads per key/value head.
 _BLOCK_S = 64
-#: At most this many programs per key/value head (each merges nothing; the last one merges every split's partials).
+#: At most this many splits per key/value head (the last to finish loads every split's partials at once to merge them).
 _MAX_SPLITS = 16
 #: Warps per program.
 _NUM_WARPS = 4
@@ -153,10 +154,6 @@ def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
-
-
 _LAUNCHES: dict[tuple, KernelLaunch] = {}
 
 
@@ -171,8 +168,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         mask: boolean ``[batch or 1, 1, 1, positions]`` (True: attend), or None to attend every position.
         scale: defaults to ``head_dim ** -0.5``.
 
-    Returns ``[batch, 1, heads, head_dim]`` (the layout transformers' attention functions return). A position
-    masked everywhere gives NaN, as SDPA does.
+    Returns ``[batch, 1, heads, head_dim]`` (the layout transformers' attention functions return). A sequence whose
+    mask hides every position gets NaN: it has nothing to attend to.
 
     Example:
         >>> q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
