@@ -191,7 +191,9 @@ class KernelLaunch:
                 self._compiled[key] = _launcher(compiled)
             return
         launch, function, metadata, cooperative, pdl = cached
-        grid_y, grid_z = (tuple(grid[1:]) + (1, 1))[:2]
+        dims = len(grid)  # (conditionals rather than padding a tuple: every eager decode launch passes here)
+        grid_y = grid[1] if dims > 1 else 1
+        grid_z = grid[2] if dims > 2 else 1
         # the tensors' device is the current one (`__call__`): no need to ask Triton's driver which it is
         stream = driver.active.get_current_stream(tensors[0].device.index)
         if cooperative is None:  # Triton's launcher object, for a layout `_launcher` does not know
