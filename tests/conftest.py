@@ -100,6 +100,13 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def sparse_llama():
+    """The tiny Llama in bf16 on `KERNEL_DEVICE`, converted at keep 0.5."""
+    from qsparse_hf import convert_to_qsparse
+
+    return convert_to_qsparse(tiny_model("llama").to(KERNEL_DEVICE, torch.bfloat16), topk=0.5)
+
+
 def silu_reference(gate: torch.Tensor) -> torch.Tensor:
     """``F.silu`` as the kernel computes it: on the GPU PyTorch's own; in Triton's interpreter, which has NumPy's
     ``exp`` rather than CUDA's, the same formula with NumPy (PyTorch's CPU ``exp`` may differ in the last bit)."""

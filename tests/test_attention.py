@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import KERNEL_DEVICE, TINY_CONFIGS, tiny_model  # noqa: E402
+from conftest import KERNEL_DEVICE, TINY_CONFIGS, sparse_llama, tiny_model  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, kernels, revert_qsparse  # noqa: E402
 from qsparse_hf.attention import ATTENTION_NAME, use_decode_attention  # noqa: E402
@@ -155,7 +155,7 @@ def test_compiled_decode_steps_run_the_kernel_and_match_sdpa(arch, monkeypatch):
 
 
 def test_eager_steps_training_and_prefill_stay_on_sdpa(monkeypatch):
-    model = convert_to_qsparse(tiny_model("llama").to(DEV, torch.bfloat16), topk=0.5)
+    model = sparse_llama()
     calls = _count_launches(monkeypatch)
     with torch.no_grad():
         model.generate(torch.randint(3, 128, (1, 5), device=DEV), max_new_tokens=3, do_sample=False,

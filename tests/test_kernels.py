@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("triton")
 
-from conftest import KERNEL_DEVICE, requires_cuda, same_bits, silu_reference, tiny_model  # noqa: E402
+from conftest import KERNEL_DEVICE, requires_cuda, same_bits, silu_reference, sparse_llama, tiny_model  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
 from qsparse_hf.functional import topk_mask  # noqa: E402
@@ -35,12 +35,6 @@ def _kernels_on_cpu_too():
     previous = set_kernels_enabled(True, on_cpu=True)
     yield
     set_kernels_enabled(previous, on_cpu=False)
-
-
-def _sparse_llama():
-    """The tiny Llama in bf16 on the kernels' device, converted at keep 0.5."""
-    model = tiny_model("llama").to(DEV, torch.bfloat16)
-    return convert_to_qsparse(model, topk=0.5)
 
 
 def _listed(mask):
@@ -707,7 +701,7 @@ def _switch_select_in_gemv(monkeypatch):
 def test_eager_decode_plans_step_aside_when_anything_changes(change, monkeypatch):
     from qsparse_hf.layers import QSparseActivation
 
-    model = _sparse_llama()
+    model = sparse_llama()
     # (the prefill is longer than a decode step may be: it takes the dense path and leaves the plans alone)
     tokens = torch.randint(3, 128, (1, 12), device=DEV)
     _step_by_step(model, tokens[:, :11])  # plans built and used
@@ -751,7 +745,7 @@ def test_fused_ffn_step_runs_hooks_by_stepping_aside_and_leaves_with_revert(monk
     from qsparse_hf import revert_qsparse
     from qsparse_hf.layers import GatedFFNForward
 
-    model = _sparse_llama()
+    model = sparse_llama()
     tokens = torch.randint(3, 128, (1, 9), device=DEV)
     first_mlp = model.model.layers[0].mlp
     seen = []
@@ -807,7 +801,7 @@ def test_side_by_side_weights_are_views_and_save_as_ordinary_tensors(tmp_path):
 
 
 def test_decode_weights_rebuilt_after_the_model_moves():
-    model = _sparse_llama()
+    model = sparse_llama()
     prepare_for_decode(model)
     q = model.model.layers[0].self_attn.q_proj
     weights = q.sparsifier.decode_weights
@@ -822,7 +816,7 @@ def test_decode_weights_rebuilt_after_the_model_moves():
 
 def test_decode_weights_notice_one_member_weight_or_bias_replaced():
     # A member whose Parameter is swapped (one of q/k/v, as a user or a library may do) no longer reads the block.
-    model = _sparse_llama()
+    model = sparse_llama()
     prepare_for_decode(model)
     attention = model.model.layers[0].self_attn
     weights = attention.q_proj.sparsifier.decode_weights
@@ -925,7 +919,7 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
     # Dynamo traces the sparsifier's identity cache, so the compiled step launches what the eager step does
     # (custom ops are never merged by the compiler itself).
     torch._dynamo.reset()
-    model = _sparse_llama()
+    model = sparse_llama()
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     with torch.no_grad():
         eager = model(ids).logits
@@ -950,7 +944,7 @@ def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):
     if not hasattr(dynamo_utils, "object_setattr_ignore_descriptor"):
         pytest.skip("this torch replays attribute writes some other way")
     torch._dynamo.reset()
-    model = _sparse_llama()
+    model = sparse_llama()
     ids = torch.randint(3, 128, (1, 1), device=DEV)
     replayed = []
     real_setattr = dynamo_utils.object_setattr_ignore_descriptor
@@ -999,7 +993,7 @@ def test_compiled_decode_checks_no_module_identities_in_python():
     # module type) makes Dynamo check their identity with a Python expression before every compiled call; an H200
     # trace of transformers' compiled generate() spent 3.1 ms per token in the guards of a 28-layer sparse model,
     # 0.3 ms for dense. Siblings look their outputs up by key instead.
-    model = convert_to_qsparse(tiny_model("llama").to(DEV, torch.bfloat16), topk=0.5)
+    model = sparse_llama()
     guards, compiled, eager = _compiled_decode_guards(model)
     python_guards = [line.split("LAMBDA_GUARD:", 1)[1] for line in guards if "LAMBDA_GUARD:" in line]
     assert python_guards, "no guards logged: this torch logs them some other way"
