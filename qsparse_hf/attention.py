@@ -13,6 +13,13 @@ steps too, greedy decoding of the embedded mistral-micro on an H100 parted from 
 tokens (one bf16 bit of an attention output can move a feature across the next top-K's cut-off).
 `revert_qsparse` switches back; ``config.json`` never records it (transformers does not save the attention
 implementation), and ``QSPARSE_DECODE_ATTENTION=0`` keeps every call on SDPA.
+
+Before the attention function is called, the model's own attention code has already applied the rotary embedding
+and appended the step's key and value to the cache: three more compiler kernels a layer. `DecodeAttentionForward`,
+set as the forward of attention modules that follow Llama's code (`convert.ArchLayout.attention`), runs the
+projections as the module does and then `kernels.attention.decode_attention_append` -- rotary, the append to
+transformers' static cache and the attention in one launch -- on the same compiled one-token steps; everything else
+goes to the module's own forward.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import kernels
+from .layers import ModuleForward
 
-__all__ = ["ATTENTION_NAME", "qsparse_sdpa_attention", "register_attention", "use_decode_attention",
-           "restore_attention"]
+__all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "register_attention",
+           "use_decode_attention", "restore_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +43,21 @@ ATTENTION_NAME = "qsparse_sdpa"
 # Keyword arguments that change what attention computes in ways the decode kernel does not (transformers passes
 # them to the attention function when a model uses them): those calls go to SDPA.
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _decode_step(module: nn.Module, tokens: int, kwargs: dict) -> bool:
+    """Whether a call may take the decode kernel before its tensors are looked at: a compiled one-token step of a
+    module in inference, with no argument that changes what attention computes."""
+    if not (kernels.DECODE_ATTENTION and torch.compiler.is_compiling()) or tokens != 1 or module.training:
+        return False
+    return not (any(kwargs.get(name) is not None for name in _UNSUPPORTED) or kwargs.get("output_attentions"))
 
 
 def _decodes(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              attention_mask: torch.Tensor | None, dropout: float, kwargs: dict) -> bool:
     """Whether the decode kernel serves this call (see the module's docstring)."""
-    if not (kernels.DECODE_ATTENTION and torch.compiler.is_compiling()):
-        return False
-    if query.shape[-2] != 1 or dropout or module.training:
-        return False
-    if any(kwargs.get(name) is not None for name in _UNSUPPORTED) or kwargs.get("output_attentions"):
+    if dropout or not _decode_step(module, query.shape[-2], kwargs):
         return False
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False
@@ -73,6 +86,108 @@ def qsparse_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                                   **kwargs)
 
 
+try:
+    from transformers.cache_utils import StaticLayer
+except ImportError:  # a transformers without per-layer caches: the model's own code appends
+    StaticLayer = None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of ``[batch, heads, tokens, head_dim]`` (``x cos + rotate_half(x) sin``)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
+
+
+class DecodeAttentionForward(ModuleForward):
+    """The forward of a converted model's attention module whose own forward is Llama's (projections, optional
+    per-head norms of query and key, rotary embedding, cache update, attention function, output projection;
+    `convert.ArchLayout.attention`), set by `convert_to_qsparse` where the model runs ``"qsparse_sdpa"``
+    (`revert_qsparse` removes it).
+
+    A compiled one-token step in inference over transformers' static cache (``generate(cache_implementation=
+    "static")``, a compiled forward with a ``StaticCache``) runs the projections (and norms) as the module does,
+    then `kernels.attention.decode_attention_append`: the rotary embedding of the query and the new key, the append
+    of the key and value to the cache layer (its count advanced as ``StaticLayer.update`` advances it) and the
+    attention, in one launch. Everything else -- eager steps, prefill, training, other caches (dynamic, sliding
+    window, offloaded), ``output_attentions``, ``QSPARSE_DECODE_APPEND=0`` -- runs the module's own forward. The
+    rotary rounds as the model's code does in eager mode (each product and the sum), so the appended keys are the
+    eager path's bit for bit.
+
+    Example:
+        >>> attention = model.model.layers[0].self_attn  # of a converted Qwen2  # doctest: +SKIP
+        >>> type(attention.forward).__name__  # doctest: +SKIP
+        'DecodeAttentionForward'
+    """
+
+    __slots__ = ("names", "head_norms")
+
+    def __init__(self, module: nn.Module, names: tuple[str, str, str, str], head_norms: tuple[str, str] | None):
+        super().__init__(module)
+        self.names = names
+        self.head_norms = head_norms
+
+    @classmethod
+    def install(cls, module: nn.Module, names: tuple[str, str, str, str],
+                head_norms: tuple[str, str] | None = None) -> bool:
+        """Set the forward on ``module`` when it has the named projections (and norms), the attributes Llama's
+        attention code reads (``layer_idx``, ``head_dim``, ``scaling``) and no forward of its own set already;
+        returns whether it did."""
+        children = module._modules
+        if (StaticLayer is None or "forward" in module.__dict__
+                or not all(isinstance(children.get(name), nn.Module) for name in names + (head_norms or ()))
+                or not all(isinstance(getattr(module, name, None), (int, float))
+                           for name in ("layer_idx", "head_dim", "scaling"))):
+            return False
+        module.forward = cls(module, names, head_norms)
+        return True
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() and kernels.DECODE_APPEND:
+            out = self._append_step(args, kwargs)
+            if out is not None:
+                return out
+        return self.module_forward(self.module, *args, **kwargs)
+
+    def _append_step(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:
+        """The step through the one-launch append, or None (nothing computed) where it does not apply."""
+        module = self.module
+        if len(args) > 1 or (len(args) == 1) == ("hidden_states" in kwargs):
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (renamed in transformers 5.2x)
+        rotary = kwargs.get("position_embeddings")
+        layers = getattr(cache, "layers", None)
+        if (hidden.dim() != 3 or hidden.dtype not in _KERNEL_DTYPES or rotary is None or not isinstance(layers, list)
+                or module.layer_idx >= len(layers)
+                or getattr(cache, "offloading", False) or _attention_of(module) != ATTENTION_NAME
+                or not _decode_step(module, hidden.shape[1], kwargs) or not kernels.kernels_available(hidden)):
+            return None
+        layer = layers[module.layer_idx]
+        if type(layer) is not StaticLayer or not layer.is_initialized:  # (its subclasses slide or are offloaded)
+            return None
+        from .kernels.attention import check_decode_append
+        from .kernels.ops import decode_attention_append
+
+        q_proj, k_proj, v_proj, o_proj = (getattr(module, name) for name in self.names)
+        shape = (*hidden.shape[:-1], -1, module.head_dim)
+        query, key, value = q_proj(hidden).view(shape), k_proj(hidden).view(shape), v_proj(hidden).view(shape)
+        if self.head_norms is not None:
+            q_norm, k_norm = (getattr(module, name) for name in self.head_norms)
+            query, key = q_norm(query), k_norm(key)
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        cos, sin = rotary
+        mask = kwargs.get("attention_mask")
+        if (query.requires_grad or check_decode_append(query, key, value, cos, sin, layer.keys, layer.values,
+                                                       layer.cumulative_length, mask) is not None):
+            # (the projections are done: the rest of the module's code, as it would run)
+            keys, values = layer.update(_rotate(key, cos, sin), value)
+            out, _ = qsparse_sdpa_attention(module, _rotate(query, cos, sin), keys, values, mask, scaling=module.scaling)
+        else:
+            out = decode_attention_append(query, key, value, cos, sin, layer.keys, layer.values,
+                                          layer.cumulative_length, mask, module.scaling)
+        return o_proj(out.reshape(*hidden.shape[:-1], -1)), None
+
+
 def register_attention() -> None:
     """Register ``"qsparse_sdpa"`` with transformers' attention and attention-mask interfaces (idempotent; done on
     ``import qsparse_hf``). The mask is SDPA's.
@@ -91,9 +206,13 @@ def _attention_of(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
-def use_decode_attention(model: nn.Module) -> bool:
+def use_decode_attention(model: nn.Module, names: tuple[str, str, str, str] | None = None,
+                         head_norms: tuple[str, str] | None = None) -> bool:
     """Switch a transformers model whose attention is ``"sdpa"`` to ``"qsparse_sdpa"``; True when it did. Other
-    implementations (eager, flash attention, flex) are left as chosen. `convert_to_qsparse` calls this.
+    implementations (eager, flash attention, flex) are left as chosen. With ``names`` (query, key, value and output
+    projections of a Llama-style attention module; ``head_norms``: its per-head query and key norms), the attention
+    modules that have them also get `DecodeAttentionForward`. `convert_to_qsparse` calls this with its
+    architecture table's names (`convert.ArchLayout.attention`).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,7 +228,12 @@ def use_decode_attention(model: nn.Module) -> bool:
     except (ValueError, KeyError, ImportError) as error:  # a model class that takes no registered attention
         logger.info("qsparse_hf: %s keeps transformers' sdpa attention (%s)", type(model).__name__, error)
         return False
-    return _attention_of(model) == ATTENTION_NAME
+    if _attention_of(model) != ATTENTION_NAME:
+        return False
+    if names is not None:
+        for module in model.modules():
+            DecodeAttentionForward.install(module, names, head_norms)
+    return True
 
 
 def restore_attention(model: nn.Module) -> None:
@@ -119,5 +243,7 @@ def restore_attention(model: nn.Module) -> None:
         >>> restore_attention(model); model.config._attn_implementation  # doctest: +SKIP
         'sdpa'
     """
+    for module in model.modules():
+        DecodeAttentionForward.uninstall(module)
     if _attention_of(model) == ATTENTION_NAME:
         model.set_attn_implementation("sdpa")

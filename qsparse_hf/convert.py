@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from torch import nn
@@ -44,6 +44,11 @@ class ArchLayout:
     linear whose presence marks a module as a gated FFN; ``shared_inputs`` lists sibling linears that read the
     same tensor and so share one top-K mask. ``gated_ffn`` names (gate, up, down) when the FFN module's forward is
     exactly ``down(act(gate(x)) * up(x))``: eager decode then runs it fused (`layers.GatedFFNForward`).
+    ``attention`` names (query, key, value, output) projections when the attention module's forward is Llama's --
+    project, (``head_norms``: norm each head of query and key,) rotary, cache update, attention function, output
+    projection -- so that compiled decode steps run its rotary and cache append inside the attention launch
+    (`attention.DecodeAttentionForward`); None where the family's attention differs (softcapping, clipped or
+    whole-projection norms).
     """
 
     roles: dict[str, str] = field(default_factory=dict)
@@ -51,6 +56,8 @@ class ArchLayout:
     activation: tuple[str, ...] = ("act_fn",)
     gate: tuple[str, ...] = ("gate_proj",)
     gated_ffn: tuple[str, str, str] | None = None
+    attention: tuple[str, str, str, str] | None = None
+    head_norms: tuple[str, str] | None = None
 
 
 _LLAMA = ArchLayout(
@@ -59,7 +66,12 @@ _LLAMA = ArchLayout(
         "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
     },
     gated_ffn=("gate_proj", "up_proj", "down_proj"),
+    attention=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
+_QWEN3 = replace(_LLAMA, head_norms=("q_norm", "k_norm"))
+# Llama's names, with attention code of their own: Gemma2 softcaps its scores, OLMo clips q/k/v, OLMo2 normalises
+# whole projections.
+_LLAMA_NAMES = replace(_LLAMA, attention=None)
 _PHI3 = ArchLayout(
     roles={"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
     activation=("activation_fn",),
@@ -73,11 +85,11 @@ ARCHITECTURES: dict[str, ArchLayout] = {
     "mistral": _LLAMA,
     "mixtral": _LLAMA,
     "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen3": _QWEN3,
     "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "olmo": _LLAMA,
-    "olmo2": _LLAMA,
+    "gemma2": _LLAMA_NAMES,
+    "olmo": _LLAMA_NAMES,
+    "olmo2": _LLAMA_NAMES,
     "granite": _LLAMA,
     "phi3": _PHI3,
 }
@@ -550,7 +562,9 @@ def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:
     model_config.quantization_config = config
     model.hf_quantizer = QSparseHfQuantizer(config, pre_quantized=False)
     QSparseHfQuantizer.mark_model(model)
-    use_decode_attention(model)  # one-token attention in one launch (decode steps weigh the shared parts more)
+    # one-token attention in one launch (decode steps weigh the shared parts more)
+    layout = layout_for(model)
+    use_decode_attention(model, layout.attention, layout.head_norms)
 
 
 def revert_qsparse(model: nn.Module) -> nn.Module:

@@ -21,7 +21,7 @@ from . import functional as QF
 from . import kernels
 
 __all__ = [
-    "DecodeWeights", "GatedFFNForward", "InputSparsifier", "QSparseActivation", "QSparseExpertInput",
+    "DecodeWeights", "GatedFFNForward", "ModuleForward", "InputSparsifier", "QSparseActivation", "QSparseExpertInput",
     "QSparseLinear", "RealTokenTracker", "SparsityCounter",
 ]
 
@@ -1093,7 +1093,30 @@ def _no_plan() -> None:
     return None
 
 
-class GatedFFNForward:
+class ModuleForward:
+    """A forward set on one module instance in place of its class's (`GatedFFNForward`,
+    `attention.DecodeAttentionForward`): it keeps the class's forward to fall back on, and `uninstall` removes it.
+
+    Example:
+        >>> GatedFFNForward.uninstall(model.model.layers[0].mlp)  # doctest: +SKIP
+    """
+
+    __slots__ = ("module", "module_forward")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        # the class's forward, kept: reaching it as ``type(self.module).forward`` made compiled forwards check in
+        # Python, before every call, that each layer's module has the type of the first one's
+        self.module_forward = type(module).forward
+
+    @classmethod
+    def uninstall(cls, module: nn.Module) -> None:
+        """Give ``module`` back its own forward (where this kind of forward is set on it)."""
+        if isinstance(module.__dict__.get("forward"), cls):
+            del module.__dict__["forward"]
+
+
+class GatedFFNForward(ModuleForward):
     """The forward of a converted gated FFN whose own forward is ``down(act(gate(x)) * up(x))`` with a SiLU ``act``
     (Llama, Mistral, Qwen2, Qwen3, ...: `convert.ArchLayout.gated_ffn`), set as the FFN module's ``forward`` by
     `convert_to_qsparse` (`revert_qsparse` removes it).
@@ -1118,13 +1141,10 @@ class GatedFFNForward:
         'GatedFFNForward'
     """
 
-    __slots__ = ("module", "module_forward", "names", "members")
+    __slots__ = ("names", "members")
 
     def __init__(self, module: nn.Module, gate: str, up: str, down: str, act: str) -> None:
-        self.module = module
-        # the class's forward, kept: reaching it as ``type(self.module).forward`` made compiled forwards check in
-        # Python, before every call, that each layer's module has the type of the first one's
-        self.module_forward = type(module).forward
+        super().__init__(module)
         self.names = (gate, up, down, act)
         self.members = tuple(module._modules[name] for name in self.names)
 
@@ -1142,12 +1162,6 @@ class GatedFFNForward:
             return False
         module.forward = cls(module, gate, up, down, act)
         return True
-
-    @staticmethod
-    def uninstall(module: nn.Module) -> None:
-        """Give ``module`` back its own forward."""
-        if isinstance(module.__dict__.get("forward"), GatedFFNForward):
-            del module.__dict__["forward"]
 
     def __call__(self, *args, **kwargs):
         if len(args) == 1 and not kwargs:

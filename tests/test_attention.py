@@ -16,10 +16,10 @@ pytest.importorskip("triton")
 from conftest import KERNEL_DEVICE, TINY_CONFIGS, sparse_llama, tiny_model  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, kernels, revert_qsparse  # noqa: E402
-from qsparse_hf.attention import ATTENTION_NAME, use_decode_attention  # noqa: E402
+from qsparse_hf.attention import ATTENTION_NAME, DecodeAttentionForward, use_decode_attention  # noqa: E402
 from qsparse_hf.kernels import set_kernels_enabled  # noqa: E402
 from qsparse_hf.kernels import ops as kernel_ops  # noqa: E402
-from qsparse_hf.kernels.attention import decode_attention  # noqa: E402
+from qsparse_hf.kernels.attention import decode_attention, decode_attention_append  # noqa: E402
 
 DEV = KERNEL_DEVICE
 
@@ -105,6 +105,76 @@ def test_decode_attention_rejects_what_it_does_not_compute(change, message):
         decode_attention(*change(query, key, value, mask))
 
 
+def _rotary(batch, head_dim, dtype=torch.bfloat16):
+    """cos and sin as transformers' rotary embedding gives them for one position per sequence."""
+    angles = torch.rand(batch, 1, head_dim // 2, device=DEV) * 100
+    return (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+
+
+def _rotated(x, cos, sin):
+    """transformers' ``apply_rotary_pos_emb`` of one tensor, in eager bf16 (each product and the sum rounded)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,position,rotary_batch,dtype", [
+    (1, 28, 4, 304, 128, 200, 1, torch.bfloat16),  # Qwen2-7B's grouping; the position inside the 4th of 5 splits
+    (1, 32, 8, 65, 128, 64, 1, torch.float16),  # the last position, a split of its own
+    (2, 8, 8, 1100, 80, 0, 2, torch.bfloat16),  # the first position; a head that is not a power of two; rotary
+    # per sequence
+    (2, 4, 2, 9, 16, 5, 1, torch.bfloat16),  # one rotary shared by both sequences
+])
+def test_decode_attention_append_is_rotary_then_update_then_attention(batch, heads, kv_heads, length, head_dim,
+                                                                       position, rotary_batch, dtype):
+    torch.manual_seed(0)
+    query, key_cache, value_cache = _qkv(batch, heads, kv_heads, length, head_dim, dtype)
+    new_key, new_value = (torch.randn(batch, kv_heads, 1, head_dim, device=DEV).to(dtype) for _ in "kv")
+    cos, sin = _rotary(rotary_batch, head_dim, dtype)
+    mask = torch.arange(length, device=DEV).le(position).reshape(1, 1, 1, length)
+    # what the model's code does: rotary, StaticLayer.update, the attention
+    expected_keys, expected_values = key_cache.clone(), value_cache.clone()
+    expected_keys[:, :, position] = _rotated(new_key, cos, sin)[:, :, 0]
+    expected_values[:, :, position] = new_value[:, :, 0]
+    expected = decode_attention(_rotated(query, cos, sin), expected_keys, expected_values, mask, 0.1)
+    count = torch.tensor(position, device=DEV)
+    out = decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, 0.1)
+    assert torch.equal(key_cache, expected_keys) and torch.equal(value_cache, expected_values)
+    assert count.item() == position + 1  # advanced once, by the launch's last program
+    assert torch.equal(out, expected)  # the split holding the position reads the new key and value from registers
+    # its tickets re-armed: the next position appends the same way
+    count.fill_(position)
+    assert torch.equal(decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count,
+                                               mask, 0.1), expected)
+    assert count.item() == position + 1
+
+
+def test_decode_attention_append_past_the_cache_end_is_nan_and_stores_nothing():
+    query, key_cache, value_cache = _qkv(1, 4, 2, 70, 32)
+    new_key = new_value = torch.ones(1, 2, 1, 32, dtype=torch.bfloat16, device=DEV)
+    cos, sin = _rotary(1, 32)
+    before = key_cache.clone(), value_cache.clone()
+    count = torch.tensor(70, device=DEV)
+    out = decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, None)
+    assert out.isnan().all()
+    assert torch.equal(key_cache, before[0]) and torch.equal(value_cache, before[1])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda k, c, n: (k[..., :31], c, n), "new key"),
+    (lambda k, c, n: (k, c[..., :16], n), "cos and sin"),
+    (lambda k, c, n: (k, c.float(), n), "cos and sin"),
+    (lambda k, c, n: (k, c, n.float()), "count"),
+])
+def test_decode_attention_append_rejects_what_it_does_not_compute(change, message):
+    query, key_cache, value_cache = _qkv(1, 4, 2, 9, 32)
+    new_key = torch.zeros(1, 2, 1, 32, dtype=torch.bfloat16, device=DEV)
+    cos, sin = _rotary(1, 32)
+    new_key, cos, count = change(new_key, cos, torch.tensor(3, device=DEV))
+    with pytest.raises(ValueError, match=message):
+        decode_attention_append(query, new_key, new_key, cos, sin if cos.shape == sin.shape else cos, key_cache,
+                                value_cache, count, None)
+
+
 def _count_launches(monkeypatch) -> list:
     """The decode attention launches from now on (the custom op's body looks the launch up at each call)."""
     calls = []
@@ -144,14 +214,89 @@ def test_compiled_decode_steps_run_the_kernel_and_match_sdpa(arch, monkeypatch):
     assert model.config._attn_implementation == ATTENTION_NAME
     tokens = torch.randint(3, 128, (1, 10), device=DEV)
     calls = _count_launches(monkeypatch)
+    appends = _count_appends(monkeypatch)  # (where the rotary and cache append join the launch)
     logits = _compiled_decode(model, tokens, 6)
-    assert len(calls) == 4 * model.config.num_hidden_layers  # four one-token steps; the prefill is SDPA's
+    # four one-token steps; the prefill is SDPA's
+    assert len(calls) + len(appends) == 4 * model.config.num_hidden_layers
     monkeypatch.setattr(kernels, "DECODE_ATTENTION", False)
     expected = _compiled_decode(model, tokens, 6)
-    assert len(calls) == 4 * model.config.num_hidden_layers  # switched off: SDPA throughout
+    assert len(calls) + len(appends) == 4 * model.config.num_hidden_layers  # switched off: SDPA throughout
     assert torch.equal(logits[0], expected[0])  # the prefill
     # (measured 2e-3 to 6e-3 on CPU: one bf16 rounding of each attention output, carried through two layers)
     assert ((logits.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2
+
+
+def _count_appends(monkeypatch) -> list:
+    """The rotary-and-append attention launches from now on."""
+    calls = []
+    real = kernel_ops._decode_attention_append_launch
+    monkeypatch.setattr(kernel_ops, "_decode_attention_append_launch", lambda *args: (calls.append(1), real(*args))[1])
+    return calls
+
+
+#: The tiny families whose attention module follows Llama's code (`convert.ArchLayout.attention`), and those of
+#: them whose static cache layers append in the attention launch: Mistral's tiny config has a sliding window, so
+#: its static cache slides (its layers' own update runs).
+LLAMA_ATTENTION_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "granite"]
+APPEND_ARCHS = [arch for arch in LLAMA_ATTENTION_ARCHS if arch != "mistral"]
+
+
+@pytest.mark.parametrize("arch", SDPA_ARCHS)
+def test_compiled_static_steps_append_in_the_attention_launch(arch, monkeypatch):
+    model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=1.0)
+    layers = model.config.num_hidden_layers
+    fused = [isinstance(m.__dict__.get("forward"), DecodeAttentionForward) for m in model.modules()]
+    assert sum(fused) == layers * (arch in LLAMA_ATTENTION_ARCHS)
+    tokens = torch.randint(3, 128, (1, 10), device=DEV)
+    appends, attentions = _count_appends(monkeypatch), _count_launches(monkeypatch)
+    logits = _compiled_decode(model, tokens, 6)
+    assert (len(appends), len(attentions)) == ((4 * layers, 0) if arch in APPEND_ARCHS else (0, 4 * layers))
+    monkeypatch.setattr(kernels, "DECODE_APPEND", False)  # the model's own rotary and cache update
+    expected = _compiled_decode(model, tokens, 6)
+    assert len(appends) == 4 * layers * (arch in APPEND_ARCHS)
+    # The same attention kernel on the same rotated bits (the kernel's rotary rounds as the model's eager code):
+    # every step's logits equal, bit for bit.
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(8, torch.bfloat16), (16, torch.float32)])
+def test_the_append_leaves_what_the_kernel_does_not_take_to_the_models_code(head_dim, dtype, monkeypatch):
+    # A head of 8 is found too small once the projections are done (the step finishes as the module's code would:
+    # rotary, the layer's update, the attention function); float32 is turned away before them.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=head_dim, vocab_size=128)
+    model = convert_to_qsparse(LlamaForCausalLM(config).eval().to(DEV, dtype), topk=0.5)
+    appends = _count_appends(monkeypatch)
+    tokens = torch.randint(3, 128, (1, 9), device=DEV)
+    logits = _compiled_decode(model, tokens, 6)
+    monkeypatch.setattr(kernels, "DECODE_APPEND", False)
+    assert appends == [] and torch.equal(logits, _compiled_decode(model, tokens, 6))
+
+
+def test_the_append_steps_aside_for_other_caches_and_attentions(monkeypatch):
+    from transformers import DynamicCache
+
+    model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
+    appends = _count_appends(monkeypatch)
+    tokens = torch.randint(3, 128, (1, 6), device=DEV)
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(tokens[:, :5], past_key_values=cache)
+        step(tokens[:, 5:], past_key_values=cache)  # a dynamic cache: the module's own update
+        assert cache.get_seq_length() == 6
+        model.generate(tokens, max_new_tokens=2, do_sample=False, disable_compile=True,
+                       cache_implementation="static")  # eager steps
+    assert appends == []
+    model.set_attn_implementation("eager")  # a user's later choice of attention is respected
+    assert len(_compiled_decode(model, torch.randint(3, 128, (1, 8), device=DEV), 6)) == 3
+    assert appends == []
+    revert_qsparse(model)
+    assert not any(isinstance(m.__dict__.get("forward"), DecodeAttentionForward) for m in model.modules())
 
 
 def test_eager_steps_training_and_prefill_stay_on_sdpa(monkeypatch):

@@ -39,6 +39,12 @@ FUSED_ACTIVATION = os.environ.get("QSPARSE_FUSED_ACTIVATION", "1") != "0"
 #: path, five kernels a layer on a compiled step. ``QSPARSE_DECODE_ATTENTION=0`` keeps SDPA (the A/B:
 #: ``bench_decode.py --ways compile,compile6``).
 DECODE_ATTENTION = os.environ.get("QSPARSE_DECODE_ATTENTION", "1") != "0"
+#: With `DECODE_ATTENTION`, a compiled one-token step over transformers' static cache also applies the rotary
+#: embedding and appends the step's key and value inside that launch (`attention.decode_attention_append`, through
+#: `qsparse_hf.attention.DecodeAttentionForward`), where the compiler runs three kernels a layer for them.
+#: ``QSPARSE_DECODE_APPEND=0`` leaves them to the model's own code (the A/B: ``bench_decode.py --ways
+#: compile,compile7``).
+DECODE_APPEND = os.environ.get("QSPARSE_DECODE_APPEND", "1") != "0"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

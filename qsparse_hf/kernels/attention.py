@@ -9,6 +9,11 @@ head to finish merges the partial softmaxes in split order (deterministic) in th
 do (`gemv`).
 
 The mask is transformers' boolean one (True: attend), or none (every cached position is attended).
+
+`decode_attention_append` is the same launch with what the model's code does before attention folded in: the
+rotary embedding of the query and the step's key, and the append of that key and value to a static cache at its
+count (stored by the program whose split covers the position, read there from registers), the count advanced by
+the launch's last program.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import triton.language as tl
 
 from .gemv import _cdiv
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+from .topk import _PRECISE
 
-__all__ = ["decode_attention", "check_decode_attention", "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "decode_attention_append", "check_decode_attention", "check_decode_append",
+           "MAX_HEAD_DIM"]
 
 #: Widest head the kernel serves (a program holds a ``[group, head_dim]`` accumulator per query group).
 MAX_HEAD_DIM = 256
@@ -35,12 +42,48 @@ _TARGET_PROGRAMS = 128
 
 
 @triton.jit
+def _rounded(value, like, PRECISE: tl.constexpr):
+    """fp32 ``value`` rounded to nearest even in ``like``'s dtype, kept in fp32, in a form the compiler keeps: a
+    product converted to bf16 and back and then added is contracted into one bf16 fused multiply-add (one rounding
+    instead of two; seen in the PTX for sm_90), so bf16 is rounded on the bits and fp16 by an inline ``cvt.rn``."""
+    if like.dtype == tl.bfloat16:
+        bits = value.to(tl.int32, bitcast=True)
+        bits = tl.where(value != value, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits & -65536).to(tl.float32, bitcast=True)
+    elif PRECISE:
+        rounded = tl.inline_asm_elementwise("{ .reg .f16 half; cvt.rn.f16.f32 half, $1; cvt.f32.f16 $0, half; }",
+                                            "=f,f", [value], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        rounded = value.to(like.dtype).to(tl.float32)
+    return rounded
+
+
+@triton.jit
+def _rotary(x, partner, cos, signed_sin, like, PRECISE: tl.constexpr):
+    """``x cos + rotate_half(x) sin`` in ``like``'s dtype, from fp32 values: both products and the sum rounded,
+    as eager PyTorch rounds them in bf16/fp16 (``signed_sin``: sin, negated over the first half of the head)."""
+    first = _rounded(x * cos, like, PRECISE)
+    second = _rounded(partner * signed_sin, like, PRECISE)
+    return _rounded(first + second, like, PRECISE).to(like.dtype)
+
+
+@triton.jit
+def _finish(acc, total, at, length, APPEND: tl.constexpr):
+    """The softmax-weighted values; NaN for a token appended past the cache's end (neither stored nor attended)."""
+    out = acc / total[:, None]
+    if APPEND:
+        out = tl.where(at >= length, float("nan"), out)
+    return out
+
+
+@triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, length, scale, stride_qb, stride_qh, stride_kb,
-    stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb, stride_ob, stride_oh, stat_offset,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, count_ptr,
+    length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
+    stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
-    PDL: tl.constexpr,
+    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
 ):
     _dependent_launch_start(PDL)
     kv_head = tl.program_id(0)
@@ -54,10 +97,35 @@ def _decode_attention_kernel(
     heads = kv_head * GROUP + rows
     # bf16/fp16 values are exact in tf32: the scores' products are exact, accumulated in fp32 (and Triton's CPU
     # interpreter mishandles bf16 dots)
-    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+    q_rows = q_ptr + batch * stride_qb + heads[:, None] * stride_qh
+    q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
     k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
     v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    at = 0
+    if APPEND:
+        # The step's own token: rotary on its query and key (``x cos + rotate_half(x) sin``, each product and the
+        # sum rounded to the cache's dtype as the model's code rounds them in eager mode: one bit of a query can
+        # move a feature across the next top-K's cut-off), its key and value stored at the cache's count, and read
+        # from registers at that position by the split that covers it (another program may store them while this
+        # one reads the cache).
+        HALF: tl.constexpr = HEAD_DIM // 2
+        partner = tl.where(dims < HALF, dims + HALF, dims - HALF)
+        sign = tl.where(dims < HALF, -1.0, 1.0)
+        cos = tl.load(cos_ptr + batch * stride_cb + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + batch * stride_cb + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        q_partner = tl.load(q_rows + partner[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                            other=0.0).to(tl.float32)
+        like = tl.zeros([BLOCK_D], dtype=k_ptr.dtype.element_ty)
+        q = _rotary(q, q_partner, cos[None, :], (sign * sin)[None, :], like[None, :], PRECISE).to(tl.float32)
+        new_k_row = new_k_ptr + batch * stride_nkb + kv_head * stride_nkh
+        new_k = tl.load(new_k_row + dims, mask=dim_ok, other=0.0).to(tl.float32)
+        new_k_partner = tl.load(new_k_row + partner, mask=dim_ok, other=0.0).to(tl.float32)
+        new_k = _rotary(new_k, new_k_partner, cos, sign * sin, like, PRECISE)
+        new_v = tl.load(new_v_ptr + batch * stride_nvb + kv_head * stride_nvh + dims, mask=dim_ok, other=0.0)
+        at = tl.load(count_ptr)
+        if (at < length) & (at // (BLOCKS_PER_SPLIT * BLOCK_S) == split):
+            tl.store(k_base + at * stride_ks + dims, new_k, mask=dim_ok)
+            tl.store(v_base + at * stride_vs + dims, new_v.to(v_ptr.dtype.element_ty), mask=dim_ok)
     best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running maximum of each row's scores
     total = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp(score - best)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
@@ -71,6 +139,10 @@ def _decode_attention_kernel(
         load_ok = cached[:, None] & dim_ok[None, :]
         k = tl.load(k_base + pos[:, None] * stride_ks + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
         v = tl.load(v_base + pos[:, None] * stride_vs + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
+        if APPEND:
+            here = (pos == at)[:, None]
+            k = tl.where(here, new_k.to(tl.float32)[None, :], k)
+            v = tl.where(here, new_v.to(tl.float32)[None, :], v)
         scores = tl.dot(q, tl.trans(k), input_precision="tf32") * scale
         scores = tl.where(visible[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
@@ -87,7 +159,7 @@ def _decode_attention_kernel(
     out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :]
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if splits == 1:
-        tl.store(out_ptrs, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # Every split writes its partial softmax (accumulator, maximum, sum); the last split of this key/value head
         # to arrive (an atomic ticket) merges them in split order -- the same order whichever program is last --
@@ -119,8 +191,17 @@ def _decode_attention_kernel(
                 acc = acc * mine[:, None] + other_acc * theirs[:, None]
                 total = total * mine + other_total * theirs
                 best = new_best
-            tl.store(out_ptrs, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(sem_ptr + slot, 0)
+    if APPEND:
+        # The count moves on once every program has read it: the last program of the launch to finish (a ticket
+        # after the per-head ones) advances it and re-arms the ticket.
+        programs = tl.num_programs(0) * splits * tl.num_programs(2)
+        tl.debug_barrier()
+        finished = tl.atomic_add(sem_ptr + tl.num_programs(0) * tl.num_programs(2), 1, sem="acq_rel")
+        if finished == programs - 1:
+            tl.store(count_ptr, at + 1)
+            tl.atomic_xchg(sem_ptr + tl.num_programs(0) * tl.num_programs(2), 0)
 
 
 def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -154,6 +235,36 @@ def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return None
 
 
+def check_decode_append(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, count: torch.Tensor,
+                        mask: torch.Tensor | None) -> str | None:
+    """Why `decode_attention_append` cannot take these arguments, or None when it can: `check_decode_attention`'s
+    conditions on the query, the caches and the mask; the new key and value ``[batch, kv_heads, 1, head_dim]``
+    in the caches' dtype; cos and sin of one shape ``[batch or 1, 1, head_dim]`` (rotary over the whole head) and
+    dtype, unit stride along it; an even head size; the count a one-element integer tensor on the caches' device.
+
+    Example:
+        >>> q, cache = torch.zeros(1, 4, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 9, 64, dtype=torch.bfloat16)
+        >>> new, rotary, count = cache[:, :, :1], torch.ones(1, 1, 64, dtype=torch.bfloat16), torch.tensor(0)
+        >>> check_decode_append(q, new, new, rotary, rotary, cache, cache, count, None) is None
+        True
+    """
+    problem = check_decode_attention(query, key_cache, value_cache, mask)
+    if problem is not None:
+        return problem
+    batch, kv_heads, _, head_dim = key_cache.shape
+    if any(t.shape != (batch, kv_heads, 1, head_dim) or t.dtype != key_cache.dtype or t.stride(-1) != 1
+           for t in (new_key, new_value)):
+        return "the new key and value must be [batch, kv_heads, 1, head_dim] in the caches' dtype"
+    if (cos.shape != sin.shape or cos.stride() != sin.stride() or cos.dim() != 3 or cos.shape[0] not in (1, batch)
+            or cos.shape[1:] != (1, head_dim) or cos.stride(-1) != 1 or sin.dtype != cos.dtype
+            or not cos.dtype.is_floating_point or head_dim % 2):
+        return "cos and sin must be [batch or 1, 1, head_dim] of one dtype (rotary over the whole, even head)"
+    if count.numel() != 1 or count.dtype not in (torch.int64, torch.int32) or count.device != key_cache.device:
+        return "the count must be a one-element integer tensor on the caches' device"
+    return None
+
+
 _LAUNCHES: dict[tuple, KernelLaunch] = {}
 
 
@@ -181,6 +292,44 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if problem is not None:
         raise ValueError(f"decode_attention: {problem}; got query {tuple(query.shape)} {query.dtype}, key "
                          f"{tuple(key.shape)} {key.dtype}, mask {None if mask is None else tuple(mask.shape)}")
+    return _launch(query, key, value, mask, scale, None)
+
+
+def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            count: torch.Tensor, mask: torch.Tensor | None,
+                            scale: float | None = None) -> torch.Tensor:
+    """A decode step's attention with the rotary embedding and the cache append in the same launch: what
+    ``apply_rotary_pos_emb``, a static cache layer's ``update`` and `decode_attention` do one after the other.
+
+    The query and the new key get ``x cos + rotate_half(x) sin``; the rotated key and the value are stored in the
+    caches at position ``count`` (the number of positions filled, as transformers' ``StaticLayer`` counts them,
+    the same for every sequence), which then goes up by one; the query attends to the caches with the new position
+    included. A token past the caches' end is not stored and gets NaN.
+
+    Args:
+        query: ``[batch, heads, 1, head_dim]`` before rotary. new_key, new_value: ``[batch, kv_heads, 1,
+            head_dim]``, the key before rotary. cos, sin: ``[batch or 1, 1, head_dim]`` (transformers' position
+            embeddings of the step). key_cache, value_cache: ``[batch, kv_heads, positions, head_dim]``, written in
+            place. count: one-element integer tensor, advanced in place. mask, scale: as `decode_attention`'s.
+
+    Returns ``[batch, 1, heads, head_dim]``.
+
+    Example:
+        >>> out = decode_attention_append(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+        ...                               mask, module.scaling)  # doctest: +SKIP
+    """
+    problem = check_decode_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask)
+    if problem is not None:
+        raise ValueError(f"decode_attention_append: {problem}; got query {tuple(query.shape)}, new key "
+                         f"{tuple(new_key.shape)}, cos {tuple(cos.shape)} {cos.dtype}, cache {tuple(key_cache.shape)}, "
+                         f"count {tuple(count.shape)} {count.dtype}")
+    return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count))
+
+
+def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scale: float | None, append: tuple | None) -> torch.Tensor:
+    """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -195,22 +344,26 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     stat_offset = batch * kv_heads * splits * group_pad * block_d
     # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
     partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
-    tickets = _semaphores(query.device, batch * kv_heads)
-    constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, _BLOCK_S, _NUM_WARPS)
+    tickets = _semaphores(query.device, batch * kv_heads + 1)  # per key/value head, then the append's
+    constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
+                 _BLOCK_S, _NUM_WARPS)
     launch = _LAUNCHES.get(constants)
     if launch is None:
         # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
         launch = _LAUNCHES[constants] = KernelLaunch(_decode_attention_kernel, dict(
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
             BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
-            num_warps=_NUM_WARPS, **pdl_constants()), scalars_by_class=True)
+            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, **pdl_constants()),
+            scalars_by_class=True)
     mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    new_key, new_value, cos, sin, count = append or (query,) * 5
     launch(
         (kv_heads, splits, batch),
-        (query, key, value, query if mask is None else mask, out, partials, tickets),
+        (query, key, value, query if mask is None else mask, out, partials, tickets, new_key, new_value, cos, sin,
+         count),
         (length, float(head_dim ** -0.5 if scale is None else scale), query.stride(0),
          query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
-         value.stride(2), mask_batch_stride, out.stride(0), out.stride(2), stat_offset),
+         value.stride(2), mask_batch_stride, out.stride(0), out.stride(2), stat_offset, new_key.stride(0),
+         new_key.stride(1), new_value.stride(0), new_value.stride(1), 0 if cos.shape[0] == 1 else cos.stride(0)),
     )
     return out
-

@@ -20,6 +20,9 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   features' list, as the split selection writes them (`ffn.gated_select_listed`).
 - ``qsparse::decode_attention(query, key, value, mask, scale)``: one-token attention over the key/value cache in one
   launch (`attention.decode_attention`; inference).
+- ``qsparse::decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
+  scale)``: the same with the step's rotary embedding and static-cache append in the launch
+  (`attention.decode_attention_append`; mutates the caches and the count; inference).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -32,6 +35,7 @@ from typing import Optional
 import torch
 
 from .attention import decode_attention as _decode_attention_launch
+from .attention import decode_attention_append as _decode_attention_append_launch
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
 from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
@@ -223,6 +227,20 @@ def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 @_decode_attention.register_fake
 def _(query, key, value, mask, scale):
+    batch, heads, _, head_dim = query.shape
+    return query.new_empty(batch, 1, heads, head_dim)
+
+
+@torch.library.custom_op("qsparse::decode_attention_append", mutates_args=("key_cache", "value_cache", "count"))
+def _decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                             count: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+    return _decode_attention_append_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
+                                           scale)
+
+
+@_decode_attention_append.register_fake
+def _(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale):
     batch, heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, heads, head_dim)
 
@@ -437,3 +455,21 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if torch.compiler.is_compiling():
         return _decode_attention(query, key, value, mask, scale)
     return _decode_attention_launch(query, key, value, mask, scale)
+
+
+def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            count: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Rotary, the static-cache append and one-token attention in one launch (`attention.decode_attention_append`:
+    arguments, result ``[batch, 1, heads, head_dim]``; the caches and the count are updated in place);
+    ``qsparse::decode_attention_append`` under ``torch.compile``. Inference only.
+
+    Example:
+        >>> out = decode_attention_append(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length,
+        ...                               mask, module.scaling)  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        return _decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
+                                        scale)
+    return _decode_attention_append_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
+                                           scale)
