@@ -29,6 +29,7 @@ import logging
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
 from .layers import ModuleForward
@@ -90,12 +91,6 @@ try:
     from transformers.cache_utils import StaticLayer
 except ImportError:  # a transformers without per-layer caches: the model's own code appends
     StaticLayer = None
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotary embedding of ``[batch, heads, tokens, head_dim]`` (``x cos + rotate_half(x) sin``)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos.unsqueeze(1) + torch.cat((-second, first), dim=-1) * sin.unsqueeze(1)
 
 
 class DecodeAttentionForward(ModuleForward):
@@ -179,9 +174,11 @@ class DecodeAttentionForward(ModuleForward):
         mask = kwargs.get("attention_mask")
         if (query.requires_grad or check_decode_append(query, key, value, cos, sin, layer.keys, layer.values,
                                                        layer.cumulative_length, mask) is not None):
-            # (the projections are done: the rest of the module's code, as it would run)
-            keys, values = layer.update(_rotate(key, cos, sin), value)
-            out, _ = qsparse_sdpa_attention(module, _rotate(query, cos, sin), keys, values, mask, scaling=module.scaling)
+            # (the projections are done: the rest of the module's code, as it would run; the families served share
+            # Llama's rotary function)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            keys, values = layer.update(key, value)
+            out, _ = qsparse_sdpa_attention(module, query, keys, values, mask, scaling=module.scaling)
         else:
             out = decode_attention_append(query, key, value, cos, sin, layer.keys, layer.values,
                                           layer.cumulative_length, mask, module.scaling)
