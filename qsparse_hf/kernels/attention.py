@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .gemv import _cdiv
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
-from .topk import _PRECISE
+from .topk import _PRECISE, _round_like
 
 __all__ = ["decode_attention", "decode_attention_append", "check_decode_attention", "check_decode_append",
            "MAX_HEAD_DIM"]
@@ -45,11 +45,10 @@ _TARGET_PROGRAMS = 128
 def _rounded(value, like, PRECISE: tl.constexpr):
     """fp32 ``value`` rounded to nearest even in ``like``'s dtype, kept in fp32, in a form the compiler keeps: a
     product converted to bf16 and back and then added is contracted into one bf16 fused multiply-add (one rounding
-    instead of two; seen in the PTX for sm_90), so bf16 is rounded on the bits and fp16 by an inline ``cvt.rn``."""
+    instead of two; seen in the PTX for sm_90), so bf16 is rounded on the bits (`topk._round_like`'s rounding by
+    hand, which no product feeds) and fp16 by an inline ``cvt.rn``."""
     if like.dtype == tl.bfloat16:
-        bits = value.to(tl.int32, bitcast=True)
-        bits = tl.where(value != value, bits | 0x400000, bits + 0x7FFF + ((bits >> 16) & 1))
-        rounded = (bits & -65536).to(tl.float32, bitcast=True)
+        rounded = _round_like(value, like, False).to(tl.float32)
     elif PRECISE:
         rounded = tl.inline_asm_elementwise("{ .reg .f16 half; cvt.rn.f16.f32 half, $1; cvt.f32.f16 $0, half; }",
                                             "=f,f", [value], dtype=tl.float32, is_pure=True, pack=1)
