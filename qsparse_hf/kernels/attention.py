@@ -12,8 +12,11 @@ The mask is transformers' boolean one (True: attend), or none (every cached posi
 
 `decode_attention_append` is the same launch with what the model's code does before attention folded in: the
 rotary embedding of the query and the step's key, and the append of that key and value to a static cache at its
-count (stored by the program whose split covers the position, read there from registers), the count advanced by
-the launch's last program.
+count (stored by the program whose split covers the position, read there from registers). The count is read,
+not advanced: transformers' ``StaticCache`` also derives the step's positions from its first layer's count, so
+the compiler must see the advance as the model's own ``add_`` (`ops.decode_attention_append` does it after the
+launch). Advanced inside the launch, Inductor recomputed the later layers' rotary and mask from the count already
+moved on (positions off by one from the second layer on).
 """
 
 from __future__ import annotations
@@ -192,15 +195,6 @@ def _decode_attention_kernel(
                 best = new_best
             tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(sem_ptr + slot, 0)
-    if APPEND:
-        # The count moves on once every program has read it: the last program of the launch to finish (a ticket
-        # after the per-head ones) advances it and re-arms the ticket.
-        programs = tl.num_programs(0) * splits * tl.num_programs(2)
-        tl.debug_barrier()
-        finished = tl.atomic_add(sem_ptr + tl.num_programs(0) * tl.num_programs(2), 1, sem="acq_rel")
-        if finished == programs - 1:
-            tl.store(count_ptr, at + 1)
-            tl.atomic_xchg(sem_ptr + tl.num_programs(0) * tl.num_programs(2), 0)
 
 
 def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -303,14 +297,15 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
 
     The query and the new key get ``x cos + rotate_half(x) sin``; the rotated key and the value are stored in the
     caches at position ``count`` (the number of positions filled, as transformers' ``StaticLayer`` counts them,
-    the same for every sequence), which then goes up by one; the query attends to the caches with the new position
-    included. A token past the caches' end is not stored and gets NaN.
+    the same for every sequence); the query attends to the caches with the new position included. A token past
+    the caches' end is not stored and gets NaN. The count is only read: the caller advances it (as
+    `ops.decode_attention_append` does).
 
     Args:
         query: ``[batch, heads, 1, head_dim]`` before rotary. new_key, new_value: ``[batch, kv_heads, 1,
             head_dim]``, the key before rotary. cos, sin: ``[batch or 1, 1, head_dim]`` (transformers' position
             embeddings of the step). key_cache, value_cache: ``[batch, kv_heads, positions, head_dim]``, written in
-            place. count: one-element integer tensor, advanced in place. mask, scale: as `decode_attention`'s.
+            place. count: one-element integer tensor (read). mask, scale: as `decode_attention`'s.
 
     Returns ``[batch, 1, heads, head_dim]``.
 
@@ -343,7 +338,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     stat_offset = batch * kv_heads * splits * group_pad * block_d
     # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
     partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
-    tickets = _semaphores(query.device, batch * kv_heads + 1)  # per key/value head, then the append's
+    tickets = _semaphores(query.device, batch * kv_heads)  # one per key/value head
     constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
                  _BLOCK_S, _NUM_WARPS)
     launch = _LAUNCHES.get(constants)

@@ -22,7 +22,8 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   launch (`attention.decode_attention`; inference).
 - ``qsparse::decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
   scale)``: the same with the step's rotary embedding and static-cache append in the launch
-  (`attention.decode_attention_append`; mutates the caches and the count; inference).
+  (`attention.decode_attention_append`; mutates the caches and reads the count, which the wrapper then advances
+  with ``add_``; inference).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -231,7 +232,7 @@ def _(query, key, value, mask, scale):
     return query.new_empty(batch, 1, heads, head_dim)
 
 
-@torch.library.custom_op("qsparse::decode_attention_append", mutates_args=("key_cache", "value_cache", "count"))
+@torch.library.custom_op("qsparse::decode_attention_append", mutates_args=("key_cache", "value_cache"))
 def _decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                              count: torch.Tensor, mask: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
@@ -461,7 +462,7 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
                             sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             count: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
     """Rotary, the static-cache append and one-token attention in one launch (`attention.decode_attention_append`:
-    arguments, result ``[batch, 1, heads, head_dim]``; the caches and the count are updated in place);
+    arguments, result ``[batch, 1, heads, head_dim]``; the caches are written and the count advanced in place);
     ``qsparse::decode_attention_append`` under ``torch.compile``. Inference only.
 
     Example:
@@ -469,7 +470,12 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
         ...                               mask, module.scaling)  # doctest: +SKIP
     """
     if torch.compiler.is_compiling():
-        return _decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
-                                        scale)
-    return _decode_attention_append_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
-                                           scale)
+        out = _decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale)
+    else:
+        out = _decode_attention_append_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count,
+                                              mask, scale)
+    # An aten op the compiler orders against every read of the count: transformers' static cache derives the step's
+    # positions (rotary, mask) from its first layer's count, and a write hidden in the custom op let Inductor
+    # recompute them after it.
+    count.add_(1)
+    return out
