@@ -112,6 +112,28 @@ def _row_threshold(key, k, hint_ptr, write_hint, DIGIT_BITS: tl.constexpr, USE_H
 
 
 @triton.jit
+def _kept_at(key, threshold, k, offs, index_row_ptr, WRITE_INDICES: tl.constexpr):
+    """Which keys of a row its top-``k`` keeps, given the k-th largest key ``threshold``: every greater key and the
+    ties at the threshold lowest index first; with ``WRITE_INDICES`` their positions are also stored ascending at
+    ``index_row_ptr``."""
+    greater = key > threshold
+    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
+    at_threshold = key == threshold
+    if WRITE_INDICES:
+        # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
+        # are at most MAX_LISTED_FEATURES wide here), which gives every kept entry its slot in the ascending list of
+        # kept features. Unsigned: 32768 ties in the upper half reach the sign bit of an int32.
+        both = tl.cumsum(greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16), 0)
+        ties_before = (both >> 16).to(tl.int32)
+        keep = greater | (at_threshold & (ties_before <= ties_kept))
+        slot = (both & 0xFFFF).to(tl.int32) + tl.minimum(ties_before, ties_kept) - 1
+        tl.store(index_row_ptr + slot, offs, mask=keep)
+    else:
+        keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
+    return keep
+
+
+@triton.jit
 def _silu(x, PRECISE: tl.constexpr):
     """SiLU of bf16/fp16 ``x`` as PyTorch's CUDA kernel computes it: ``x / (1 + exp(-x))`` in fp32 with the accurate
     ``expf`` and an IEEE division (denormals kept), rounded to nearest even: the same bits as ``F.silu``.
@@ -161,20 +183,7 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
         x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
     threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
-    greater = key > threshold
-    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
-    at_threshold = key == threshold
-    if WRITE_INDICES:
-        # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
-        # are at most MAX_LISTED_FEATURES wide here), which gives every kept entry its slot in the ascending list of kept features.
-        # Unsigned: 32768 ties in the upper half reach the sign bit of an int32.
-        both = tl.cumsum(greater.to(tl.uint32) + (at_threshold.to(tl.uint32) << 16), 0)
-        ties_before = (both >> 16).to(tl.int32)
-        keep = greater | (at_threshold & (ties_before <= ties_kept))
-        slot = (both & 0xFFFF).to(tl.int32) + tl.minimum(ties_before, ties_kept) - 1
-        tl.store(index_ptr + row * k + slot, offs, mask=keep)
-    else:
-        keep = greater | (at_threshold & (tl.cumsum(at_threshold.to(tl.int32), 0) <= ties_kept))
+    keep = _kept_at(key, threshold, k, offs, index_ptr + row * k, WRITE_INDICES)
     value = tl.where(keep, x, 0.0)
     if MULTIPLY:  # over the whole row: see _times_row
         value = _times_row(value, y_ptr + row * stride_y, offs, valid, PRECISE)
