@@ -20,8 +20,8 @@ left to the compiler around the top-K (``QSPARSE_FUSED_ACTIVATION=0``), the A/B 
 `kernels.ffn`), ``compile4`` in three (``listed``), the A/Bs for those (off by default); ``compile6`` is the compiled
 step with transformers' SDPA attention instead of the one-launch decode attention (``QSPARSE_DECODE_ATTENTION=0``,
 `qsparse_hf.attention`), ``compile7`` the compiled step with the one-launch attention but the model's own rotary and
-cache append around it (``QSPARSE_DECODE_APPEND=0``), ``compile8`` with o_proj's top-K in a launch of its own
-instead of the attention's (``QSPARSE_ATTENTION_SELECT=0``). For dense each is a second sample of the same call.
+cache append around it (``QSPARSE_DECODE_APPEND=0``), ``compile8`` with o_proj's top-K inside the attention launch
+(``QSPARSE_ATTENTION_SELECT=1``, off by default). For dense each is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
 lists the kernels of the compiled step by time, per layer, and with ``static`` in ``--ways`` those of one decode
@@ -69,7 +69,7 @@ STEP_WAYS = ("graph", "compile", "compile2", "compile3", "compile4", "compile6",
 COMPILED_VARIANTS = {"compile2": {"FUSED_ACTIVATION": False}, "compile3": {"FUSED_FFN": "masked"},
                      "compile4": {"FUSED_FFN": "listed"}, "compile6": {"DECODE_ATTENTION": False},
                      "compile7": {"DECODE_APPEND": False},
-                     "compile8": {"ATTENTION_SELECT": False}}
+                     "compile8": {"ATTENTION_SELECT": True}}
 
 CONFIGS = {
     # sliding_window=None: with Mistral's default window Dynamo recompiles at every step (for dense and sparse).
@@ -588,7 +588,7 @@ def main(argv=None) -> int:
              "compile2": "step compiled, activation unfused", "compile3": "step compiled, FFN in two launches",
              "compile4": "step compiled, FFN in three launches", "compile6": "step compiled, SDPA attention",
              "compile7": "step compiled, rotary and append apart",
-             "compile8": "step compiled, o_proj's top-K apart",
+             "compile8": "step compiled, o_proj's top-K in the attention",
              "eager": "generate()",
              "eager2": "generate(), selection launched apart", "static": "generate(static)"}
     headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]

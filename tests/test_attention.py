@@ -322,7 +322,11 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
     appends = _count_appends(monkeypatch)
     expected = _compiled_decode(model, tokens, 6)
     assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
-    assert appends == [1] * 2 * 3 * model.config.num_hidden_layers  # o_proj's top-K in the launch too
+    layers = model.config.num_hidden_layers
+    assert appends == [0] * 2 * 3 * layers
+    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)  # o_proj's top-K in the launch too
+    assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
+    assert appends[6 * layers:] == [1] * 3 * layers
     monkeypatch.setattr(kernels, "DECODE_APPEND", False)
     assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
 
@@ -331,6 +335,7 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
 def test_compiled_static_steps_select_o_projs_input_in_the_attention_launch(arch, monkeypatch):
     # Where o_proj's input would be selected by the plain top-K, the attention launch selects it and o_proj's GEMV
     # takes its list: one selection launch a layer fewer, every step's logits the same bit for bit.
+    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)
     model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
     layers = model.config.num_hidden_layers
     tokens = torch.randint(3, 128, (1, 10), device=DEV)
@@ -352,6 +357,7 @@ def test_o_projs_input_stays_with_it_where_the_launch_cannot_select_it(monkeypat
     # launch holds: the append without the selection, o_proj's own forward after it.
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)
     tokens = torch.randint(3, 128, (1, 8), device=DEV)
     appends = _count_appends(monkeypatch)
     convert = [dict(topk=1.0), dict(topk=0.5, activation_bits=8)]
