@@ -106,7 +106,9 @@ class DecodeAttentionForward(ModuleForward):
     attention, in one launch. Everything else -- eager steps, prefill, training, other caches (dynamic, sliding
     window, offloaded), ``output_attentions``, ``QSPARSE_DECODE_APPEND=0`` -- runs the module's own forward. The
     rotary rounds as the model's code does in eager mode (each product and the sum), so the appended keys are the
-    eager path's bit for bit.
+    eager path's bit for bit. With `kernels.ATTENTION_SELECT` (``QSPARSE_ATTENTION_SELECT=1``) the same launch also
+    selects o_proj's input where o_proj would select it with the plain top-K
+    (`kernels.attention.decode_attention_append_select`, `QSparseLinear.forward_selected`).
 
     Example:
         >>> attention = model.model.layers[0].self_attn  # of a converted Qwen2  # doctest: +SKIP
