@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
-from .layers import ModuleForward, QSparseLinear
+from .layers import _KERNEL_DTYPES, ModuleForward, QSparseLinear
 
 __all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "register_attention",
            "use_decode_attention", "restore_attention"]
@@ -44,7 +44,6 @@ ATTENTION_NAME = "qsparse_sdpa"
 # Keyword arguments that change what attention computes in ways the decode kernel does not (transformers passes
 # them to the attention function when a model uses them): those calls go to SDPA.
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _decode_step(module: nn.Module, tokens: int, kwargs: dict) -> bool:

@@ -1467,10 +1467,10 @@ class QSparseLinear(nn.Linear):
             return None
         settings = sparsifier._now()
         if (settings.members != 1 or settings.layout is None or rows != 1 or width > _MAX_LISTED_FEATURES
-                or like.dtype not in _KERNEL_DTYPES or _linear_settings(self, True).weight_bits is not None
+                or _linear_settings(self, True).weight_bits is not None
                 or (torch.is_grad_enabled() and (like.requires_grad or self.weight.requires_grad))
                 or settings.activation_bits is not None or settings.input_within_topk
-                or not sparsifier._plain_topk() or not kernels.kernels_available(like)):
+                or not sparsifier.uses_kernel(like)):
             return None
         k = sparsifier.keep(width)
         return (k, settings.hint_slot) if k < width else None
