@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
-from .layers import _KERNEL_DTYPES, ModuleForward, QSparseLinear
+from .layers import _KERNEL_DTYPES, ModuleForward
 
 __all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "register_attention",
            "use_decode_attention", "restore_attention"]
@@ -105,9 +105,7 @@ class DecodeAttentionForward(ModuleForward):
     attention, in one launch. Everything else -- eager steps, prefill, training, other caches (dynamic, sliding
     window, offloaded), ``output_attentions``, ``QSPARSE_DECODE_APPEND=0`` -- runs the module's own forward. The
     rotary rounds as the model's code does in eager mode (each product and the sum), so the appended keys are the
-    eager path's bit for bit. With `kernels.ATTENTION_SELECT` (``QSPARSE_ATTENTION_SELECT=1``) the same launch also
-    selects o_proj's input where o_proj would select it with the plain top-K
-    (`kernels.attention.decode_attention_append_select`, `QSparseLinear.forward_selected`).
+    eager path's bit for bit.
 
     Example:
         >>> attention = model.model.layers[0].self_attn  # of a converted Qwen2  # doctest: +SKIP
@@ -161,8 +159,8 @@ class DecodeAttentionForward(ModuleForward):
         layer = layers[module.layer_idx]
         if type(layer) is not StaticLayer or not layer.is_initialized:  # (its subclasses slide or are offloaded)
             return None
-        from .kernels.attention import MAX_SELECT_WIDTH, check_decode_append
-        from .kernels.ops import decode_attention_append, decode_attention_append_select
+        from .kernels.attention import check_decode_append
+        from .kernels.ops import decode_attention_append
 
         q_proj, k_proj, v_proj, o_proj = (getattr(module, name) for name in self.names)
         shape = (*hidden.shape[:-1], -1, module.head_dim)
@@ -181,14 +179,6 @@ class DecodeAttentionForward(ModuleForward):
             keys, values = layer.update(key, value)
             out, _ = qsparse_sdpa_attention(module, query, keys, values, mask, scaling=module.scaling)
         else:
-            width = query.shape[1] * query.shape[-1]
-            select = (o_proj.input_selection(query, hidden.shape[0] * hidden.shape[1], width)
-                      if kernels.ATTENTION_SELECT and width <= MAX_SELECT_WIDTH and isinstance(o_proj, QSparseLinear)
-                      else None)
-            if select is not None:  # o_proj's top-K in the same launch, handed over with its list
-                sparse, kept = decode_attention_append_select(query, key, value, cos, sin, layer.keys, layer.values,
-                                                              layer.cumulative_length, mask, module.scaling, *select)
-                return o_proj.forward_selected(sparse.reshape(*hidden.shape[:-1], -1), kept), None
             out = decode_attention_append(query, key, value, cos, sin, layer.keys, layer.values,
                                           layer.cumulative_length, mask, module.scaling)
         return o_proj(out.reshape(*hidden.shape[:-1], -1)), None

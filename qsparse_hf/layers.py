@@ -1450,37 +1450,6 @@ class QSparseLinear(nn.Linear):
             return sparsifier.decode(x, self)
         return F.linear(sparsifier(x, self.training), self.effective_weight(), self.bias)
 
-    def input_selection(self, like: torch.Tensor, rows: int, width: int) -> tuple[int, int] | None:
-        """``(k, hint_slot)`` where a compiled one-token inference step would select this linear's input (``rows``
-        rows of ``width`` features, of ``like``'s dtype and device) with the kernel's listed top-K alone: its
-        producer may then select it inside its own launch and hand it to `forward_selected`
-        (`attention.DecodeAttentionForward` does for the output projection). None where the step would do
-        anything else: eager mode, training, a prompt, quantized activations, an input already sparse or shared
-        with sibling linears, keep 1.0.
-
-        Example:
-            >>> model.model.layers[0].self_attn.o_proj.input_selection(query, 1, 3584)  # compiling  # doctest: +SKIP
-            (1792, 5)
-        """
-        sparsifier = self._sparsifier
-        if not torch.compiler.is_compiling():
-            return None
-        settings = sparsifier._now()
-        if (settings.members != 1 or settings.layout is None or rows != 1 or width > _MAX_LISTED_FEATURES
-                or _linear_settings(self, True).weight_bits is not None
-                or (torch.is_grad_enabled() and (like.requires_grad or self.weight.requires_grad))
-                or settings.activation_bits is not None or settings.input_within_topk
-                or not sparsifier.uses_kernel(like)):
-            return None
-        k = sparsifier.keep(width)
-        return (k, settings.hint_slot) if k < width else None
-
-    def forward_selected(self, x_sparse: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """This linear's output, in a compiled one-token step, for an input its producer already selected as
-        `input_selection` said (``kept``: the int32 list of kept features): the sparse GEMV over those rows."""
-        outputs = _multiply_through(self._sparsifier, self, x_sparse, kept)
-        return outputs[_linear_settings(self, True).decode_slot]
-
     def extra_repr(self) -> str:
         s = self.sparsifier
         keep = f"keep={s.topk} (K={s.keep(self.in_features)}" + (f" per {s.block_size})" if s.block_size else ")")

@@ -19,9 +19,7 @@ from qsparse_hf import convert_to_qsparse, kernels, revert_qsparse  # noqa: E402
 from qsparse_hf.attention import ATTENTION_NAME, DecodeAttentionForward, use_decode_attention  # noqa: E402
 from qsparse_hf.kernels import set_kernels_enabled  # noqa: E402
 from qsparse_hf.kernels import ops as kernel_ops  # noqa: E402
-from qsparse_hf.kernels.attention import (decode_attention, decode_attention_append,  # noqa: E402
-                                         decode_attention_append_select)
-from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows  # noqa: E402
+from qsparse_hf.kernels.attention import decode_attention, decode_attention_append  # noqa: E402
 
 DEV = KERNEL_DEVICE
 
@@ -149,52 +147,6 @@ def test_decode_attention_append_is_rotary_then_update_then_attention(batch, hea
     assert count.item() == position + 1
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,position,k,ties,hinted,dtype", [
-    (1, 28, 4, 304, 128, 200, 1792, False, True, torch.bfloat16),  # Qwen2-7B's attention at keep 0.5, five splits
-    (1, 32, 8, 65, 128, 64, 2867, True, True, torch.float16),  # Mistral-7B's at keep 0.7; every head the same
-    (2, 4, 2, 9, 16, 5, 20, True, False, torch.bfloat16),  # two sequences selecting apart, one split, no hint
-    (2, 8, 8, 1100, 80, 1100, 300, False, True, torch.bfloat16),  # past the cache's end: NaN rows, NaN kept
-])
-def test_decode_attention_append_select_is_the_attention_then_topk_select(batch, heads, kv_heads, length, head_dim,
-                                                                          position, k, ties, hinted, dtype):
-    torch.manual_seed(0)
-    query, key_cache, value_cache = _qkv(batch, heads, kv_heads, length, head_dim, dtype)
-    if ties:  # every position holds one value row: every query head outputs it (one tie per group of heads)
-        value_cache[:] = torch.randn(head_dim, device=DEV).to(dtype).round()
-    new_key, new_value = (torch.randn(batch, kv_heads, 1, head_dim, device=DEV).to(dtype) for _ in "kv")
-    if ties:
-        new_value[:] = value_cache[0, 0, 0]
-    cos, sin = _rotary(1, head_dim, dtype)
-    mask = torch.arange(length, device=DEV).le(position).reshape(1, 1, 1, length)
-    caches = key_cache.clone(), value_cache.clone()
-    count = torch.tensor(position, device=DEV)
-    dense = decode_attention_append(query, new_key, new_value, cos, sin, *caches, count, mask, 0.1)
-    rows = dense.reshape(batch, 1, -1)
-    hints = (new_hint(DEV, batch), new_hint(DEV, batch)) if hinted else (None, None)
-    for _ in range(2):  # the second time from the hint the first one left
-        expected, expected_kept = topk_sparsify_rows(rows, k, indices=True, hint=hints[0])
-        sparse, kept = decode_attention_append_select(query, new_key, new_value, cos, sin, key_cache, value_cache,
-                                                      count, mask, 0.1, k, hints[1])
-        assert torch.equal(key_cache, caches[0]) and torch.equal(value_cache, caches[1])
-        assert sparse.shape == dense.shape and kept.shape == (batch, k)
-        assert torch.equal(sparse.reshape(rows.shape).isnan(), expected.isnan())
-        assert torch.equal(sparse.reshape(rows.shape).nan_to_num(), expected.nan_to_num())
-        assert torch.equal(kept, expected_kept)
-        if hinted:
-            assert torch.equal(hints[0], hints[1])
-    if ties:
-        assert (rows.abs() == rows.abs().flatten()[kept[0, -1]]).sum() > 1  # ties at the threshold, resolved
-
-
-def test_decode_attention_append_select_rejects_rows_it_does_not_hold():
-    query, key_cache, value_cache = _qkv(1, 64, 8, 9, 128)  # 8192 features a row
-    new = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16, device=DEV)
-    cos, sin = _rotary(1, 128)
-    with pytest.raises(ValueError, match="up to 4096 features"):
-        decode_attention_append_select(query, new, new, cos, sin, key_cache, value_cache,
-                                       torch.tensor(3, device=DEV), None, None, 100)
-
-
 def test_decode_attention_append_past_the_cache_end_is_nan_and_stores_nothing():
     query, key_cache, value_cache = _qkv(1, 4, 2, 70, 32)
     new_key = new_value = torch.ones(1, 2, 1, 32, dtype=torch.bfloat16, device=DEV)
@@ -274,12 +226,10 @@ def test_compiled_decode_steps_run_the_kernel_and_match_sdpa(arch, monkeypatch):
 
 
 def _count_appends(monkeypatch) -> list:
-    """The rotary-and-append attention launches from now on (with o_proj's top-K in them or not: 1 and 0)."""
+    """The rotary-and-append attention launches from now on."""
     calls = []
-    for name, selects in (("_decode_attention_append_launch", 0), ("_decode_attention_append_select_launch", 1)):
-        real = getattr(kernel_ops, name)
-        monkeypatch.setattr(kernel_ops, name,
-                            lambda *args, real=real, selects=selects: (calls.append(selects), real(*args))[1])
+    real = kernel_ops._decode_attention_append_launch
+    monkeypatch.setattr(kernel_ops, "_decode_attention_append_launch", lambda *args: (calls.append(1), real(*args))[1])
     return calls
 
 
@@ -322,54 +272,9 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
     appends = _count_appends(monkeypatch)
     expected = _compiled_decode(model, tokens, 6)
     assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
-    layers = model.config.num_hidden_layers
-    assert appends == [0] * 2 * 3 * layers
-    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)  # o_proj's top-K in the launch too
-    assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
-    assert appends[6 * layers:] == [1] * 3 * layers
+    assert len(appends) == 2 * 3 * model.config.num_hidden_layers
     monkeypatch.setattr(kernels, "DECODE_APPEND", False)
     assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
-
-
-@pytest.mark.parametrize("arch", APPEND_ARCHS)
-def test_compiled_static_steps_select_o_projs_input_in_the_attention_launch(arch, monkeypatch):
-    # Where o_proj's input would be selected by the plain top-K, the attention launch selects it and o_proj's GEMV
-    # takes its list: one selection launch a layer fewer, every step's logits the same bit for bit.
-    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)
-    model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
-    layers = model.config.num_hidden_layers
-    tokens = torch.randint(3, 128, (1, 10), device=DEV)
-    appends = _count_appends(monkeypatch)
-    selections = []
-    real = kernel_ops.topk_sparsify_rows
-    monkeypatch.setattr(kernel_ops, "topk_sparsify_rows", lambda *a, **kw: (selections.append(1), real(*a, **kw))[1])
-    logits = _compiled_decode(model, tokens, 6)
-    assert appends == [1] * 4 * layers
-    compiled_selections, selections[:] = len(selections), []
-    monkeypatch.setattr(kernels, "ATTENTION_SELECT", False)
-    assert torch.equal(_compiled_decode(model, tokens, 6), logits)
-    assert appends[4 * layers:] == [0] * 4 * layers
-    assert len(selections) - compiled_selections == 4 * layers  # o_proj's own, once a step and layer
-
-
-def test_o_projs_input_stays_with_it_where_the_launch_cannot_select_it(monkeypatch):
-    # keep 1.0 (nothing to select), quantized activations (o_proj quantizes before its top-K), a row wider than the
-    # launch holds: the append without the selection, o_proj's own forward after it.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    monkeypatch.setattr(kernels, "ATTENTION_SELECT", True)
-    tokens = torch.randint(3, 128, (1, 8), device=DEV)
-    appends = _count_appends(monkeypatch)
-    convert = [dict(topk=1.0), dict(topk=0.5, activation_bits=8)]
-    for kwargs in convert:
-        model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), **kwargs)
-        _compiled_decode(model, tokens, 6)
-    config = LlamaConfig(hidden_size=144, intermediate_size=64, num_hidden_layers=1, num_attention_heads=72,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128)  # 72 x 64 = 4608 features a row
-    torch.manual_seed(0)
-    model = convert_to_qsparse(LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), topk=0.5)
-    _compiled_decode(model, tokens, 6)
-    assert appends and set(appends) == {0}
 
 
 @pytest.mark.parametrize("head_dim,dtype", [(8, torch.bfloat16), (16, torch.float32)])

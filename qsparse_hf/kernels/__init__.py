@@ -45,12 +45,6 @@ DECODE_ATTENTION = os.environ.get("QSPARSE_DECODE_ATTENTION", "1") != "0"
 #: ``QSPARSE_DECODE_APPEND=0`` leaves them to the model's own code (the A/B: ``bench_decode.py --ways
 #: compile,compile7``).
 DECODE_APPEND = os.environ.get("QSPARSE_DECODE_APPEND", "1") != "0"
-#: With `DECODE_APPEND` and ``QSPARSE_ATTENTION_SELECT=1``, where the output projection's input would be selected by
-#: the plain listed top-K (one token, a row up to `attention.MAX_SELECT_WIDTH` features), that selection runs inside
-#: the attention launch instead (`attention.decode_attention_append_select`): one launch a layer fewer. Exact (tests
-#: in Triton's interpreter) but not yet timed on a GPU, so off by default (the A/B: ``bench_decode.py --ways
-#: compile,compile8``).
-ATTENTION_SELECT = os.environ.get("QSPARSE_ATTENTION_SELECT", "0") == "1"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

@@ -17,10 +17,6 @@ not advanced: transformers' ``StaticCache`` also derives the step's positions fr
 the compiler must see the advance as the model's own ``add_`` (`ops.decode_attention_append` does it after the
 launch). Advanced inside the launch, Inductor recomputed the later layers' rotary and mask from the count already
 moved on (positions off by one from the second layer on).
-
-`decode_attention_append_select` also takes over the output projection's one-token top-K: the last program to write
-a sequence's output reads the whole row back and selects it as `topk` does, listing what it kept, so that o_proj's
-GEMV follows the attention directly.
 """
 
 from __future__ import annotations
@@ -31,10 +27,10 @@ import triton.language as tl
 
 from .gemv import _cdiv
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
-from .topk import _INF_KEY, _PRECISE, HINT_RADIUS, _kept_at, _magnitude_key, _round_like, _row_threshold
+from .topk import _PRECISE, _round_like
 
-__all__ = ["decode_attention", "decode_attention_append", "decode_attention_append_select", "check_decode_attention",
-           "check_decode_append", "MAX_HEAD_DIM", "MAX_SELECT_WIDTH"]
+__all__ = ["decode_attention", "decode_attention_append", "check_decode_attention", "check_decode_append",
+           "MAX_HEAD_DIM"]
 
 #: Widest head the kernel serves (a program holds a ``[group, head_dim]`` accumulator per query group).
 MAX_HEAD_DIM = 256
@@ -85,14 +81,11 @@ def _finish(acc, total, at, length, APPEND: tl.constexpr):
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, count_ptr,
-    hint_ptr, kept_ptr,
     length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
-    stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cb, keep_k,
+    stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
-    APPEND: tl.constexpr, PRECISE: tl.constexpr, SELECT: tl.constexpr, SELECT_BLOCK: tl.constexpr,
-    USE_HINT: tl.constexpr, INF_KEY: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr,
-    PDL: tl.constexpr,
+    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
 ):
     _dependent_launch_start(PDL)
     kv_head = tl.program_id(0)
@@ -167,7 +160,6 @@ def _decode_attention_kernel(
         best = new_best
     out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :]
     out_mask = row_ok[:, None] & dim_ok[None, :]
-    wrote = splits == 1  # whether this program wrote its heads' final rows
     if splits == 1:
         tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -181,7 +173,6 @@ def _decode_attention_kernel(
         tl.store(part_ptr + stat_offset + part_rows * 2 + 1, total)
         tl.debug_barrier()
         ticket = tl.atomic_add(sem_ptr + slot, 1, sem="acq_rel")
-        wrote = ticket == splits - 1
         if ticket == splits - 1:
             best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
             total = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -204,26 +195,6 @@ def _decode_attention_kernel(
                 best = new_best
             tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(sem_ptr + slot, 0)
-    if SELECT:
-        # The output projection's top-K of this sequence's output row (every head): the last of the programs that
-        # wrote final rows to arrive (a ticket per sequence, after the per-head ones) reads the whole row back from
-        # L2, finds its threshold as `topk._topk_rows_kernel` does (from the sparsifier's hint), keeps the top-K in
-        # place and lists the kept features: the selection's launch of its own saved.
-        if wrote:
-            tl.debug_barrier()
-            ticket_ptr = sem_ptr + tl.num_programs(0) * tl.num_programs(2) + batch
-            if tl.atomic_add(ticket_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-                width = tl.num_programs(0) * GROUP * HEAD_DIM
-                offs = tl.arange(0, SELECT_BLOCK)
-                valid = offs < width
-                row_ptr = out_ptr + batch * stride_ob + offs
-                x = tl.load(row_ptr, mask=valid, other=0.0, cache_modifier=".cg")
-                key = _magnitude_key(x, INF_KEY)  # padding: key 0 after every real index, never picked
-                threshold = _row_threshold(key, keep_k, hint_ptr + batch, True, 1, USE_HINT, HINT_RADIUS,
-                                           HINT_STEPS)
-                keep = _kept_at(key, threshold, keep_k, offs, kept_ptr + batch * keep_k, True)
-                tl.store(row_ptr, tl.where(keep, x, 0.0), mask=valid)
-                tl.atomic_xchg(ticket_ptr, 0)
 
 
 def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -350,43 +321,9 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
     return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count))
 
 
-#: Widest output row (heads × head size) whose top-K the attention launch takes over: 4096 keys fit the
-#: registers of its 4 warps, as they do in the top-K kernel's own launch for such rows (`topk.launch_config`).
-MAX_SELECT_WIDTH = 4096
-
-
-def decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                   cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                   value_cache: torch.Tensor, count: torch.Tensor, mask: torch.Tensor | None,
-                                   scale: float | None, k: int,
-                                   hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_attention_append` followed by the top-``k`` of each sequence's output row (its heads side by side,
-    what the output projection multiplies), in the same launch: ``(sparse, kept)`` as `ops.topk_select` returns
-    them for ``out.reshape(batch, 1, -1)`` (bit for bit, ties to the lowest index, NaN ranked as infinity), ``sparse``
-    shaped ``[batch, 1, heads, head_dim]`` and ``kept`` int32 ``[batch, k]`` ascending. ``hint``: the selecting
-    sparsifier's threshold hint (int32, an entry per sequence; `topk.new_hint`), read and updated as the top-K
-    kernel does. Rows up to `MAX_SELECT_WIDTH` features.
-
-    Example:
-        >>> sparse, kept = decode_attention_append_select(q, k, v, cos, sin, layer.keys, layer.values,
-        ...                                               layer.cumulative_length, mask, 0.088, 1792, hint)  # doctest: +SKIP
-    """
-    problem = check_decode_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask)
-    width = query.shape[1] * query.shape[-1]
-    if problem is None and not (width <= MAX_SELECT_WIDTH and 1 <= k <= width):
-        problem = f"the top-K takes output rows up to {MAX_SELECT_WIDTH} features and 1 <= k <= {width}"
-    if problem is None and hint is not None and (hint.dtype != torch.int32 or hint.numel() < query.shape[0]
-                                                 or hint.device != query.device):
-        problem = "the hint must be int32 with an entry per sequence on the query's device"
-    if problem is not None:
-        raise ValueError(f"decode_attention_append_select: {problem}; got query {tuple(query.shape)}, k {k}")
-    return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count), (k, hint))
-
-
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-            scale: float | None, append: tuple | None, select: tuple | None = None):
-    """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count;
-    ``select``: `decode_attention_append_select`'s ``(k, hint)``, then ``(sparse, kept)`` is returned)."""
+            scale: float | None, append: tuple | None) -> torch.Tensor:
+    """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -401,32 +338,26 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     stat_offset = batch * kv_heads * splits * group_pad * block_d
     # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
     partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
-    tickets = _semaphores(query.device, batch * kv_heads + batch)  # per key/value head, then per sequence
-    keep_k, hint = select or (0, None)
-    select_block = 1 << (heads * head_dim - 1).bit_length() if select else 16
+    tickets = _semaphores(query.device, batch * kv_heads)  # one per key/value head
     constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
-                 select_block if select else 0, hint is not None, query.dtype, _BLOCK_S, _NUM_WARPS)
+                 _BLOCK_S, _NUM_WARPS)
     launch = _LAUNCHES.get(constants)
     if launch is None:
         # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
         launch = _LAUNCHES[constants] = KernelLaunch(_decode_attention_kernel, dict(
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
             BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
-            APPEND=append is not None, PRECISE=_PRECISE, SELECT=select is not None, SELECT_BLOCK=select_block,
-            USE_HINT=hint is not None, INF_KEY=_INF_KEY[query.dtype], HINT_RADIUS=HINT_RADIUS[query.dtype],
-            HINT_STEPS=HINT_RADIUS[query.dtype].bit_length(), num_warps=_NUM_WARPS, **pdl_constants()),
+            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, **pdl_constants()),
             scalars_by_class=True)
     mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     new_key, new_value, cos, sin, count = append or (query,) * 5
-    kept = torch.empty(batch, keep_k, dtype=torch.int32, device=query.device) if select else None
     launch(
         (kv_heads, splits, batch),
         (query, key, value, query if mask is None else mask, out, partials, tickets, new_key, new_value, cos, sin,
-         count, tickets if hint is None else hint, tickets if kept is None else kept),
+         count),
         (length, float(head_dim ** -0.5 if scale is None else scale), query.stride(0),
          query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
          value.stride(2), mask_batch_stride, out.stride(0), out.stride(2), stat_offset, new_key.stride(0),
-         new_key.stride(1), new_value.stride(0), new_value.stride(1), 0 if cos.shape[0] == 1 else cos.stride(0),
-         keep_k),
+         new_key.stride(1), new_value.stride(0), new_value.stride(1), 0 if cos.shape[0] == 1 else cos.stride(0)),
     )
-    return out if select is None else (out, kept)
+    return out

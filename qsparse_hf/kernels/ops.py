@@ -24,9 +24,6 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   scale)``: the same with the step's rotary embedding and static-cache append in the launch
   (`attention.decode_attention_append`; mutates the caches and reads the count, which the wrapper then advances
   with ``add_``; inference).
-- ``qsparse::decode_attention_append_select(..., scale, k, hint_slot)``: the same, then the output projection's
-  top-K of each sequence's output row in the launch: ``(sparse, kept)`` as ``topk_select`` returns them
-  (`attention.decode_attention_append_select`; inference).
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -40,7 +37,6 @@ import torch
 
 from .attention import decode_attention as _decode_attention_launch
 from .attention import decode_attention_append as _decode_attention_append_launch
-from .attention import decode_attention_append_select as _decode_attention_append_select_launch
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
 from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
@@ -248,21 +244,6 @@ def _decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_val
 def _(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale):
     batch, heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, heads, head_dim)
-
-
-@torch.library.custom_op("qsparse::decode_attention_append_select", mutates_args=("key_cache", "value_cache"))
-def _decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                    cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                    value_cache: torch.Tensor, count: torch.Tensor, mask: Optional[torch.Tensor],
-                                    scale: Optional[float], k: int, hint_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _decode_attention_append_select_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count,
-                                                  mask, scale, k, _hint_for(hint_slot, query[:, 0, 0]))
-
-
-@_decode_attention_append_select.register_fake
-def _(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale, k, hint_slot):
-    batch, heads, _, head_dim = query.shape
-    return query.new_empty(batch, 1, heads, head_dim), query.new_empty(batch, k, dtype=torch.int32)
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -497,28 +478,4 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
     # positions (rotary, mask) from its first layer's count, and a write hidden in the custom op let Inductor
     # recompute them after it.
     count.add_(1)
-    return out
-
-
-def decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                   cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                   value_cache: torch.Tensor, count: torch.Tensor, mask: torch.Tensor | None,
-                                   scale: float | None, k: int, hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_attention_append` with the output projection's top-K of each sequence's output row in the same
-    launch (`attention.decode_attention_append_select`): ``(sparse, kept)``, what `topk_select` returns for the
-    output's rows; the caches are written and the count advanced in place. ``hint_slot`` as `topk_select`'s.
-    ``qsparse::decode_attention_append_select`` under ``torch.compile``. Inference only.
-
-    Example:
-        >>> sparse, kept = decode_attention_append_select(q, k, v, cos, sin, layer.keys, layer.values,
-        ...                                               layer.cumulative_length, mask, module.scaling, 1792,
-        ...                                               slot)  # doctest: +SKIP
-    """
-    if torch.compiler.is_compiling():
-        out = _decode_attention_append_select(query, new_key, new_value, cos, sin, key_cache, value_cache, count,
-                                              mask, scale, k, hint_slot)
-    else:
-        out = _decode_attention_append_select_launch(query, new_key, new_value, cos, sin, key_cache, value_cache,
-                                                     count, mask, scale, k, _hint_for(hint_slot, query[:, 0, 0]))
-    count.add_(1)  # (as in decode_attention_append)
     return out
