@@ -275,6 +275,7 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
     assert len(appends) == 2 * 3 * model.config.num_hidden_layers
     monkeypatch.setattr(kernels, "DECODE_APPEND", False)
     assert torch.equal(_compiled_decode(model, tokens, 6, backend="inductor"), expected)
+    assert len(appends) == 2 * 3 * model.config.num_hidden_layers  # the model's own update this time
 
 
 @pytest.mark.parametrize("head_dim,dtype", [(8, torch.bfloat16), (16, torch.float32)])
