@@ -245,6 +245,7 @@ def convert_to_qsparse(
     sparsify_adapter_inputs(model)
     RealTokenTracker.attach(model)  # sparsity counted over real tokens, not padding
     _attach_to_transformers(model, config)
+    _forget_compiled_calls(model)  # generate(static) compiles the converted call, not one a deepcopy carried over
     _warn_dense_parts(model, config)
     return model
 
@@ -567,6 +568,28 @@ def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:
     use_decode_attention(model, layout.attention, layout.head_norms)
 
 
+#: What transformers' ``get_compiled_call`` (``generate(cache_implementation="static")``) keeps on a model.
+_COMPILED_CALL_ATTRIBUTES = ("_compiled_call", "_last_compile_config")
+
+
+def _forget_compiled_calls(model: nn.Module) -> None:
+    """Drop the compiled ``__call__`` that transformers' ``generate()`` stored on ``model`` (or a model inside it),
+    so that the next ``generate(cache_implementation="static")`` compiles this model's own call.
+
+    ``copy.deepcopy`` keeps that attribute pointing at the *original* model's call (functions are copied by
+    reference): a copy converted after the original ran ``generate(static)`` would otherwise decode with the
+    original's forward -- the dense model, or another keep -- without a word.
+
+    Example:
+        >>> model = nn.Linear(2, 2); model._compiled_call = print
+        >>> _forget_compiled_calls(model); hasattr(model, "_compiled_call")
+        False
+    """
+    for module in model.modules():
+        for attribute in _COMPILED_CALL_ATTRIBUTES:
+            module.__dict__.pop(attribute, None)
+
+
 def revert_qsparse(model: nn.Module) -> nn.Module:
     """Undo `convert_to_qsparse` in place: plain ``nn.Linear`` and original activations, config entry removed.
 
@@ -597,6 +620,7 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
         model_config._is_quantized = False
     RealTokenTracker.detach(model)
     restore_attention(model)
+    _forget_compiled_calls(model)
     for attr in ("hf_quantizer", "quantization_method", "_qsparse_config"):
         if hasattr(model, attr):
             delattr(model, attr)

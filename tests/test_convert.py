@@ -1,5 +1,7 @@
 """convert_to_qsparse on every supported family (tiny random configs): wiring, exactness and errors."""
 
+import copy
+
 import pytest
 import torch
 from conftest import TINY_CONFIGS, tiny_model
@@ -191,6 +193,26 @@ def test_revert_and_dequantize_restore_dense_outputs():
         assert torch.equal(model(ids).logits, dense)
     assert not qsparse_hf.is_qsparse_model(model)
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_copies_converted_or_reverted_after_generate_static_compile_their_own_call():
+    # transformers keeps generate(cache_implementation="static")'s compiled __call__ on the model, and deepcopy
+    # carries it over still bound to the original: a copy converted afterwards decoded with the dense original's
+    # forward (a benchmark's second keep setting measured the dense model), a reverted copy with the sparse one.
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(backend="eager", mode=None)  # (Dynamo only: fast; any config is kept the same)
+    ids = _ids(batch=1)
+    dense = tiny_model()
+    dense.get_compiled_call(compile_config)  # what generate(static) leaves on the model
+    sparse = convert_to_qsparse(copy.deepcopy(dense), topk=0.5)
+    twin = copy.deepcopy(sparse)
+    twin.get_compiled_call(compile_config)
+    reverted = revert_qsparse(copy.deepcopy(twin))
+    with torch.no_grad():
+        for model in (sparse, twin, reverted):
+            assert torch.equal(model.get_compiled_call(compile_config)(ids).logits, model(ids).logits)
+        assert not torch.equal(sparse(ids).logits, dense(ids).logits)  # (so the check above could fail)
 
 
 def test_block_and_quantized_variants_convert():
