@@ -915,6 +915,60 @@ def test_keep_one_through_the_decode_path_matches_dense():
     assert _rel_err(step, dense_logits) < 1e-2
 
 
+@pytest.fixture(scope="module")
+def embedded_fp16_model():
+    """The embedded mistral-micro converted at keep 0.5, in fp16 (Triton's CPU interpreter rounds fp16 as the GPU
+    does; its bf16 conversions truncate), with its tokenizer and the dense model. The converted weights are re-laid
+    for decoding up front: the reference path's dense matmuls then read the same layout as after the kernel path's
+    first step (a CPU matmul over the other layout rounds differently, and one rounding step can move a feature
+    across a top-K cut-off)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import EMBEDDED_MODEL
+
+    dense = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.float16).to(DEV).eval()
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL, dtype=torch.float16).to(DEV).eval()
+    convert_to_qsparse(model, topk=0.5)
+    prepare_for_decode(model)
+    return model, AutoTokenizer.from_pretrained(EMBEDDED_MODEL), dense
+
+
+@pytest.mark.parametrize("mode", ["beam_search", "assisted", "left_padded_batch"])
+def test_generate_modes_through_the_decode_path_match_the_reference_path(embedded_fp16_model, mode, monkeypatch):
+    # The ways of calling generate() besides one greedy sequence: what the decode kernels see then (several
+    # sequences per step reordered between steps, steps of several tokens after which the cache is cropped back,
+    # padding) must give the reference path's tokens.
+    from qsparse_hf.kernels import gemv
+
+    model, tokenizer, dense = embedded_fp16_model
+    texts = ["The old man looked at the sea and", "Once upon a time"]
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    kwargs.update({"beam_search": dict(num_beams=3), "assisted": dict(assistant_model=dense)}.get(mode, {}))
+    if mode == "left_padded_batch":
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(DEV)
+        assert not inputs.attention_mask.all()
+    else:
+        inputs = tokenizer(texts[:1], return_tensors="pt").to(DEV)
+    tokens_per_launch = set()
+    launch = gemv._Launch.__call__
+    monkeypatch.setattr(gemv._Launch, "__call__",
+                        lambda self, *args, **kw: tokens_per_launch.add(self.tokens) or launch(self, *args, **kw))
+    with torch.no_grad():
+        previous = set_kernels_enabled(False)
+        try:
+            reference = model.generate(**inputs, **kwargs)
+        finally:
+            set_kernels_enabled(previous)
+        assert kernels_available(inputs.input_ids) and not tokens_per_launch
+        fast = model.generate(**inputs, **kwargs)
+        if mode == "left_padded_batch":  # and each row as if it had been generated alone
+            alone = [model.generate(tokenizer(text, return_tensors="pt").input_ids.to(DEV), **kwargs)[0, -5:]
+                     for text in texts]
+            assert torch.equal(torch.stack(alone), fast[:, -5:])
+    assert torch.equal(fast, reference)
+    assert max(tokens_per_launch) > 1  # several tokens (sequences) per decode launch were taken
+
+
 def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
     # Dynamo traces the sparsifier's identity cache, so the compiled step launches what the eager step does
     # (custom ops are never merged by the compiler itself).
