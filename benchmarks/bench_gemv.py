@@ -5,7 +5,9 @@ enough weight copies that nothing is served from L2. "sparse" includes the top-K
 sparse GEMV on an already sparse input. With one token both go the way the model's decode path does: the top-K
 kernel starts from the last threshold (a hint), lists the kept features, and the GEMV reads exactly those rows.
 "top-K inside the GEMV" is eager decode's single launch (`select_gemv`: every program selects; GPU time is spent
-to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y).
+to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y). "split-K tail" is
+what the GEMV launch spends adding its splits' partials (the GEMV alone against the same programs storing their
+partials unadded, `gemv.unreduced_gemv`): what a consumer that added the partials itself could save.
 
 ``--prefill`` times what a prompt of ``--tokens`` tokens (default 32) costs per decoder layer of a converted model
 on the GPU instead: the dense products through the weights as the decode layout stores them (each member's weight a
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         return ffn(args)
     if args.tuner:
         return tuner(args)
-    from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv
+    from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv, unreduced_gemv
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
@@ -116,6 +118,10 @@ def main(argv=None) -> int:
             config = choose_config(sparse_xs[0], weights_t[0], rows=k if gather else None)
             gemv_us = graph_time_us(lambda i: sparse_gemv(sparse_xs[i % copies], weights_t[i % copies], config=config,
                                                           kept=kept[i % copies]))
+            tail_us = None
+            if config[2] > 1:  # the launch adds split-K partials: time the same programs without that
+                tail_us = gemv_us - graph_time_us(lambda i: unreduced_gemv(sparse_xs[i % copies], weights_t[i % copies],
+                                                                           config, kept=kept[i % copies]))
             if k >= n_in:  # keep 1.0: the model skips the top-K (it is the identity), so the GEMV is all there is
                 full_us = gemv_us
             elif gather:
@@ -141,16 +147,18 @@ def main(argv=None) -> int:
             entry = dict(shape=name, keep=keep, k=k, dense_us=dense_us, sparse_us=full_us, gemv_only_us=gemv_us,
                          speedup=dense_us / full_us, gemv_speedup=dense_us / gemv_us, dense_gbs=dense_gbs,
                          sparse_gbs=touched / gemv_us / 1e3, rel_err=err, config=list(config),
-                         select_in_gemv_us=select_us)
+                         select_in_gemv_us=select_us, split_tail_us=tail_us)
             results.append(entry)
             rows.append([name, keep, f"{dense_us:.1f}", f"{full_us:.1f}", f"{gemv_us:.1f}",
-                         "—" if select_us is None else f"{select_us:.1f}", f"{dense_us / full_us:.2f}×",
+                         "—" if select_us is None else f"{select_us:.1f}",
+                         "—" if tail_us is None else f"{tail_us:.1f}",
+                         f"{dense_us / full_us:.2f}×",
                          f"{dense_gbs:.0f}", f"{entry['sparse_gbs']:.0f}", f"{err:.1e}",
                          "/".join(map(str, config[:4]))])
         del weights, weights_t, xs
         torch.cuda.empty_cache()
     print_table(["shape", "keep", "dense µs", "sparse µs (top-K + GEMV)", "GEMV only µs",
-                 "top-K inside the GEMV µs (eager path)", "speedup",
+                 "top-K inside the GEMV µs (eager path)", "split-K tail µs", "speedup",
                  "dense GB/s", "sparse GB/s (touched)", "rel err", "BN/BK/split/warps"], rows,
                 title=f"Decode GEMV, {args.tokens} token(s), {args.dtype}, {torch.cuda.get_device_name()}")
     write_json(f"gemv_{args.dtype}_t{args.tokens}.json", {"tokens": args.tokens, "dtype": args.dtype,

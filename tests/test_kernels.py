@@ -20,7 +20,7 @@ from conftest import KERNEL_DEVICE, requires_cuda, same_bits, silu_reference, sp
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
 from qsparse_hf.functional import topk_mask  # noqa: E402
 from qsparse_hf.kernels import is_input_major, kernels_available, prepare_for_decode, set_kernels_enabled  # noqa: E402
-from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv  # noqa: E402
+from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv, unreduced_gemv  # noqa: E402
 from qsparse_hf.kernels.ops import sparse_linear, topk_sparsify  # noqa: E402
 from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows  # noqa: E402
 from qsparse_hf.layers import InputSparsifier, QSparseLinear  # noqa: E402
@@ -263,6 +263,31 @@ def test_sparse_gemv_gathers_exactly_the_kept_rows(config):
     assert int(zeros) == int((x_sparse == 0).sum())
     with pytest.raises(ValueError, match="int32"):
         sparse_gemv(x_sparse.expand(2, -1), weight_t, kept=kept)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(32, 32, 1), GemvConfig(32, 32, 3), GemvConfig(64, 64, 2)])
+def test_unreduced_gemv_runs_the_same_programs_without_adding_the_splits(config):
+    # The measurement launch of bench_gemv's split-K tail column: every program multiplies its split's share of the
+    # kept rows as sparse_gemv's launch does and stores that partial itself, so each column block of the output is
+    # one split's partial product (whichever stored last), never their sum; with one split it is the product.
+    n_in, n_out, k = 300, 96, 150
+    x_sparse, kept = topk_sparsify_rows(torch.randn(1, n_in, device=DEV).to(torch.bfloat16), k, indices=True)
+    weight_t = torch.randn(n_in, n_out, device=DEV, dtype=torch.bfloat16)
+    out = unreduced_gemv(x_sparse, weight_t, config, kept=kept)
+    block_n, block_k, split = config[:3]
+    if split == 1:
+        assert torch.equal(out, sparse_gemv(x_sparse, weight_t, config=config, kept=kept))
+        return
+    rows = kept[0].long()
+    per_split = -(-(-(-k // split)) // block_k) * block_k  # the launch's rows per split, whole row blocks
+    partials = [x_sparse[:, rows[s * per_split:(s + 1) * per_split]].double()
+                @ weight_t[rows[s * per_split:(s + 1) * per_split]].double() for s in range(split)]
+    full = sum(partials)
+    for start in range(0, n_out, block_n):
+        cols = slice(start, start + block_n)
+        errors = [_rel_err(out[:, cols], partial[:, cols]) for partial in partials]
+        assert min(errors) < 1e-2, errors
+        assert _rel_err(out[:, cols], full[:, cols]) > 0.05
 
 
 def test_sparse_gemv_really_skips_zero_rows():

@@ -21,8 +21,8 @@ from . import MAX_DECODE_TOKENS, tuning
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
-__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "choose_config",
-           "prepare_weight", "MAX_SELECT_FEATURES"]
+__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "unreduced_gemv",
+           "choose_config", "prepare_weight", "MAX_SELECT_FEATURES"]
 
 
 @triton.jit
@@ -347,21 +347,24 @@ class _Launch:
 
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
                  count_zeros: bool, gather: bool, select: tuple | None = None,
-                 masked: torch.dtype | None = None) -> None:
+                 masked: torch.dtype | None = None, add_splits: bool = True) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
                              f"{config}")
-        self.tokens, self.n_in, self.n_out, self.n_rows, self.split = tokens, n_in, n_out, n_rows, split
+        self.tokens, self.n_in, self.n_out, self.n_rows = tokens, n_in, n_out, n_rows
         self.col_blocks = _cdiv(n_out, block_n)
         self.grid = (self.col_blocks, split)
+        # add_splits=False (`unreduced_gemv`, a measurement): the same programs, each storing its split's partial
+        # straight to the output, as a launch of one split would
+        self.split = split if add_splits else 1
         # select: (k, dtype, hinted): the one-token top-K runs inside this launch (`select_gemv`)
         # masked: the dtype of `masked_gemv`'s keys, None for other launches
         k_select, dtype, hinted = select or (0, masked, False)
         self.k_select = k_select
         self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
             ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, TOKENS_PAD=1 if tokens == 1 else 16,
-            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
+            BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=self.split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
             COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None, MASKED=masked is not None,
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
@@ -395,15 +398,15 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 
 def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-                 select: tuple | None = None, masked: torch.dtype | None = None) -> _Launch:
+                 select: tuple | None = None, masked: torch.dtype | None = None, add_splits: bool = True) -> _Launch:
     """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
-    top-K; ``masked``: the dtype of `masked_gemv`'s keys)."""
+    top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: see `unreduced_gemv`)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
         tokens = _tokens(x)
     key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select,
-           masked)
+           masked, add_splits)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
@@ -470,6 +473,25 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
     rows = None if kept is None else kept.shape[1]
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens)
+
+
+def unreduced_gemv(x: torch.Tensor, weight_t: torch.Tensor, config: GemvConfig,
+                   kept: torch.Tensor | None = None) -> torch.Tensor:
+    """A measurement, not a product: the programs of `sparse_gemv`'s launch with ``config`` (same grid, same loads,
+    same multiply-adds), except that each stores its split's fp32 partial straight to the output instead of adding
+    the splits, so the output holds whichever split of each column block stored last. Timed beside `sparse_gemv`,
+    it says what the split-K reduction in the launch (partials written, an atomic ticket, the last program adding
+    them) costs: what a consumer that added the partials itself could save (`bench_gemv.py`'s tail column).
+
+    Example:
+        >>> config = choose_config(x, weight_t, rows=kept.shape[1])  # doctest: +SKIP
+        >>> tail_us = time(lambda: sparse_gemv(x, weight_t, config=config, kept=kept)) - time(
+        ...     lambda: unreduced_gemv(x, weight_t, config, kept))  # doctest: +SKIP
+    """
+    tokens = _check_sparse(x, weight_t, kept)
+    x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
+    launch = _find_launch(x, weight_t, None, GemvConfig(*config), kept=kept, tokens=tokens, add_splits=False)
+    return launch(x, weight_t.shape[0], weight_t, None, None, kept)
 
 
 #: Widest input whose top-K `select_gemv` finds inside the GEMV launch (every program holds the whole row).
