@@ -7,7 +7,7 @@ kernel starts from the last threshold (a hint), lists the kept features, and the
 "top-K inside the GEMV" is eager decode's single launch (`select_gemv`: every program selects; GPU time is spent
 to save a launch's host time). GB/s counts the bytes actually touched (kept weight rows, x, y). "split-K tail" is
 what the GEMV launch spends adding its splits' partials (the GEMV alone against the same programs storing their
-partials unadded, `gemv.unreduced_gemv`): what a consumer that added the partials itself could save.
+partials unadded, `gemv.split_partials_gemv`): what a consumer that added the partials itself could save.
 
 ``--prefill`` times what a prompt of ``--tokens`` tokens (default 32) costs per decoder layer of a converted model
 on the GPU instead: the dense products through the weights as the decode layout stores them (each member's weight a
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         return ffn(args)
     if args.tuner:
         return tuner(args)
-    from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv, unreduced_gemv
+    from qsparse_hf.kernels.gemv import (MAX_SELECT_FEATURES, choose_config, select_gemv, sparse_gemv,
+                                         split_partials_gemv)
     from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
 
     dtype = getattr(torch, args.dtype)
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
                                                           kept=kept[i % copies]))
             tail_us = None
             if config[2] > 1:  # the launch adds split-K partials: time the same programs without that
-                tail_us = gemv_us - graph_time_us(lambda i: unreduced_gemv(sparse_xs[i % copies], weights_t[i % copies],
-                                                                           config, kept=kept[i % copies]))
+                tail_us = gemv_us - graph_time_us(lambda i: split_partials_gemv(
+                    sparse_xs[i % copies], weights_t[i % copies], config, kept=kept[i % copies]))
             if k >= n_in:  # keep 1.0: the model skips the top-K (it is the identity), so the GEMV is all there is
                 full_us = gemv_us
             elif gather:

@@ -84,6 +84,18 @@ def test_gemv_tuner_check_reports_the_picks_of_each_timing(monkeypatch, tmp_path
     assert "| q/k/v | 3 | 64/64/1/4: 2.0 | 32/32/1/4: 2.5 | 32/16/2/4: 1.5 |" in capsys.readouterr().out
 
 
+def test_decode_bench_variants_switch_settings_the_kernels_have():
+    # Each compiled variant flips module settings for its step; a misspelt one would time the shipped step under
+    # another name.
+    from qsparse_hf import kernels
+
+    bench = importlib.import_module("bench_decode")
+    assert set(bench.COMPILED_VARIANTS) <= set(bench.STEP_WAYS)
+    for switches in bench.COMPILED_VARIANTS.values():
+        for name, value in switches.items():
+            assert hasattr(kernels, name) and getattr(kernels, name) != value
+
+
 @pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--layers", "0"], ["--calls", "0"]])
 def test_compiled_host_refuses_bad_arguments_before_loading(argv, capsys):
     bench = importlib.import_module("bench_compiled_host")

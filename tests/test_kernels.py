@@ -20,7 +20,7 @@ from conftest import KERNEL_DEVICE, requires_cuda, same_bits, silu_reference, sp
 from qsparse_hf import convert_to_qsparse, set_sparsity_tracking  # noqa: E402
 from qsparse_hf.functional import topk_mask  # noqa: E402
 from qsparse_hf.kernels import is_input_major, kernels_available, prepare_for_decode, set_kernels_enabled  # noqa: E402
-from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv, unreduced_gemv  # noqa: E402
+from qsparse_hf.kernels.gemv import GemvConfig, select_gemv, sparse_gemv, split_partials_gemv  # noqa: E402
 from qsparse_hf.kernels.ops import sparse_linear, topk_sparsify  # noqa: E402
 from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows  # noqa: E402
 from qsparse_hf.layers import InputSparsifier, QSparseLinear  # noqa: E402
@@ -265,29 +265,32 @@ def test_sparse_gemv_gathers_exactly_the_kept_rows(config):
         sparse_gemv(x_sparse.expand(2, -1), weight_t, kept=kept)
 
 
-@pytest.mark.parametrize("config", [GemvConfig(32, 32, 1), GemvConfig(32, 32, 3), GemvConfig(64, 64, 2)])
-def test_unreduced_gemv_runs_the_same_programs_without_adding_the_splits(config):
-    # The measurement launch of bench_gemv's split-K tail column: every program multiplies its split's share of the
-    # kept rows as sparse_gemv's launch does and stores that partial itself, so each column block of the output is
-    # one split's partial product (whichever stored last), never their sum; with one split it is the product.
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("config", [GemvConfig(32, 32, 1), GemvConfig(32, 32, 3), GemvConfig(64, 64, 2),
+                                    GemvConfig(32, 16, 4)])
+def test_split_partials_gemv_returns_each_splits_product_unadded(config, tokens):
+    # sparse_gemv's launch without its in-launch reduction: one float32 partial per split, each the product over
+    # that split's share of the rows (whole row blocks, in order), summing to the product; the rows left out are
+    # never read (NaN there stays out of every partial).
     n_in, n_out, k = 300, 96, 150
-    x_sparse, kept = topk_sparsify_rows(torch.randn(1, n_in, device=DEV).to(torch.bfloat16), k, indices=True)
+    x = torch.randn(tokens, n_in, device=DEV).to(torch.bfloat16)
+    gather = tokens == 1
+    x_sparse, kept = topk_sparsify_rows(x, k, indices=True)
     weight_t = torch.randn(n_in, n_out, device=DEV, dtype=torch.bfloat16)
-    out = unreduced_gemv(x_sparse, weight_t, config, kept=kept)
-    block_n, block_k, split = config[:3]
-    if split == 1:
-        assert torch.equal(out, sparse_gemv(x_sparse, weight_t, config=config, kept=kept))
-        return
-    rows = kept[0].long()
-    per_split = -(-(-(-k // split)) // block_k) * block_k  # the launch's rows per split, whole row blocks
-    partials = [x_sparse[:, rows[s * per_split:(s + 1) * per_split]].double()
-                @ weight_t[rows[s * per_split:(s + 1) * per_split]].double() for s in range(split)]
-    full = sum(partials)
-    for start in range(0, n_out, block_n):
-        cols = slice(start, start + block_n)
-        errors = [_rel_err(out[:, cols], partial[:, cols]) for partial in partials]
-        assert min(errors) < 1e-2, errors
-        assert _rel_err(out[:, cols], full[:, cols]) > 0.05
+    weight_t[(x_sparse == 0).all(0)] = float("nan")
+    kept = kept if gather else None
+    parts = split_partials_gemv(x_sparse, weight_t, config, kept=kept)
+    block_k, split = config[1], config[2]
+    assert parts.shape == (split, tokens, n_out) and parts.dtype == torch.float32 and torch.isfinite(parts).all()
+    rows = kept[0].long() if gather else torch.arange(n_in, device=DEV)
+    per_split = -(-(-(-len(rows) // split)) // block_k) * block_k  # the launch's rows per split, whole row blocks
+    for s in range(split):
+        share = rows[s * per_split:(s + 1) * per_split]
+        share = share[(x_sparse[:, share] != 0).any(0)]
+        expected = x_sparse[:, share].double() @ weight_t[share].double()
+        assert torch.allclose(parts[s].double(), expected, rtol=1e-4, atol=1e-4)
+    product = sparse_gemv(x_sparse, weight_t, config=config, kept=kept)
+    assert _rel_err(parts.sum(0), product) < 1e-2
 
 
 def test_sparse_gemv_really_skips_zero_rows():
@@ -1010,6 +1013,38 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
     # compiled, the selection runs once per input, and the compiler's SiLU and product surround it)
     assert calls == {"topk": 8, "silu_topk": 0, "gemv": 8, "gathered": 8, "select_gemv": 0}
     assert _rel_err(out, eager) < 2e-2
+
+
+def test_compiled_decode_adds_split_partials_in_the_graph_when_asked(monkeypatch):
+    # QSPARSE_SPLIT_PARTIALS: the single linears' GEMVs (o_proj, down_proj) return their split-K partials and the
+    # graph adds them. Two float32 partials add the same in any order, so the logits are the in-launch addition's
+    # bit for bit where the compiler rounds at every cast as eager code does (by default it may keep the sum in
+    # float32 into the residual add: closer, not equal); the grouped products (q/k/v, gate/up) keep their own launch.
+    # (fp16: Triton's CPU interpreter truncates where it converts float32 to bf16, and torch rounds.)
+    import torch._inductor.config as inductor_config
+
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import gemv, ops
+
+    monkeypatch.setattr(inductor_config, "emulate_precision_casts", True)
+    monkeypatch.setattr(gemv, "_default_config", lambda n_out, n_in: gemv.GemvConfig(32, 32, 2))
+    model = convert_to_qsparse(tiny_model("llama").to(KERNEL_DEVICE, torch.float16), topk=0.5)
+    ids = torch.randint(3, 128, (1, 1), device=DEV)
+    partials = []
+    real_partials = ops.split_partials_gemv
+    monkeypatch.setattr(ops, "split_partials_gemv", lambda *args: partials.append(args[2]) or real_partials(*args))
+    with torch.no_grad():
+        model(ids)
+        torch._dynamo.reset()
+        added_in_launch = torch.compile(model, fullgraph=True)(ids).logits
+        assert partials == []
+        torch._dynamo.reset()
+        monkeypatch.setattr(kernels, "SPLIT_PARTIALS", True)
+        added_in_graph = torch.compile(model, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    layers = model.config.num_hidden_layers
+    assert len(partials) == 2 * layers and all(config[2] == 2 for config in partials)
+    assert torch.equal(added_in_graph, added_in_launch)
 
 
 def test_compiled_decode_leaves_no_attribute_writes_to_replay(monkeypatch):

@@ -21,8 +21,8 @@ from . import MAX_DECODE_TOKENS, tuning
 from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
-__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "unreduced_gemv",
-           "choose_config", "prepare_weight", "MAX_SELECT_FEATURES"]
+__all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "split_partials_gemv",
+           "choose_config", "chosen_split", "prepare_weight", "MAX_SELECT_FEATURES"]
 
 
 @triton.jit
@@ -72,6 +72,7 @@ def _sparse_gemv_kernel(
     NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr,
     SELECT: tl.constexpr, MASKED: tl.constexpr, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
     USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
+    PARTIALS_OUT: tl.constexpr = False,
 ):
     _dependent_launch_start(PDL)
     pid_n = tl.program_id(0)
@@ -149,6 +150,8 @@ def _sparse_gemv_kernel(
             tl.atomic_add(zeros_ptr, zeros.to(tl.int64))
     out_mask = tok_ok[:, None] & col_ok[None, :]
     out_ptrs = out_ptr + toks[:, None] * stride_out + cols[None, :]
+    if PARTIALS_OUT:  # (`split_partials_gemv`) each split's partial is the output, [splits, tokens, n_out]
+        out_ptrs += pid_s * tokens * stride_out
     if SPLIT == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -277,6 +280,20 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     return best
 
 
+def chosen_split(n_in: int, n_out: int, rows: int, dtype: torch.dtype, device: torch.device | str) -> int:
+    """The split-K count of the launch `choose_config` has chosen for one token's ``rows`` listed kept features of an
+    ``[n_in, n_out]`` weight (its default where it has not tuned that shape): how many partials
+    `split_partials_gemv` returns with that launch. No tuning and no tensors, so a compiled graph can ask it once
+    while it is traced.
+
+    Example:
+        >>> chosen_split(4096, 4096, 2048, torch.bfloat16, "cpu")
+        4
+    """
+    config = _CHOSEN.get((n_in, n_out, 1, dtype, rows, True, torch.device(device)))
+    return (config or _default_config(n_out, rows))[2]
+
+
 def _tunable(x: torch.Tensor, tune: bool = True) -> bool:
     """Whether launches for inputs like ``x`` may be timed now: asked to, on CUDA, outside graph capture and
     compilation.
@@ -355,9 +372,10 @@ class _Launch:
         self.tokens, self.n_in, self.n_out, self.n_rows = tokens, n_in, n_out, n_rows
         self.col_blocks = _cdiv(n_out, block_n)
         self.grid = (self.col_blocks, split)
-        # add_splits=False (`unreduced_gemv`, a measurement): the same programs, each storing its split's partial
-        # straight to the output, as a launch of one split would
+        # add_splits=False (`split_partials_gemv`): the same programs, each storing its split's partial to its own
+        # slice of the output, as a launch of one split would store its product
         self.split = split if add_splits else 1
+        self.partial_splits = None if add_splits else split
         # select: (k, dtype, hinted): the one-token top-K runs inside this launch (`select_gemv`)
         # masked: the dtype of `masked_gemv`'s keys, None for other launches
         k_select, dtype, hinted = select or (0, masked, False)
@@ -368,7 +386,7 @@ class _Launch:
             COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None, MASKED=masked is not None,
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
-            num_warps=num_warps, **pdl_constants(),
+            num_warps=num_warps, PARTIALS_OUT=not add_splits, **pdl_constants(),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -376,7 +394,10 @@ class _Launch:
                  keys: torch.Tensor | None = None, state: torch.Tensor | None = None):
         """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``.
         ``keys`` and ``state``: a masked launch's (`masked_gemv`)."""
-        out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
+        if self.partial_splits is not None:
+            out = torch.empty((self.partial_splits, *x.shape[:-1], self.n_out), dtype=torch.float32, device=x.device)
+        else:
+            out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
         if self.split > 1:
             partials = _scratch(x.device, self.split * self.tokens * self.n_out)
             tickets = _semaphores(x.device, self.col_blocks)
@@ -400,7 +421,7 @@ def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | N
                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
                  select: tuple | None = None, masked: torch.dtype | None = None, add_splits: bool = True) -> _Launch:
     """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
-    top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: see `unreduced_gemv`)."""
+    top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: False for `split_partials_gemv`)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
@@ -475,18 +496,21 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens)
 
 
-def unreduced_gemv(x: torch.Tensor, weight_t: torch.Tensor, config: GemvConfig,
-                   kept: torch.Tensor | None = None) -> torch.Tensor:
-    """A measurement, not a product: the programs of `sparse_gemv`'s launch with ``config`` (same grid, same loads,
-    same multiply-adds), except that each stores its split's fp32 partial straight to the output instead of adding
-    the splits, so the output holds whichever split of each column block stored last. Timed beside `sparse_gemv`,
-    it says what the split-K reduction in the launch (partials written, an atomic ticket, the last program adding
-    them) costs: what a consumer that added the partials itself could save (`bench_gemv.py`'s tail column).
+def split_partials_gemv(x: torch.Tensor, weight_t: torch.Tensor, config: GemvConfig,
+                        kept: torch.Tensor | None = None) -> torch.Tensor:
+    """`sparse_gemv`'s launch with ``config``, its split-K partials returned instead of added: ``[split, ...,
+    out_features]`` float32 (``split`` = ``config``'s), whose sum over the first dimension is the product. The
+    same programs, loads and multiply-adds, without the reduction at the end of the launch (partials written, an
+    atomic ticket, the last program of each column block adding them): for a consumer that adds the partials
+    itself, and for measuring what that reduction costs (`bench_gemv.py`'s split-K tail column). No bias, no zero
+    count.
 
     Example:
-        >>> config = choose_config(x, weight_t, rows=kept.shape[1])  # doctest: +SKIP
-        >>> tail_us = time(lambda: sparse_gemv(x, weight_t, config=config, kept=kept)) - time(
-        ...     lambda: unreduced_gemv(x, weight_t, config, kept))  # doctest: +SKIP
+        >>> x, kept = topk_sparsify_rows(torch.randn(1, 512, device="cuda").half(), 256, indices=True)  # doctest: +SKIP
+        >>> w = torch.randn(512, 384, device="cuda").half()  # doctest: +SKIP
+        >>> parts = split_partials_gemv(x, w, GemvConfig(64, 64, 2), kept)  # doctest: +SKIP
+        >>> parts.shape, torch.allclose(parts.sum(0), (x.float() @ w.float()), atol=1e-2)  # doctest: +SKIP
+        (torch.Size([2, 1, 384]), True)
     """
     tokens = _check_sparse(x, weight_t, kept)
     x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
