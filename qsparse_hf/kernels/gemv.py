@@ -258,7 +258,7 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
         (64, 64, 4, 4, 3)
     """
     n_in, n_out = weight_t.shape
-    key = (n_in, n_out, _tokens(x), x.dtype, rows, tall, x.device)
+    key = _choice_key(n_in, n_out, _tokens(x), x.dtype, rows, tall, x.device)
     if key in _CHOSEN:
         return _CHOSEN[key]
     length = n_in if rows is None else rows
@@ -280,6 +280,12 @@ def choose_config(x: torch.Tensor, weight_t: torch.Tensor, tune: bool = True, ro
     return best
 
 
+def _choice_key(n_in: int, n_out: int, tokens: int, dtype: torch.dtype, rows: int | None, tall: bool,
+                device: torch.device) -> tuple:
+    # what `choose_config` files its picks under, and `chosen_split` looks them up by (one definition for both)
+    return (n_in, n_out, tokens, dtype, rows, tall, device)
+
+
 def chosen_split(n_in: int, n_out: int, rows: int, dtype: torch.dtype, device: torch.device | str) -> int:
     """The split-K count of the launch `choose_config` has chosen for one token's ``rows`` listed kept features of an
     ``[n_in, n_out]`` weight (its default where it has not tuned that shape): how many partials
@@ -290,7 +296,7 @@ def chosen_split(n_in: int, n_out: int, rows: int, dtype: torch.dtype, device: t
         >>> chosen_split(4096, 4096, 2048, torch.bfloat16, "cpu")
         4
     """
-    config = _CHOSEN.get((n_in, n_out, 1, dtype, rows, True, torch.device(device)))
+    config = _CHOSEN.get(_choice_key(n_in, n_out, 1, dtype, rows, True, torch.device(device)))
     return (config or _default_config(n_out, rows))[2]
 
 
