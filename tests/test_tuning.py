@@ -157,3 +157,46 @@ def test_an_unwritable_cache_warns_once_and_tuning_goes_on(fresh_process, tmp_pa
         second = gemv.choose_config(x, weight_t, rows=2048)
     assert first == timer.asked[0][-1] and second == timer.asked[1][-1]
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+class _FakeBench:
+    """Stands in for `triton.testing.do_bench`: runs the launch once (which records its config) and answers the
+    next of that config's scripted timings (ms); a config scripted as None is one the compiler rejects."""
+
+    def __init__(self, script):
+        self.script = {config: None if times is None else list(times) for config, times in script.items()}
+        self.timed = []
+
+    def __call__(self, fn, **_):
+        fn()
+        config = self.timed[-1]
+        times = self.script[config]
+        if times is None:
+            raise RuntimeError("out of resources")
+        return times.pop(0) if len(times) > 1 else times[0]
+
+
+def _pick(monkeypatch, script, default=gemv.GemvConfig(1, 1, 1)):
+    bench = _FakeBench(script)
+    monkeypatch.setattr(gemv.triton.testing, "do_bench", bench)
+    return gemv._fastest(list(script), default, bench.timed.append), bench.timed
+
+
+def test_near_tied_launches_are_timed_again_and_the_rounds_decide(monkeypatch):
+    a, b, c = gemv.GemvConfig(64, 128, 8, 4, 3), gemv.GemvConfig(64, 64, 8, 4, 3), gemv.GemvConfig(32, 64, 4, 4, 3)
+    # a looks fastest once, but b is faster in every later round; c is far behind and not timed again
+    best, timed = _pick(monkeypatch, {a: [1.00, 1.10, 1.10, 1.10], b: [1.03, 1.00, 1.00, 1.00], c: [2.0]})
+    assert best == b
+    assert timed.count(c) == 1 and timed.count(a) == timed.count(b) == 1 + gemv._RUNOFF_ROUNDS
+
+
+def test_a_tie_goes_to_the_shallower_pipeline_and_rejected_launches_are_skipped(monkeypatch):
+    deep, shallow, broken = (gemv.GemvConfig(64, 128, 8, 4, 3), gemv.GemvConfig(64, 128, 8, 4, 1),
+                             gemv.GemvConfig(1024, 32, 16, 16, 3))
+    best, _ = _pick(monkeypatch, {deep: [1.000], shallow: [1.005], broken: None})
+    assert best == shallow
+    # outside the tie margin the faster one wins, whatever its depth
+    best, _ = _pick(monkeypatch, {deep: [1.00], shallow: [1.04]})
+    assert best == deep
+    default = gemv.GemvConfig(2, 2, 2)
+    assert _pick(monkeypatch, {broken: None}, default)[0] == default

@@ -45,13 +45,6 @@ DECODE_ATTENTION = os.environ.get("QSPARSE_DECODE_ATTENTION", "1") != "0"
 #: ``QSPARSE_DECODE_APPEND=0`` leaves them to the model's own code (the A/B: ``bench_decode.py --ways
 #: compile,compile7``).
 DECODE_APPEND = os.environ.get("QSPARSE_DECODE_APPEND", "1") != "0"
-#: Compiled one-token steps take the split-K partials of the single linears' GEMVs (o_proj, down_proj: their outputs
-#: go to the residual add and the norm after it) and add them in the graph (`ops.sparse_linear_block`,
-#: `gemv.split_partials_gemv`), where the compiler can do it inside its residual-add kernel, instead of at the end of
-#: the GEMV launch (1.7-2.2 µs a product on an H100, benchmarks/README.md, thirtieth stop). Experimental, off, not
-#: yet timed end to end: ``QSPARSE_SPLIT_PARTIALS=1`` turns it on (the A/B: ``bench_decode.py --ways
-#: compile,compile9``).
-SPLIT_PARTIALS = os.environ.get("QSPARSE_SPLIT_PARTIALS", "0") == "1"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

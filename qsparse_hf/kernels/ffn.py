@@ -27,7 +27,8 @@ import triton.language as tl
 
 from . import tuning
 from .gemv import GemvConfig, _cdiv, _fastest, _tunable, _tuning_inputs
-from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+from .launch import (KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants,
+                     reserve_scratch, reserve_tickets)
 from .topk import (_INF_KEY, _PRECISE, HINT_RADIUS, _chunk_of_row, _key_window_bins, _magnitude_key, _round_like,
                    _silu, _silu_options, _split_bins, _split_parts_limit, _threshold_of_parts,
                    _topk_rows_split_write_kernel)
@@ -230,7 +231,7 @@ def gated_config(x: torch.Tensor, weight_t: torch.Tensor, inter: int, rows: int 
 def prepare_gated(weight_t: torch.Tensor, inter: int, rows: int | None = None) -> None:
     """Do, outside any graph capture, what a first `gated_select` over the gate/up block ``weight_t`` (gate in its
     first ``inter`` columns, up in the next) would otherwise do inside one: tune its launch for ``rows`` kept
-    inputs, and grow the tickets and the scratch buffer to what that launch takes.
+    inputs, and reserve the shared tickets and scratch buffer that launch takes (`launch.reserve_scratch`).
 
     Example:
         >>> prepare_gated(gate_up_block, 14336, rows=2048)  # doctest: +SKIP
@@ -243,8 +244,8 @@ def prepare_gated(weight_t: torch.Tensor, inter: int, rows: int | None = None) -
     n_in = weight_t.shape[0]
     launch = _gated_launch(n_in, n_in if rows is None else rows, inter, gated_config(sample, weight_t, inter, rows),
                            rows is not None, weight_t.dtype, False)
-    _semaphores(weight_t.device, launch.blocks + 1)
-    _scratch(weight_t.device, launch.scratch)
+    reserve_tickets(weight_t.device, launch.blocks + 1)
+    reserve_scratch(weight_t.device, launch.scratch)
 
 
 class _GatedLaunch:

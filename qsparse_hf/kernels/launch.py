@@ -50,7 +50,7 @@ except ImportError:  # Triton before 3.3 has no programmatic dependent launch (`
         pass
 
 
-__all__ = ["KernelLaunch", "direct_launches", "pdl_enabled"]
+__all__ = ["KernelLaunch", "direct_launches", "pdl_enabled", "reserve_tickets", "reserve_scratch"]
 
 # Set QSPARSE_DIRECT_LAUNCH=0 to send every launch through Triton's generic path (to rule this module out).
 _DIRECT = (knobs is not None and os.environ.get("QSPARSE_DIRECT_LAUNCH", "1") != "0"
@@ -232,45 +232,84 @@ def _launcher(compiled) -> tuple | None:
 
 
 _SEMAPHORES: dict[torch.device, torch.Tensor] = {}
-# Ticket buffers outgrown by a wider launch: CUDA graphs captured earlier still hold their addresses, so they are
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+# Shared buffers outgrown by a reservation: CUDA graphs captured earlier still hold their addresses, so they are
 # kept for the life of the process rather than freed (and reused by the allocator under a graph's feet).
 _OUTGROWN: list[torch.Tensor] = []
+#: Smallest shared ticket buffer (int32).
+_MIN_TICKETS = 4096
+#: Smallest shared scratch buffer (float32, 4 MiB): it also holds a decode attention launch's partial softmaxes
+#: (about 128 programs of 16 padded query rows by up to 256 dimensions, `attention`), so they need no buffer of
+#: their own.
+_MIN_SCRATCH = 1 << 20
+
+
+def reserve_tickets(device: torch.device, count: int) -> None:
+    """Grow the shared tickets of ``device`` to at least ``count`` (all zero), outside graph capture (under one,
+    nothing changes: launches then take tickets of their own, see `_semaphores`). The decode launches' prepare
+    functions (`gemv.prepare_weight`, `ffn.prepare_gated`) call it with what their launches take.
+
+    Example:
+        >>> reserve_tickets(torch.device("cpu"), 10); _semaphores(torch.device("cpu"), 10).numel() >= 10
+        True
+    """
+    _reserve(_SEMAPHORES, device, count, lambda n: torch.zeros(max(n, _MIN_TICKETS), dtype=torch.int32,
+                                                               device=device))
+
+
+def reserve_scratch(device: torch.device, count: int) -> None:
+    """Grow the shared fp32 scratch of ``device`` to at least ``count`` entries, outside graph capture (as
+    `reserve_tickets`).
+
+    Example:
+        >>> reserve_scratch(torch.device("cpu"), 10); _scratch(torch.device("cpu"), 10).numel() >= 10
+        True
+    """
+    _reserve(_SCRATCH, device, count, lambda n: torch.empty(max(n, _MIN_SCRATCH), dtype=torch.float32,
+                                                            device=device))
+
+
+def _reserve(shared: dict, device: torch.device, count: int, allocate) -> None:
+    # (the outgrown buffer is kept: a graph captured earlier may hold its address)
+    current = shared.get(device)
+    if (current is None or current.numel() < count) and not _capturing(device):
+        if current is not None:
+            _OUTGROWN.append(current)
+        shared[device] = allocate(count)
+
+
+def _grows_when_launching(device: torch.device) -> bool:
+    """Whether a launch may grow the shared buffers itself: not on CUDA, where the first run of a compiled step
+    with CUDA graphs (``mode="reduce-overhead"``) is a warm-up whose allocations come from the graph's memory pool,
+    and a buffer kept alive there is refused by the compiled step ("tensor(s) in the cudagraph pool not tracked as
+    outputs"); there only the prepare functions grow them, and a launch that needs more gets a buffer of its own."""
+    return device.type != "cuda"
 
 
 def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     """Per-device tickets of the decode kernels whose last program to finish completes the work (split-K GEMVs,
     split top-K rows), all zero between launches (each launch re-arms the ones it used). Launches on one stream
-    never overlap, so they can share them; the buffer only grows, outside graph capture."""
-    tickets = _SEMAPHORES.get(device)
-    if tickets is None or tickets.numel() < count:
-        if _capturing(device):
-            raise RuntimeError("the decode kernels must run once before CUDA-graph capture (they allocate their "
-                               "tickets)")
-        if tickets is not None:
-            _OUTGROWN.append(tickets)
-        tickets = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _SEMAPHORES[device] = tickets
-    return tickets
-
-
-_SCRATCH: dict[torch.device, torch.Tensor] = {}
+    never overlap, so they can share them: the shared buffer when it holds ``count`` (`reserve_tickets`), else
+    zeroed tickets of this launch's own."""
+    return _shared(_SEMAPHORES, device, count, reserve_tickets,
+                   lambda: torch.zeros(count, dtype=torch.int32, device=device))
 
 
 def _scratch(device: torch.device, count: int) -> torch.Tensor:
     """Per-device fp32 partials (split-K sums; viewed as int32: split top-K histograms) of at least ``count``
-    entries. Each launch writes and reads its partials
-    within itself, and launches on one stream never overlap (as for the tickets), so one buffer serves them all: an
-    eager decode step then allocates only its outputs. It grows outside graph capture (the outgrown buffer is kept:
-    a captured graph may hold its address); inside a capture that needs more, the partials come from the graph's
-    pool instead."""
-    partials = _SCRATCH.get(device)
-    if partials is None or partials.numel() < count:
-        if _capturing(device):
-            return torch.empty(count, dtype=torch.float32, device=device)
-        if partials is not None:
-            _OUTGROWN.append(partials)
-        partials = _SCRATCH[device] = torch.empty(max(count, 1 << 16), dtype=torch.float32, device=device)
-    return partials
+    entries. Each launch writes and reads its partials within itself, and launches on one stream never overlap
+    (as for the tickets), so one buffer serves them all and an eager decode step allocates only its outputs: the
+    shared buffer when it holds ``count`` (`reserve_scratch`), else partials of this launch's own."""
+    return _shared(_SCRATCH, device, count, reserve_scratch,
+                   lambda: torch.empty(count, dtype=torch.float32, device=device))
+
+
+def _shared(shared: dict, device: torch.device, count: int, reserve, own) -> torch.Tensor:
+    buffer = shared.get(device)
+    if (buffer is None or buffer.numel() < count) and _grows_when_launching(device):
+        reserve(device, count)
+        buffer = shared.get(device)
+    return own() if buffer is None or buffer.numel() < count else buffer
 
 
 def _capturing(device: torch.device) -> bool:

@@ -12,9 +12,6 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   side-by-side block that one member's ``weight`` (and ``bias``) Parameter is a view of (`block_of`), so that a
   compiled step reads only Parameters, whose guards Dynamo skips while their module is unchanged, rather than the
   block itself, whose guards it evaluates before every call.
-- ``qsparse::sparse_linear_partials(x, weight, kept, width, split)``: a linear of its own (its ``weight`` the whole
-  block) over one token's ``kept`` rows, its ``split`` split-K partials returned unadded, float32
-  (`gemv.split_partials_gemv`); with `kernels.SPLIT_PARTIALS` a compiled step adds them in the graph (experimental).
 - ``qsparse::gated_select(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)``: a gated FFN's
   activation and its top-K, resolved in the gate/up GEMV over the block ``weight`` views (`ffn.gated_select`).
 - ``qsparse::masked_linear_block(values, keys, state, weight, bias, column, bias_column, width)``: down's GEMV
@@ -42,9 +39,7 @@ from .attention import decode_attention as _decode_attention_launch
 from .attention import decode_attention_append as _decode_attention_append_launch
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
-from .. import kernels
-from . import gemv as _gemv
-from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv, split_partials_gemv
+from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
 from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
@@ -139,26 +134,6 @@ def _sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch
 @_sparse_linear.register_fake
 def _(x, weight_t, bias, kept):
     return x.new_empty(*x.shape[:-1], weight_t.shape[1])
-
-
-@torch.library.custom_op("qsparse::sparse_linear_partials", mutates_args=())
-def _sparse_linear_partials(x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, width: int,
-                            split: int) -> torch.Tensor:
-    # the launch chosen for this shape, with the split the graph was traced with (a shape tuned since keeps its tile)
-    weight_t = block_of(weight, 0, width)
-    config = _gemv.choose_config(x, weight_t, rows=kept.shape[-1])
-    return split_partials_gemv(x, weight_t, _gemv.GemvConfig(*config[:2], split, *config[3:]), kept)
-
-
-@_sparse_linear_partials.register_fake
-def _(x, weight, kept, width, split):
-    return x.new_empty(split, *x.shape[:-1], width, dtype=torch.float32)
-
-
-@torch.compiler.assume_constant_result
-def _traced_split(n_in: int, n_out: int, rows: int, dtype: torch.dtype, device: str) -> int:
-    # asked once while a graph is traced, its answer a constant of the graph (no guard on the tuner's table)
-    return _gemv.chosen_split(n_in, n_out, rows, dtype, device)
 
 
 def block_of(member: torch.Tensor, column: int, width: int) -> torch.Tensor:
@@ -373,22 +348,13 @@ def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         column: int, bias_column: int, width: int) -> torch.Tensor:
     """`sparse_linear` over the side-by-side block of width ``width`` whose columns ``column :`` the Parameter
     ``weight`` views (``bias``: a view of the block's bias from ``bias_column``, or None); see `block_of`. The form a
-    compiled decode step uses (``qsparse::sparse_linear_block``); eager steps pass the block itself. With
-    `kernels.SPLIT_PARTIALS` (``QSPARSE_SPLIT_PARTIALS=1``) a compiled step of one token through a linear of its own
-    whose launch splits K takes its partials (``qsparse::sparse_linear_partials``) and adds them in the graph.
+    compiled decode step uses (``qsparse::sparse_linear_block``); eager steps pass the block itself.
 
     Example:
         >>> out = sparse_linear_block(x, k_proj.weight, k_proj.bias, None, 512, 512, 1536)  # doctest: +SKIP
     """
     _check_decode_tokens(x)
     if torch.compiler.is_compiling():
-        if kernels.SPLIT_PARTIALS and kept is not None and column == 0 and weight.shape[0] == width:
-            # a linear of its own (o_proj, down_proj): with several splits, their partials are added in the graph,
-            # where the compiler can fold the sum into the residual add after it
-            split = _traced_split(weight.shape[1], width, kept.shape[-1], x.dtype, str(x.device))
-            if split > 1:
-                out = _sparse_linear_partials(x, weight, kept, width, split).sum(0)
-                return (out if bias is None else out + bias.float()).to(x.dtype)
         return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width)
     return _gemv_through(x, weight, bias, kept, column, bias_column, width)
 
