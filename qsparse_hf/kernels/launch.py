@@ -291,8 +291,10 @@ def _semaphores(device: torch.device, count: int) -> torch.Tensor:
     split top-K rows), all zero between launches (each launch re-arms the ones it used). Launches on one stream
     never overlap, so they can share them: the shared buffer when it holds ``count`` (`reserve_tickets`), else
     zeroed tickets of this launch's own."""
-    return _shared(_SEMAPHORES, device, count, reserve_tickets,
-                   lambda: torch.zeros(count, dtype=torch.int32, device=device))
+    tickets = _SEMAPHORES.get(device)
+    if tickets is not None and tickets.numel() >= count:  # (every call of an eager decode step: kept cheap)
+        return tickets
+    return _grown_or_own(_SEMAPHORES, device, count, reserve_tickets, torch.zeros, torch.int32)
 
 
 def _scratch(device: torch.device, count: int) -> torch.Tensor:
@@ -300,16 +302,20 @@ def _scratch(device: torch.device, count: int) -> torch.Tensor:
     entries. Each launch writes and reads its partials within itself, and launches on one stream never overlap
     (as for the tickets), so one buffer serves them all and an eager decode step allocates only its outputs: the
     shared buffer when it holds ``count`` (`reserve_scratch`), else partials of this launch's own."""
-    return _shared(_SCRATCH, device, count, reserve_scratch,
-                   lambda: torch.empty(count, dtype=torch.float32, device=device))
+    partials = _SCRATCH.get(device)
+    if partials is not None and partials.numel() >= count:
+        return partials
+    return _grown_or_own(_SCRATCH, device, count, reserve_scratch, torch.empty, torch.float32)
 
 
-def _shared(shared: dict, device: torch.device, count: int, reserve, own) -> torch.Tensor:
-    buffer = shared.get(device)
-    if (buffer is None or buffer.numel() < count) and _grows_when_launching(device):
+def _grown_or_own(shared: dict, device: torch.device, count: int, reserve, allocate, dtype) -> torch.Tensor:
+    # a shared buffer too small for this launch: grown where launches may grow it, else one of the launch's own
+    if _grows_when_launching(device):
         reserve(device, count)
         buffer = shared.get(device)
-    return own() if buffer is None or buffer.numel() < count else buffer
+        if buffer is not None and buffer.numel() >= count:
+            return buffer
+    return allocate(count, dtype=dtype, device=device)
 
 
 def _capturing(device: torch.device) -> bool:
