@@ -48,7 +48,7 @@ def sm90_resources(launch, pointer_types: dict = _POINTER_TYPES) -> tuple[int, i
     Example:
         >>> from qsparse_hf.kernels.topk import _row_launch  # doctest: +SKIP
         >>> sm90_resources(_row_launch(4096, 2048, torch.bfloat16, True, False, None, True).launch)  # doctest: +SKIP
-        (168, 0)
+        (168, 8)
     """
     import triton
     from triton.backends.compiler import GPUTarget
