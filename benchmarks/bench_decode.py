@@ -502,8 +502,8 @@ def main(argv=None) -> int:
     ways = list(dict.fromkeys(ways))
     modes = [w for w in ways if w in STEP_WAYS]
     if not modes or set(ways) - {*STEP_WAYS, *HOST_BOUND, "static"}:
-        print(f"--ways takes graph, compile, compile2, compile3, compile4, compile6, compile7, eager, "
-              f"eager2, static (one of the first eight at least), got {args.ways!r}", file=sys.stderr)
+        print(f"--ways takes {', '.join((*STEP_WAYS, *HOST_BOUND, 'static'))} (one of the first {len(STEP_WAYS)} "
+              f"at least), got {args.ways!r}", file=sys.stderr)
         return 2
     keeps = [float(k) for k in args.keeps.split(",") if k]
     if args.rounds < 1:
