@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         block = 1 << (dim - 1).bit_length()
         k = keep_count(args.keep, dim)
         for silu, variant in ((False, "top-K"), (True, "SiLU, top-K, × up")):
-            chosen = launch_config(block, silu)
+            # a decode token's default; rows a hinted token splits (below) show the register kernel's unhinted one
+            chosen = launch_config(block, silu, hinted=True)
+            chosen = launch_config(block, silu) if chosen[0] == "split" else chosen
             others = [*_launch_candidates(block), *([] if silu else STREAMED_CANDIDATES)]  # no fused SiLU streamed
             for config in [chosen] if args.defaults_only else others:
                 launch = _row_launch(dim, k, torch.bfloat16, True, False, config, True, silu, silu).launch

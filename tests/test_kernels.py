@@ -139,11 +139,13 @@ def test_threshold_hint_changes_nothing_but_where_the_search_starts(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
+@pytest.mark.parametrize("config", [None, (1, 2)], ids=["default", "2-warps"])
+def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype, config):
     # Each row gets a hint at another offset from its own threshold: across the window searched first, at its
     # edges and just past them (the full search then), on tie-heavy rows (magnitudes on a coarse grid) and rows
-    # where hundreds of keys sit at the threshold.
-    from qsparse_hf.kernels.topk import HINT_RADIUS
+    # where hundreds of keys sit at the threshold. The default launch of a bf16 row this narrow counts the window
+    # in one histogram (8 keys a thread); with 2 warps (16 keys a thread), and in fp16, it binary-searches it.
+    from qsparse_hf.kernels.topk import HINT_RADIUS, _row_launch
 
     radius, dim, k = HINT_RADIUS[dtype], 600, 250
     offsets = sorted({*range(-2 * radius - 2, 2 * radius + 3, max(1, radius // 8)), -2 * radius, -2 * radius + 1,
@@ -154,7 +156,9 @@ def test_hinted_search_is_exact_from_every_offset_of_its_window(dtype):
     x = x.to(DEV)
     threshold = _kth_keys(x, k)
     hint = (threshold + torch.tensor(offsets, device=DEV, dtype=torch.int32)).clamp(min=0)
-    out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint)
+    out, kept = topk_sparsify_rows(x, k, indices=True, hint=hint, config=config)
+    histogram = _row_launch(dim, k, dtype, True, False, config, True).launch.constants["HINT_HISTOGRAM"]
+    assert histogram == (config is None and dtype == torch.bfloat16)
     mask = topk_mask(x, k)
     assert torch.equal(out, torch.where(mask, x, torch.zeros((), dtype=dtype, device=DEV)))
     assert torch.equal(kept.long(), _listed(mask))

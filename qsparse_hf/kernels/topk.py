@@ -10,7 +10,8 @@ Rows too wide for one program's registers (past 16384 keys they spill) are strea
 at every counting step instead (``("streamed", chunk, num_warps)`` launches, the default there; same result).
 A decode token's wide row with a threshold hint is split over many programs instead (``("split", part,
 num_warps)``): each counts its part into a histogram of the keys around the hint in one pass, the last to finish
-resolves the threshold, and a second launch writes the parts (same result).
+resolves the threshold, and a second launch writes the parts (same result). A narrower hinted bf16 row held 8 keys
+a thread counts the keys around the hint in one histogram instead of binary-searching them (same result).
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
 """
@@ -96,6 +97,33 @@ def _kth_largest_key_near(key, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: 
 
 
 @triton.jit
+def _kth_largest_key_histogram(key, valid, k, guess, DIGIT_BITS: tl.constexpr, HINT_RADIUS: tl.constexpr):
+    """`_kth_largest_key_near` from one histogram of the keys around ``guess`` instead of a binary search: the keys
+    counted per key of the window (and those above it) in one pass, the threshold read off a suffix sum. Returns
+    the threshold and how many keys are strictly greater than it (``valid`` masks the padding out).
+
+    Three barriers' worth of reductions instead of seven, but the histogram costs instructions for every key a
+    thread holds, so `_RowLaunch` uses it only where a thread holds few (see `HISTOGRAM_KEYS_PER_THREAD`)."""
+    WINDOW: tl.constexpr = 2 * HINT_RADIUS
+    BINS: tl.constexpr = 4 * HINT_RADIUS  # the window, one bin below it (not counted) and one above, padded
+    low = tl.maximum(guess - HINT_RADIUS, 0)
+    bins = tl.arange(0, BINS)
+    counts = tl.histogram(_key_window_bins(key, low, guess + HINT_RADIUS - 1, WINDOW), BINS, mask=valid)
+    counts = tl.where(bins == WINDOW, 0, counts)
+    # keys at or above each bin's key; the bin above the window reaches k when the threshold lies past it
+    reaching = tl.cumsum(counts, 0, reverse=True)
+    # the highest bin that k keys reach, with the keys strictly above it packed below (at most 32768 < 2 ** 16)
+    packed = tl.max(tl.where(reaching >= k, (bins << 16) + reaching - counts, -1), 0)
+    if (packed >= 0) & ((packed >> 16) < WINDOW):
+        threshold = low + (packed >> 16)
+        greater = packed & 0xFFFF
+    else:
+        threshold = _kth_largest_key(key, k, DIGIT_BITS)
+        greater = tl.sum((key > threshold).to(tl.int32), 0)
+    return threshold, greater
+
+
+@triton.jit
 def _magnitude_key(x, INF_KEY: tl.constexpr):
     """The magnitude bits of bf16/fp16 ``x`` (their integer order is the magnitudes' order). Every NaN pattern lies
     above infinity's: clamped to it, so NaN ranks as inf (ties by index), as in the reference."""
@@ -121,8 +149,14 @@ def _kept_at(key, threshold, k, offs, index_row_ptr, WRITE_INDICES: tl.constexpr
     """Which keys of a row its top-``k`` keeps, given the k-th largest key ``threshold``: every greater key and the
     ties at the threshold lowest index first; with ``WRITE_INDICES`` their positions are also stored ascending at
     ``index_row_ptr``."""
+    return _kept_with_ties(key, threshold, k - tl.sum((key > threshold).to(tl.int32), 0), offs, index_row_ptr,
+                           WRITE_INDICES)
+
+
+@triton.jit
+def _kept_with_ties(key, threshold, ties_kept, offs, index_row_ptr, WRITE_INDICES: tl.constexpr):
+    """`_kept_at` where the number of ties at the threshold to keep (``k`` less the greater keys) is known."""
     greater = key > threshold
-    ties_kept = k - tl.sum(greater.to(tl.int32), 0)
     at_threshold = key == threshold
     if WRITE_INDICES:
         # One scan counts both the ties and the strictly greater keys before each position (16 bits each: rows
@@ -178,7 +212,7 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
                       HINT_STEPS: tl.constexpr, SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, HINT_HISTOGRAM: tl.constexpr = False):
     _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -187,8 +221,14 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if SILU:  # a gated FFN's activation, fused: the top-K of silu(x) (silu(0) == 0 keeps the padding at 0)
         x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
-    threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
-    keep = _kept_at(key, threshold, k, offs, index_ptr + row * k, WRITE_INDICES)
+    if HINT_HISTOGRAM:  # hinted rows only (see HISTOGRAM_KEYS_PER_THREAD)
+        threshold, greater = _kth_largest_key_histogram(key, valid, k, tl.load(hint_ptr + row), DIGIT_BITS,
+                                                        HINT_RADIUS)
+        tl.store(hint_ptr + row, threshold)
+        keep = _kept_with_ties(key, threshold, k - greater, offs, index_ptr + row * k, WRITE_INDICES)
+    else:
+        threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
+        keep = _kept_at(key, threshold, k, offs, index_ptr + row * k, WRITE_INDICES)
     value = tl.where(keep, x, 0.0)
     if MULTIPLY:  # over the whole row: see _times_row
         value = _times_row(value, y_ptr + row * stride_y, offs, valid, PRECISE)
@@ -455,11 +495,13 @@ def launch_config(block: int, silu: bool = False, hinted: bool = False,
     one pass; the last to finish resolves the threshold, and a second launch writes the parts. One hinted token on
     an H200 (``benchmarks/results/topk_one_row_split.json``), µs: 14336 features 6.3 against 13.6 (register
     kernel), 18944 features 7.1 against 19.2 (streamed). At 4096 features it measured 5.5 against 6.3, once; rows
-    that narrow keep the register kernel until a decode run confirms it.
+    that narrow keep the register kernel until a decode run confirms it, with 8 keys a thread where hinted (16
+    warps at 4096 keys): in a compiled step a one-program selection waits on every instruction it fetches, and the
+    code shrinks with the keys a thread holds (`HISTOGRAM_KEYS_PER_THREAD`).
 
     Example:
-        >>> launch_config(4096)
-        (1, 4)
+        >>> launch_config(4096), launch_config(4096, hinted=True)
+        ((1, 4), (1, 16))
         >>> launch_config(32768)
         ('streamed', 4096, 16)
         >>> launch_config(16384, hinted=True)
@@ -469,7 +511,7 @@ def launch_config(block: int, silu: bool = False, hinted: bool = False,
         return split_launch(block, dtype)
     if block > 16384 and not silu:
         return STREAMED_WIDE_ROWS
-    return _register_launch(block)
+    return _register_launch(block, hinted)
 
 
 def split_launch(block: int, dtype: torch.dtype = torch.bfloat16) -> tuple[str, int, int]:
@@ -499,9 +541,12 @@ def _split_parts_limit(dtype: torch.dtype) -> int:
     return min(64, 8192 // _split_bins(dtype))
 
 
-def _register_launch(block: int) -> tuple[int, int]:
+def _register_launch(block: int, hinted: bool = False) -> tuple[int, int]:
     """The register kernel's default ``(digit_bits, num_warps)`` for rows padded to ``block`` keys (see
-    `launch_config`)."""
+    `launch_config`): hinted rows up to `SPLIT_FROM_KEYS` keys (a decode token's) take 8 keys a thread, 16 warps at
+    most, others 32 keys a thread."""
+    if hinted and block <= SPLIT_FROM_KEYS:
+        return 1, max(4, min(16, block // (32 * HISTOGRAM_KEYS_PER_THREAD)))
     return 1, max(4, min(32, block // 1024))
 
 
@@ -516,6 +561,12 @@ STREAMED_WIDE_ROWS = STREAMED_CANDIDATES[2]
 #: ``("split", part, num_warps)`` launches worth timing (bench_topk.py), hinted rows only.
 SPLIT_CANDIDATES = (("split", 256, 2), ("split", 256, 4), ("split", 512, 4), ("split", 1024, 8), ("split", 1024, 16),
                     ("split", 2048, 16))
+#: A hinted bf16 row whose threads hold at most this many keys each searches the hint's window with one histogram
+#: (`_kth_largest_key_histogram`) instead of a binary search: fewer barriers, and few keys a thread keep the
+#: histogram's code short (3584-key rows, 16 warps: 1008 SASS instructions, 896 for the binary search; 2992 with 4
+#: warps, 32 keys a thread). In a compiled Qwen2-7B step the three one-token selections of a layer took 4.63 us a
+#: call this way, 4.76 with 16 warps' binary search and 5.01 with the 4 warps of before (H100).
+HISTOGRAM_KEYS_PER_THREAD = 8
 #: Hinted rows padded past this many keys take the split launch by default, in parts of (at least) this many keys.
 SPLIT_FROM_KEYS = 8192
 SPLIT_PART = 512
@@ -579,11 +630,13 @@ class _RowLaunch:
         digit_bits, num_warps = config
         if digit_bits not in (1, 2):
             raise ValueError(f"digit_bits must be 1 or 2, got {digit_bits}")
+        histogram = (hinted and dtype == torch.bfloat16
+                     and block <= HISTOGRAM_KEYS_PER_THREAD * 32 * num_warps)
         constants = dict(
             INF_KEY=_INF_KEY[dtype], BLOCK=block, DIGIT_BITS=digit_bits, COUNT_ZEROS=count_zeros,
             WRITE_INDICES=indices, USE_HINT=hinted, HINT_RADIUS=HINT_RADIUS[dtype],
             HINT_STEPS=HINT_RADIUS[dtype].bit_length(), SILU=silu, MULTIPLY=multiply, PRECISE=_PRECISE,
-            num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
+            HINT_HISTOGRAM=histogram, num_warps=num_warps, **pdl_constants(), **_silu_options(silu))
         self.launch = KernelLaunch(_topk_rows_kernel, constants)
 
     def __call__(self, x: torch.Tensor, rows: int, stride: int, zeros: torch.Tensor | None,
