@@ -32,7 +32,9 @@ def _one_row_sweep(dims: tuple[int, ...] = (4096, 14336)) -> list[dict]:
     """One decode token: every launch (the register kernel's (digit bits, warps) and the streamed kernel's
     (chunk, warps)), listing the kept features, against the default; and hinted launches, as the model's decode
     steps run (four tokens of the same distribution in turn, so each search starts from the previous token's
-    threshold): the default, the register kernel's default and the streamed kernel's launches."""
+    threshold): the default, the register kernel's unhinted default and the streamed kernel's launches. A hinted
+    register launch whose threads hold at most `topk.HISTOGRAM_KEYS_PER_THREAD` keys (the default at 4096: 16 warps)
+    counts the hint's window in one histogram, the others binary-search it."""
     from qsparse_hf.kernels.topk import (SPLIT_CANDIDATES, STREAMED_CANDIDATES, _launch_candidates, _register_launch,
                                          launch_config, new_hint, topk_sparsify_rows)
 
