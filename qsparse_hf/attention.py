@@ -29,12 +29,14 @@ import logging
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
 from .layers import _KERNEL_DTYPES, ModuleForward
 
-__all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "register_attention",
+__all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "qsparse_sdpa_mask",
+           "register_attention",
            "use_decode_attention", "restore_attention"]
 
 logger = logging.getLogger(__name__)
@@ -184,18 +186,36 @@ class DecodeAttentionForward(ModuleForward):
         return o_proj(out.reshape(*hidden.shape[:-1], -1)), None
 
 
+def qsparse_sdpa_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The attention mask of ``"qsparse_sdpa"``: transformers' ``sdpa_mask`` (same arguments), made under
+    ``torch.compile`` by one opaque op (`kernels.ops.step_input`) so that the compiled step computes it once: the
+    mask every layer's decode attention reads was otherwise computed again for each layer (on an H100, one kernel a
+    layer: benchmarks/README.md, thirty-fourth stop).
+
+    Example:
+        >>> qsparse_sdpa_mask(batch_size=1, q_length=1, kv_length=3, q_offset=1, allow_is_causal_skip=False).tolist()
+        [[[[True, True, False]]]]
+    """
+    mask = sdpa_mask(*args, **kwargs)
+    if isinstance(mask, torch.Tensor) and torch.compiler.is_compiling():
+        from .kernels.ops import step_input
+
+        mask = step_input(mask)
+    return mask
+
+
 def register_attention() -> None:
     """Register ``"qsparse_sdpa"`` with transformers' attention and attention-mask interfaces (idempotent; done on
-    ``import qsparse_hf``). The mask is SDPA's.
+    ``import qsparse_hf``). The mask is SDPA's (`qsparse_sdpa_mask`).
 
     Example:
         >>> register_attention(); register_attention()  # safe to call twice
     """
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, qsparse_sdpa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, qsparse_sdpa_mask)
 
 
 def _attention_of(model: nn.Module) -> str | None:

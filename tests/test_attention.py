@@ -278,6 +278,31 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
     assert len(appends) == 2 * 3 * model.config.num_hidden_layers  # the model's own update this time
 
 
+def test_inductor_steps_compute_the_attention_mask_once_for_every_layer():
+    # Every layer's decode attention reads the same mask; as the output of a fused pointwise kernel Inductor gave
+    # each layer's custom op a copy of its own, computed before it (one kernel a layer on the GPU). Made by
+    # `qsparse::step_input`, it is one buffer that every layer's launch reads.
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
+    cache = StaticCache(config=model.config, max_cache_len=12)
+    positions = torch.arange(12, device=DEV)
+    tokens = torch.randint(3, 128, (1, 9), device=DEV)
+    with torch.no_grad():
+        model(tokens[:, :8], past_key_values=cache, cache_position=positions[:8])
+        step = torch.compile(model.forward, fullgraph=True)
+        _, codes = run_and_get_code(step, tokens[:, 8:], past_key_values=cache, cache_position=positions[8:9])
+    code = codes[-1]
+    # (the mask is the launch's argument before the scale)
+    masks = re.findall(r"qsparse\.decode_attention_append\.default\(.*, (\w+), [0-9.e-]+\)$", code, re.M)
+    assert len(masks) == model.config.num_hidden_layers >= 2
+    assert len(set(masks)) == 1 and code.count("torch.ops.qsparse.step_input.default(") == 1
+
+
 @pytest.mark.parametrize("head_dim,dtype", [(8, torch.bfloat16), (16, torch.float32)])
 def test_the_append_leaves_what_the_kernel_does_not_take_to_the_models_code(head_dim, dtype, monkeypatch):
     # A head of 8 is found too small once the projections are done (the step finishes as the module's code would:

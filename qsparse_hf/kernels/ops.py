@@ -20,6 +20,8 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   features' list, as the split selection writes them (`ffn.gated_select_listed`).
 - ``qsparse::decode_attention(query, key, value, mask, scale)``: one-token attention over the key/value cache in one
   launch (`attention.decode_attention`; inference).
+- ``qsparse::step_input(x)``: a copy of ``x``, so that a compiled step holds one buffer of a tensor that every
+  decoder layer reads (the attention mask) instead of one the compiler computes again for each layer's custom op.
 - ``qsparse::decode_attention_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask,
   scale)``: the same with the step's rotary embedding and static-cache append in the launch
   (`attention.decode_attention_append`; mutates the caches and reads the count, which the wrapper then advances
@@ -44,7 +46,7 @@ from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsif
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
            "gated_select", "gated_select_listed", "masked_linear_block", "decode_attention", "register_hint",
-           "block_of", "repeatable_linear", "repeatable_select"]
+           "block_of", "repeatable_linear", "repeatable_select", "step_input"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -230,6 +232,32 @@ def _decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 def _(query, key, value, mask, scale):
     batch, heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, heads, head_dim)
+
+
+@torch.library.custom_op("qsparse::step_input", mutates_args=())
+def _step_input(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+@_step_input.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def step_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as one buffer of a compiled step that every decoder layer reads (``qsparse::step_input``, a copy);
+    ``x`` itself outside compilation.
+
+    Inductor hands each custom op a buffer of its own for an input that a fused pointwise kernel computes: a
+    one-token step's attention mask (``kv_index <= position``), passed to every layer's `decode_attention_append`,
+    was computed again before each of them, one launch a layer. The output of an opaque op is a buffer the compiler
+    cannot recompute, so the layers share it.
+
+    Example:
+        >>> step_input(torch.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return _step_input(x) if torch.compiler.is_compiling() else x
 
 
 @torch.library.custom_op("qsparse::decode_attention_append", mutates_args=("key_cache", "value_cache"))
