@@ -55,7 +55,9 @@ def sm90_resources(launch, pointer_types: dict = _POINTER_TYPES) -> tuple[int, i
     from triton.compiler import ASTSource
 
     kernel = launch.kernel
-    constexprs = {name: value for name, value in launch.constants.items() if name not in _OPTIONS}
+    # (constexpr parameters a launch leaves at their defaults are constants too, as the JIT passes them)
+    constexprs = {param.name: param.default for param in kernel.params if param.is_constexpr and param.has_default}
+    constexprs.update((name, value) for name, value in launch.constants.items() if name not in _OPTIONS)
     options = {name: value for name, value in launch.constants.items() if name in _OPTIONS}
     signature = {name: pointer_types.get(name, "constexpr" if name in constexprs else "i32")
                  for name in kernel.arg_names}

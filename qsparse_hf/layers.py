@@ -778,7 +778,9 @@ class InputSparsifier:
                 plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             if compiling:
-                outputs = _multiply_through(self, linear, x_sparse, kept)
+                # (experimental: the GEMV guesses its first rows from the selection's input, `kernels.GEMV_PREFETCH`)
+                guide = x if kernels.GEMV_PREFETCH and kept is not None and x_sparse is not x else None
+                outputs = _multiply_through(self, linear, x_sparse, kept, guide)
             elif not _decode_tokens(x):  # a prompt: the product counts nothing
                 outputs = self._decode_weights.multiply_prompt(x_sparse)
                 zeros = zeros if counted else None
@@ -934,15 +936,18 @@ def _split_members(out: torch.Tensor, widths: tuple) -> tuple[torch.Tensor, ...]
 
 
 def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
-                      kept: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                      kept: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """`DecodeWeights.multiply` as a compiled forward runs it: reaching the block through ``linear``'s own
     ``weight`` and ``bias`` Parameters (views of it) instead of `DecodeWeights.weight_t`, and the block's shape
     through the sparsifier's settings (their ``layout``: width, member widths, bias source). Dynamo then guards
     Parameters of modules, which it skips while a module is unchanged, rather than tensors held elsewhere, which
     it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
-    decode step's guard time)."""
+    decode step's guard time). ``guide``: the dense input ``kept`` was selected from, for the GEMV's experimental
+    L2 prefetch (`kernels.GEMV_PREFETCH`)."""
     width, widths, column, bias, bias_column = _block_reach(sparsifier, linear)
-    out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width)
+    hint_slot = -1 if guide is None else sparsifier._now().hint_slot
+    out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width,
+                                            guide, hint_slot)
     return _split_members(out, widths)
 
 

@@ -297,6 +297,36 @@ def test_split_partials_gemv_returns_each_splits_product_unadded(config, tokens)
     assert _rel_err(parts.sum(0), product) < 1e-2
 
 
+def test_compiled_steps_asked_to_prefetch_pass_each_gemv_its_selections_input(monkeypatch):
+    # q/k/v, o and gate/up GEMVs over a listed selection get the dense input it came from (down's list is the
+    # activation's own); the logits are the same (the prefetch changes what L2 holds, never the product).
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import ops
+
+    model = sparse_llama()
+    ids = torch.randint(3, 128, (1, 1), device=DEV)
+    guided = []
+    plain_gemv = ops.sparse_gemv
+
+    def recording(*args, guide=None, **kwargs):
+        guided.append(guide is not None)
+        return plain_gemv(*args, guide=guide, **kwargs)
+
+    monkeypatch.setattr(ops, "sparse_gemv", recording)
+    outputs = {}
+    with torch.no_grad():
+        model(ids)  # (an eager step lays the weights out for decoding)
+        for prefetch in (False, True):
+            monkeypatch.setattr(kernels, "GEMV_PREFETCH", prefetch)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+            compiled(ids)
+            guided.clear()
+            outputs[prefetch] = compiled(ids).logits
+            assert sum(guided) == (6 if prefetch else 0) and len(guided) == 8  # two layers
+    assert torch.equal(outputs[True], outputs[False])
+
+
 def test_sparse_gemv_really_skips_zero_rows():
     # Rows of the weight whose input is zero are never read: poison them with NaN and the result stays finite.
     x = torch.zeros(2, 128, device=DEV, dtype=torch.bfloat16)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import MAX_DECODE_TOKENS, tuning
-from .launch import (KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants,
+from .launch import (KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants, pdl_enabled,
                      reserve_scratch, reserve_tickets)
 from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
 
@@ -66,6 +66,33 @@ def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr
 
 
 @triton.jit
+def _prefetch_l2(pointers, wanted):
+    """Ask L2 for the 128-byte lines at ``pointers`` where ``wanted`` (one ``prefetch.global.L2`` each; nothing is
+    read into registers, nothing waits for it)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [pointers, wanted.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_likely_rows(guide_ptr, hint_ptr, wt_ptr, n_in, n_rows, stride_w, ROWS_PER_SPLIT: tl.constexpr,
+                          BLOCK_N: tl.constexpr, INF_KEY: tl.constexpr, WINDOW: tl.constexpr, LINES: tl.constexpr):
+    """Before the launch's wait (programmatic dependent launch: the selection that lists the kept rows is still
+    running, and memory idles), ask L2 for the weight rows this program is likely to read first: of the
+    ``WINDOW`` features where its split's listed rows would begin were the kept features spread evenly, those
+    whose key in the selection's input (``guide_ptr``, complete before the selection began) reaches the last
+    token's threshold (``hint_ptr``), this program's ``BLOCK_N`` columns of each (``LINES`` lines). A guess: it
+    changes what L2 holds, never what the launch computes."""
+    first = (tl.program_id(1) * ROWS_PER_SPLIT).to(tl.int64) * n_in // n_rows
+    features = first + tl.arange(0, WINDOW)
+    inside = features < n_in
+    key = _magnitude_key(tl.load(guide_ptr + features, mask=inside, other=0.0), INF_KEY)
+    likely = inside & (key >= tl.load(hint_ptr))
+    LINE: tl.constexpr = BLOCK_N // LINES
+    lines = tl.program_id(0) * BLOCK_N + tl.arange(0, LINES) * LINE
+    _prefetch_l2(wt_ptr + features[:, None] * stride_w + lines[None, :], likely[:, None] & (lines < stride_w)[None, :])
+
+
+@triton.jit
 def _sparse_gemv_kernel(
     x_ptr, wt_ptr, bias_ptr, out_ptr, part_ptr, sem_ptr, zeros_ptr, index_ptr, hint_ptr, key_ptr, state_ptr, tokens,
     n_out, n_in, n_rows, stride_x, stride_w, stride_out, k_select, ROWS_PER_SPLIT: tl.constexpr,
@@ -73,8 +100,12 @@ def _sparse_gemv_kernel(
     NUM_STAGES: tl.constexpr, HAS_BIAS: tl.constexpr, COUNT_ZEROS: tl.constexpr, GATHER: tl.constexpr,
     SELECT: tl.constexpr, MASKED: tl.constexpr, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
     USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
-    PARTIALS_OUT: tl.constexpr = False,
+    PARTIALS_OUT: tl.constexpr = False, PREFETCH: tl.constexpr = False, PREFETCH_WINDOW: tl.constexpr = 1,
+    PREFETCH_LINES: tl.constexpr = 1,
 ):
+    if PREFETCH:  # (`GEMV_PREFETCH`: listed rows of one token, with PDL; key_ptr is the selection's input)
+        _prefetch_likely_rows(key_ptr, hint_ptr, wt_ptr, n_in, n_rows, stride_w, ROWS_PER_SPLIT, BLOCK_N, INF_KEY,
+                              PREFETCH_WINDOW, PREFETCH_LINES)
     _dependent_launch_start(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -378,13 +409,40 @@ def _cdiv(a: int, b: int) -> int:
     return -(a // -b)  # triton.cdiv is a constexpr function: microseconds per host call
 
 
+#: Most listed rows a program asks L2 for before its launch's wait (`GEMV_PREFETCH`), and most prefetch
+#: instructions: about the bytes memory moves while a one-token selection runs (~14 MB in 4.6 µs on an H100) over
+#: a launch's few hundred programs.
+PREFETCH_ROWS = 256
+_PREFETCH_INSTRUCTIONS = 1024
+
+
+def _prefetch_constants(dtype: torch.dtype | None, n_in: int, n_rows: int, rows_per_split: int,
+                        block_n: int) -> dict:
+    """A listed-rows launch's prefetch constants (`_prefetch_likely_rows`): none without ``dtype`` (the selection
+    input's) or without programmatic dependent launch (then nothing runs before the selection ends); else the
+    window of features scanned -- the rows a program reads first, at most `PREFETCH_ROWS`, over the kept share --
+    and the 128-byte lines of each row's columns.
+
+    Example:
+        >>> _prefetch_constants(None, 3584, 1792, 1792, 64)
+        {}
+    """
+    if dtype is None or not pdl_enabled():
+        return {}
+    lines = max(1, block_n * torch.finfo(dtype).bits // 8 // 128)
+    rows = max(1, min(rows_per_split, PREFETCH_ROWS, _PREFETCH_INSTRUCTIONS // lines))
+    window = 1 << (_cdiv(rows * n_in, n_rows) - 1).bit_length()
+    return dict(PREFETCH=True, PREFETCH_WINDOW=window, PREFETCH_LINES=lines)
+
+
 class _Launch:
     """One sparse-GEMV launch shape (weight layout, tokens, listed rows, config) with its grid and constants worked
     out, so that a decode step pays one dictionary lookup on top of Triton's own launch."""
 
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
                  count_zeros: bool, gather: bool, select: tuple | None = None,
-                 masked: torch.dtype | None = None, add_splits: bool = True) -> None:
+                 masked: torch.dtype | None = None, add_splits: bool = True,
+                 prefetch: torch.dtype | None = None) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
@@ -398,22 +456,24 @@ class _Launch:
         self.partial_splits = None if add_splits else split
         # select: (k, dtype, hinted): the one-token top-K runs inside this launch (`select_gemv`)
         # masked: the dtype of `masked_gemv`'s keys, None for other launches
-        k_select, dtype, hinted = select or (0, masked, False)
+        k_select, dtype, hinted = select or (0, masked or prefetch, False)
         self.k_select = k_select
+        rows_per_split = _cdiv(_cdiv(n_rows, split), block_k) * block_k
         self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
-            ROWS_PER_SPLIT=_cdiv(_cdiv(n_rows, split), block_k) * block_k, TOKENS_PAD=1 if tokens == 1 else 16,
+            ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=1 if tokens == 1 else 16,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=self.split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
             COUNT_ZEROS=count_zeros, GATHER=gather, SELECT=select is not None, MASKED=masked is not None,
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
             num_warps=num_warps, PARTIALS_OUT=not add_splits, **pdl_constants(),
+            **_prefetch_constants(prefetch, n_in, n_rows, rows_per_split, block_n),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
                  zeros: torch.Tensor | None, kept: torch.Tensor | None, hint: torch.Tensor | None = None,
                  keys: torch.Tensor | None = None, state: torch.Tensor | None = None):
         """``x``: ``[..., n_in]``, its token rows ``stride_x`` elements apart; the result is ``[..., n_out]``.
-        ``keys`` and ``state``: a masked launch's (`masked_gemv`)."""
+        ``keys`` and ``state``: a masked launch's (`masked_gemv`); ``keys``: a prefetching launch's guide."""
         if self.partial_splits is not None:
             out = torch.empty((self.partial_splits, *x.shape[:-1], self.n_out), dtype=torch.float32, device=x.device)
         else:
@@ -439,15 +499,17 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 
 def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-                 select: tuple | None = None, masked: torch.dtype | None = None, add_splits: bool = True) -> _Launch:
+                 select: tuple | None = None, masked: torch.dtype | None = None, add_splits: bool = True,
+                 prefetch: torch.dtype | None = None) -> _Launch:
     """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
-    top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: False for `split_partials_gemv`)."""
+    top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: False for `split_partials_gemv`;
+    ``prefetch``: the dtype of the selection's input that guides a listed-rows launch's L2 prefetch)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
         tokens = _tokens(x)
     key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select,
-           masked, add_splits)
+           masked, add_splits, prefetch)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
@@ -456,11 +518,13 @@ def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | N
 
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
             zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-            select: tuple | None = None, hint: torch.Tensor | None = None):
+            select: tuple | None = None, hint: torch.Tensor | None = None, guide: torch.Tensor | None = None):
     """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
-    stride)."""
-    launch = _find_launch(x, weight_t, bias, config, zeros, kept, tokens, select)
-    return launch(x, weight_t.shape[0] if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint)
+    stride). ``guide`` (with ``kept`` and ``hint``): the selection's input, for the L2 prefetch."""
+    prefetch = None if guide is None else guide.dtype
+    launch = _find_launch(x, weight_t, bias, config, zeros, kept, tokens, select, prefetch=prefetch)
+    return launch(x, weight_t.shape[0] if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint,
+                  guide)
 
 
 def _tokens(x: torch.Tensor) -> int:
@@ -488,7 +552,8 @@ def _check_sparse(x: torch.Tensor, weight_t: torch.Tensor, kept: torch.Tensor | 
 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                 config: GemvConfig | None = None, zeros: torch.Tensor | None = None,
-                kept: torch.Tensor | None = None) -> torch.Tensor:
+                kept: torch.Tensor | None = None, guide: torch.Tensor | None = None,
+                hint: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
 
     Args:
@@ -502,6 +567,10 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
         kept: optional int32 ``[1, n]`` list of the features that may be non-zero in a one-token ``x`` (ascending,
             as `topk_sparsify_rows` writes with ``indices=True``); the GEMV then reads exactly those n weight rows.
             Features not listed must be zero in ``x``.
+        guide, hint: with ``kept``, the dense input that ``x`` and ``kept`` were selected from and the selection's
+            threshold hint: with programmatic dependent launch each program then asks L2, before it waits for the
+            selection, for the rows it is likely to read first (`_prefetch_likely_rows`; experimental, off unless
+            ``QSPARSE_GEMV_PREFETCH=1`` asks the decode path for it). The result is the same either way.
 
     Example:
         >>> w = torch.randn(4, 256)  # doctest: +SKIP
@@ -513,7 +582,11 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
     if not (x.is_contiguous() or (x.dim() == 2 and x.stride(-1) == 1)):
         x = x.reshape(-1, x.shape[-1]).contiguous().reshape(x.shape)
     rows = None if kept is None else kept.shape[1]
-    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens)
+    if guide is not None and (kept is None or hint is None or guide.shape[-1] != x.shape[-1]
+                              or guide.dtype not in _INF_KEY or guide.stride(-1) != 1):
+        guide = None  # (a guess that cannot be made is not made: the product is the same)
+    return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens,
+                   hint=hint, guide=guide)
 
 
 def split_partials_gemv(x: torch.Tensor, weight_t: torch.Tensor, config: GemvConfig,
