@@ -36,8 +36,7 @@ from . import kernels
 from .layers import _KERNEL_DTYPES, ModuleForward
 
 __all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "qsparse_sdpa_mask",
-           "register_attention",
-           "use_decode_attention", "restore_attention"]
+           "register_attention", "use_decode_attention", "restore_attention"]
 
 logger = logging.getLogger(__name__)
 

@@ -412,8 +412,8 @@ def test_single_launch_selection_is_exact_on_a_trained_model(monkeypatch):
     launch = gemv._Launch.__call__
 
     # checked where every launch goes through, so that the steps an eager plan repeats are checked too
-    def checking(self, x, stride_x, weight_t, bias, zeros, kept, hint=None):
-        out = launch(self, x, stride_x, weight_t, bias, zeros, kept, hint)
+    def checking(self, x, stride_x, weight_t, bias, zeros, kept, *rest):
+        out = launch(self, x, stride_x, weight_t, bias, zeros, kept, *rest)
         if self.k_select:
             c = self.launch.constants
             config = GemvConfig(c["BLOCK_N"], c["BLOCK_K"], c["SPLIT"], c["num_warps"], c["NUM_STAGES"])
