@@ -574,29 +574,38 @@ class InputSparsifier:
             self.hint_slot = _kernel_ops().register_hint(new_hint(device, kernels.MAX_DECODE_TOKENS))
             self._hint_device = device
 
-    def _publish_kept(self, kept: torch.Tensor | None, width: int, compiling: bool) -> None:
+    def _publish_kept(self, kept: torch.Tensor | None, width: int, compiling: bool,
+                      guide: torch.Tensor | None = None, guide_silu: bool = False) -> None:
+        """Publish the kept features of this one-token selection for the sparsifier that reads its output (down_proj
+        of a gated FFN); on a compiled step also ``guide``, the dense tensor they were selected from (``guide_silu``:
+        of its SiLU), with which that GEMV guesses its rows before the selection is done (`kernels.GEMV_PREFETCH`)."""
         if compiling:
             key = self._now().key
             if kept is None:
                 _TRACED_KEPT.pop(key, None)
             else:
-                _TRACED_KEPT[key] = (kept, width)
+                prefetch = None if guide is None else (guide, self._now().hint_slot, guide_silu)
+                _TRACED_KEPT[key] = (kept, width, prefetch)
         else:
             self.kept, self._kept_width = kept, width
 
-    def _take_source_kept(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The source activation's kept features for this one-token input (used once), or None."""
+    def _take_source_kept(self, x: torch.Tensor) -> tuple[torch.Tensor | None, tuple | None]:
+        """The source activation's kept features for this one-token input (used once), or None, and on a compiled
+        step what guides the GEMV's prefetch (`_publish_kept`: ``(guide, hint slot, guide_silu)``), or None."""
+        prefetch = None
         if torch.compiler.is_compiling():
             source_key = self._now().source_key
             if source_key is None:
-                return None
-            kept, width = _TRACED_KEPT.pop(source_key, (None, 0))
+                return None, None
+            kept, width, prefetch = _TRACED_KEPT.pop(source_key, (None, 0, None))
         else:
             source = self._source
             if source is None or source.kept is None:
-                return None
+                return None, None
             kept, width, source.kept = source.kept, source._kept_width, None
-        return kept if kept is not None and width == x.shape[-1] and kept.device == x.device else None
+        if kept is not None and width == x.shape[-1] and kept.device == x.device:
+            return kept, prefetch
+        return None, None
 
     def _cached(self, x: torch.Tensor, compiling: bool, decoded_only: bool = False):
         """The shared result for this very input (counted as one more use), else None; ``decoded_only``: only
@@ -648,7 +657,9 @@ class InputSparsifier:
             select = publishes_kept and _one_token_inference(x) and _listable(x)
             out, counted, kept = self._sparsify(x, zeros, select)
             if publishes_kept:
-                self._publish_kept(kept, x.shape[-1], compiling)
+                # down's GEMV guesses its rows from this selection's input (`kernels.GEMV_PREFETCH_DOWN`)
+                guides = compiling and kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN and out is not x
+                self._publish_kept(kept, x.shape[-1], compiling, x if guides else None)
                 if kept is not None and not compiling:
                     self.plan = EagerDecodePlan.build(self, "select", x, training, counting, zeros)
             if counting:
@@ -705,7 +716,8 @@ class InputSparsifier:
         published for down_proj as `__call__` does; the same result bit for bit."""
         width = gate.shape[-1]
         out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self._now().hint_slot)
-        self._publish_kept(kept, width, True)
+        guide = gate if kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN else None
+        self._publish_kept(kept, width, True, guide, guide_silu=True)
         return out
 
     # -- decode path -------------------------------------------------------------------------------------------
@@ -761,7 +773,7 @@ class InputSparsifier:
         compiling = torch.compiler.is_compiling()
         counting = not compiling and self.counter.active(x)  # (compiling first: no guards on the counter)
         zeros = self.counter.kernel_accumulator(x, linear.training, checked=True) if counting else None
-        plan = kept = None
+        plan = kept = prefetch = None
         if self.selects_in_gemv(x, compiling):
             outputs = self._decode_weights.multiply_selecting(x, self.keep(x.shape[-1]), zeros,
                                                               self._state.hint_slot)
@@ -771,16 +783,18 @@ class InputSparsifier:
             listable = _listable(x)
             x_sparse, counted, kept = self._sparsify(x, zeros, select=listable)
             if listable and self._now().input_within_topk:
-                kept = self._take_source_kept(x)
+                kept, prefetch = self._take_source_kept(x)
                 plan = "gather_gemv" if kept is not None and not counted else None
             if plan is None and x_sparse is x and kept is None and not counted:
                 # The top-K kept everything (keep 1.0) or down_proj's source listed nothing: a plain GEMV
                 plan = "gemv"
             # A top-K that did not count (skipped as the identity, or the reference path) is counted by the GEMV.
             if compiling:
-                # (experimental: the GEMV guesses its first rows from the selection's input, `kernels.GEMV_PREFETCH`)
-                guide = x if kernels.GEMV_PREFETCH and kept is not None and x_sparse is not x else None
-                outputs = _multiply_through(self, linear, x_sparse, kept, guide)
+                # The GEMV guesses its first rows from the selection's input (`kernels.GEMV_PREFETCH`): this
+                # sparsifier's own, or the source activation's (published with its kept features)
+                if prefetch is None and kernels.GEMV_PREFETCH and kept is not None and x_sparse is not x:
+                    prefetch = (x, self._now().hint_slot, False)
+                outputs = _multiply_through(self, linear, x_sparse, kept, prefetch)
             elif not _decode_tokens(x):  # a prompt: the product counts nothing
                 outputs = self._decode_weights.multiply_prompt(x_sparse)
                 zeros = zeros if counted else None
@@ -936,18 +950,18 @@ def _split_members(out: torch.Tensor, widths: tuple) -> tuple[torch.Tensor, ...]
 
 
 def _multiply_through(sparsifier: InputSparsifier, linear: "QSparseLinear", x_sparse: torch.Tensor,
-                      kept: torch.Tensor | None = None, guide: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                      kept: torch.Tensor | None = None, prefetch: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """`DecodeWeights.multiply` as a compiled forward runs it: reaching the block through ``linear``'s own
     ``weight`` and ``bias`` Parameters (views of it) instead of `DecodeWeights.weight_t`, and the block's shape
     through the sparsifier's settings (their ``layout``: width, member widths, bias source). Dynamo then guards
     Parameters of modules, which it skips while a module is unchanged, rather than tensors held elsewhere, which
     it checks before every call (with their aliasing and dynamic-shape markers: the larger part of a compiled
-    decode step's guard time). ``guide``: the dense input ``kept`` was selected from, for the GEMV's experimental
-    L2 prefetch (`kernels.GEMV_PREFETCH`)."""
+    decode step's guard time). ``prefetch``: ``(the dense input kept was selected from, its selection's hint slot,
+    whether the selection was of its SiLU)``, for the GEMV's L2 prefetch (`kernels.GEMV_PREFETCH`)."""
     width, widths, column, bias, bias_column = _block_reach(sparsifier, linear)
-    hint_slot = -1 if guide is None else sparsifier._now().hint_slot
+    guide, hint_slot, guide_silu = prefetch or (None, -1, False)
     out = _kernel_ops().sparse_linear_block(x_sparse, linear.weight, bias, kept, column, bias_column, width,
-                                            guide, hint_slot)
+                                            guide, hint_slot, guide_silu)
     return _split_members(out, widths)
 
 

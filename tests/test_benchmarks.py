@@ -280,8 +280,10 @@ gemv.pdl_enabled = lambda: True
 gemv.pdl_constants = lambda: dict(PDL=True, launch_pdl=True)
 pointers = {**registers._FFN_POINTER_TYPES, "key_ptr": "*bf16", "x_ptr": "*bf16", "out_ptr": "*bf16", "zeros_ptr": "*i64"}
 found = []
-for n_out, config in ((37888, (64, 64, 1, 4, 3)), (3584, (64, 128, 14, 4, 3))):
-    launches = [gemv._Launch(1, 3584, n_out, 1792, gemv.GemvConfig(*config), False, False, True, prefetch=prefetch)
+for n_in, n_out, config, silu in ((3584, 37888, (64, 64, 1, 4, 3), False), (3584, 3584, (64, 128, 14, 4, 3), False),
+                                  (18944, 3584, (64, 64, 8, 4, 3), True)):
+    launches = [gemv._Launch(1, n_in, n_out, n_in // 2, gemv.GemvConfig(*config), False, False, True,
+                             prefetch=prefetch, prefetch_silu=silu and prefetch is not None)
                 for prefetch in (None, torch.bfloat16)]
     constants = launches[1].launch.constants
     found.append([constants.get("PREFETCH_WINDOW"), constants.get("PREFETCH_LINES"),
@@ -292,17 +294,17 @@ print(json.dumps(found))
 
 @pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
 def test_gemv_prefetch_guess_compiles_for_hopper_without_spills():
-    # The experimental L2 prefetch (`kernels.GEMV_PREFETCH`) runs only compiled with programmatic dependent launch,
-    # never in the interpreter: compiled for sm_90 as the JIT would (in a process of its own), for Qwen2-7B's gate/up
-    # at keep 0.5 (one split of every listed row: its first 256 rows guessed from a 512-feature window, a 128-byte
-    # line each) and o_proj's tall tiles (14 splits of 128 rows: a 256-feature window each), beside the same
-    # launches without it.
+    # The L2 prefetch (`kernels.GEMV_PREFETCH`) runs only compiled with programmatic dependent launch, never in the
+    # interpreter: compiled for sm_90 as the JIT would (in a process of its own), for Qwen2-7B's gate/up at keep 0.5
+    # (one split of every listed row: its first 256 rows guessed from a 512-feature window, a 128-byte line each),
+    # o_proj's tall tiles (14 splits of 128 rows: a 256-feature window each) and down (8 splits, guessed from the
+    # SiLU of the gate: a 512-feature window each), beside the same launches without it.
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
     done = subprocess.run([sys.executable, "-c", _PREFETCH_RESOURCES, str(benchmarks)], env=env, check=True,
                           capture_output=True, text=True)
-    (gate_up, o_proj) = json.loads(done.stdout.splitlines()[-1])
-    for found, window in ((gate_up, 512), (o_proj, 256)):
+    (gate_up, o_proj, down) = json.loads(done.stdout.splitlines()[-1])
+    for found, window in ((gate_up, 512), (o_proj, 256), (down, 512)):
         (plain_registers, plain_spill), (registers, spill) = found[2], found[3]
         assert found[:2] == [window, 1]
         assert spill == plain_spill == 0 and registers <= plain_registers + 8

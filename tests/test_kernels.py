@@ -297,34 +297,73 @@ def test_split_partials_gemv_returns_each_splits_product_unadded(config, tokens)
     assert _rel_err(parts.sum(0), product) < 1e-2
 
 
-def test_compiled_steps_asked_to_prefetch_pass_each_gemv_its_selections_input(monkeypatch):
-    # q/k/v, o and gate/up GEMVs over a listed selection get the dense input it came from (down's list is the
-    # activation's own); the logits are the same (the prefetch changes what L2 holds, never the product).
+def _guides_of_compiled_steps(model, ids, monkeypatch) -> dict:
+    """For a compiled one-token step with `kernels.GEMV_PREFETCH` off, on, and on with `GEMV_PREFETCH_DOWN`
+    (``False``, ``True``, ``"down"``): its logits, and what each sparse GEMV of it was given to guess its rows from
+    (None, or whether that guide's selection was of its SiLU)."""
     from qsparse_hf import kernels
     from qsparse_hf.kernels import ops
 
-    model = sparse_llama()
-    ids = torch.randint(3, 128, (1, 1), device=DEV)
-    guided = []
+    guides = []
     plain_gemv = ops.sparse_gemv
 
-    def recording(*args, guide=None, **kwargs):
-        guided.append(guide is not None)
-        return plain_gemv(*args, guide=guide, **kwargs)
+    def recording(*args, guide=None, guide_silu=False, **kwargs):
+        guides.append(None if guide is None else guide_silu)
+        return plain_gemv(*args, guide=guide, guide_silu=guide_silu, **kwargs)
 
     monkeypatch.setattr(ops, "sparse_gemv", recording)
-    outputs = {}
+    found = {}
     with torch.no_grad():
         model(ids)  # (an eager step lays the weights out for decoding)
-        for prefetch in (False, True):
-            monkeypatch.setattr(kernels, "GEMV_PREFETCH", prefetch)
+        for prefetch in (False, True, "down"):
+            monkeypatch.setattr(kernels, "GEMV_PREFETCH", bool(prefetch))
+            monkeypatch.setattr(kernels, "GEMV_PREFETCH_DOWN", prefetch == "down")
             torch._dynamo.reset()
             compiled = torch.compile(model, fullgraph=True)
             compiled(ids)
-            guided.clear()
-            outputs[prefetch] = compiled(ids).logits
-            assert sum(guided) == (6 if prefetch else 0) and len(guided) == 8  # two layers
-    assert torch.equal(outputs[True], outputs[False])
+            guides.clear()
+            found[prefetch] = (compiled(ids).logits, list(guides))
+    torch._dynamo.reset()
+    return found
+
+
+def test_compiled_steps_asked_to_prefetch_pass_each_gemv_its_selections_input(monkeypatch):
+    # q/k/v, o and gate/up GEMVs over a listed selection get the dense input it came from, and down's too when
+    # asked (the activation's, published with its list); the logits are the same (the prefetch changes what L2
+    # holds, never the product).
+    found = _guides_of_compiled_steps(sparse_llama(), torch.randint(3, 128, (1, 1), device=DEV), monkeypatch)
+    assert found[False][1] == [None] * 8  # two layers of four GEMVs: q/k/v, o, gate/up, down
+    assert found[True][1] == [False, False, False, None] * 2 and found["down"][1] == [False] * 8
+    assert torch.equal(found[True][0], found[False][0]) and torch.equal(found["down"][0], found[False][0])
+
+
+def _wide_ffn_mistral():
+    """A one-layer Mistral whose FFN activation (8200 features) is past `topk.SPLIT_FROM_KEYS`, converted at keep 0.5,
+    in bf16 on `DEV` (seeded)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(hidden_size=32, intermediate_size=8200, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
+    return convert_to_qsparse(AutoModelForCausalLM.from_config(config).eval().to(DEV, torch.bfloat16), topk=0.5)
+
+
+def test_compiled_steps_guide_down_by_the_gate_where_the_activation_selection_is_fused(monkeypatch):
+    # Past 8192 features the compiled step selects SiLU(gate) and multiplies by up in one op (the split launch):
+    # asked to, down's GEMV then guesses its rows from the gate, through SiLU (the other GEMVs from their plain
+    # inputs), and the split's writing launch lets it start while the counting launch runs.
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import topk
+
+    monkeypatch.setattr(kernels, "FUSED_ACTIVATION", True)
+    monkeypatch.setattr(topk, "_ROW_LAUNCHES", {})
+    model = _wide_ffn_mistral()
+    found = _guides_of_compiled_steps(model, torch.tensor([[5]], device=DEV), monkeypatch)
+    assert found[False][1] == [None] * 4 and found[True][1] == [False, False, False, None]
+    assert found["down"][1] == [False, False, False, True]
+    assert torch.equal(found[True][0], found[False][0]) and torch.equal(found["down"][0], found[False][0])
+    early = {key[-1] for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts}
+    assert early == {False, True}  # (the write kernel's EARLY_DEPENDENTS: asked for with the down prefetch only)
 
 
 def test_sparse_gemv_really_skips_zero_rows():
@@ -1168,17 +1207,12 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
     # with SiLU and the product with up inside it (`fused`: QSPARSE_FUSED_ACTIVATION=1) or around `topk_select`;
     # the eager step fuses them into the register kernel. Same logits, token after token (the hint carried from
     # one to the next), and the split launch is what ran.
-    from transformers import AutoModelForCausalLM, MistralConfig
-
     from qsparse_hf import kernels
     from qsparse_hf.kernels import topk
 
     monkeypatch.setattr(kernels, "FUSED_ACTIVATION", fused)
     monkeypatch.setattr(topk, "_ROW_LAUNCHES", {})
-    torch.manual_seed(0)
-    config = MistralConfig(hidden_size=32, intermediate_size=8200, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=1, vocab_size=64, max_position_embeddings=32)
-    model = convert_to_qsparse(AutoModelForCausalLM.from_config(config).eval().to(DEV, torch.bfloat16), topk=0.5)
+    model = _wide_ffn_mistral()
     step = torch.compile(model, fullgraph=True, backend="eager")
     torch._dynamo.reset()
     with torch.no_grad():
@@ -1188,7 +1222,7 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
             assert torch.equal(step(ids).logits, eager), token
     split = [(key, launch) for key, launch in topk._ROW_LAUNCHES.items() if key[0] == 8200 and launch.parts]
     assert len(split) == 1 and split[0][1].parts == -(-8200 // topk.SPLIT_PART)
-    assert split[0][0][7:] == ((True, True) if fused else ())  # (silu, multiply) in the launch, or neither
+    assert split[0][0][7:9] == ((True, True) if fused else ())  # (silu, multiply) in the launch, or neither
     torch._dynamo.reset()
 
 

@@ -45,12 +45,17 @@ DECODE_ATTENTION = os.environ.get("QSPARSE_DECODE_ATTENTION", "1") != "0"
 #: ``QSPARSE_DECODE_APPEND=0`` leaves them to the model's own code (the A/B: ``bench_decode.py --ways
 #: compile,compile7``).
 DECODE_APPEND = os.environ.get("QSPARSE_DECODE_APPEND", "1") != "0"
-#: Experimental, off: a compiled one-token step's GEMVs over listed kept rows (q/k/v, o, gate/up) ask L2, before
-#: they wait for the selection that lists the rows (programmatic dependent launch), for the rows they are likely to
-#: read first, guessed from the selection's input and its last threshold (`gemv._prefetch_likely_rows`): memory
-#: idles while a one-token selection runs. The result is the same either way. ``QSPARSE_GEMV_PREFETCH=1`` turns it
-#: on (the A/B: ``bench_decode.py --ways compile,compile8``; not yet timed on a GPU).
-GEMV_PREFETCH = os.environ.get("QSPARSE_GEMV_PREFETCH", "0") == "1"
+#: A compiled one-token step's GEMVs over listed kept rows (q/k/v, o, gate/up) ask L2, before they wait for the
+#: selection that lists the rows (programmatic dependent launch), for the rows they are likely to read first,
+#: guessed from the selection's input and its last threshold (`gemv._prefetch_likely_rows`): memory idles while a
+#: one-token selection runs (a compiled Qwen2-7B step at keep 0.5: 4.15 -> 4.05 ms on an H100). The result is the
+#: same either way. ``QSPARSE_GEMV_PREFETCH=0`` turns it off (the A/B: ``bench_decode.py --ways compile,compile8``).
+GEMV_PREFETCH = os.environ.get("QSPARSE_GEMV_PREFETCH", "1") != "0"
+#: Experimental, off (not yet timed on a GPU): with `GEMV_PREFETCH`, down's GEMV too guesses its rows, from the
+#: activation's input (through SiLU where the split selection computes it), and a fused activation's split
+#: selection lets that GEMV start while its counting launch runs, so the guess overlaps both of its launches.
+#: ``QSPARSE_GEMV_PREFETCH_DOWN=1`` turns it on (the A/B: ``bench_decode.py --ways compile,compile9``).
+GEMV_PREFETCH_DOWN = os.environ.get("QSPARSE_GEMV_PREFETCH_DOWN", "0") == "1"
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

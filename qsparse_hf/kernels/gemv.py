@@ -20,7 +20,7 @@ import triton.language as tl
 from . import MAX_DECODE_TOKENS, tuning
 from .launch import (KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants, pdl_enabled,
                      reserve_scratch, reserve_tickets)
-from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold
+from .topk import _INF_KEY, HINT_RADIUS, _magnitude_key, _row_threshold, _silu
 
 __all__ = ["GemvConfig", "sparse_gemv", "select_gemv", "masked_gemv", "repeat_launch", "split_partials_gemv",
            "choose_config", "prepare_weight", "MAX_SELECT_FEATURES"]
@@ -75,17 +75,22 @@ def _prefetch_l2(pointers, wanted):
 
 @triton.jit
 def _prefetch_likely_rows(guide_ptr, hint_ptr, wt_ptr, n_in, n_rows, stride_w, ROWS_PER_SPLIT: tl.constexpr,
-                          BLOCK_N: tl.constexpr, INF_KEY: tl.constexpr, WINDOW: tl.constexpr, LINES: tl.constexpr):
+                          BLOCK_N: tl.constexpr, INF_KEY: tl.constexpr, WINDOW: tl.constexpr, LINES: tl.constexpr,
+                          SILU: tl.constexpr):
     """Before the launch's wait (programmatic dependent launch: the selection that lists the kept rows is still
     running, and memory idles), ask L2 for the weight rows this program is likely to read first: of the
     ``WINDOW`` features where its split's listed rows would begin were the kept features spread evenly, those
     whose key in the selection's input (``guide_ptr``, complete before the selection began) reaches the last
-    token's threshold (``hint_ptr``), this program's ``BLOCK_N`` columns of each (``LINES`` lines). A guess: it
-    changes what L2 holds, never what the launch computes."""
+    token's threshold (``hint_ptr``), this program's ``BLOCK_N`` columns of each (``LINES`` lines); ``SILU``: the
+    selection was of the input's SiLU (a gated FFN's activation, whose gate is the guide). A guess: it changes what
+    L2 holds, never what the launch computes."""
     first = (tl.program_id(1) * ROWS_PER_SPLIT).to(tl.int64) * n_in // n_rows
     features = first + tl.arange(0, WINDOW)
     inside = features < n_in
-    key = _magnitude_key(tl.load(guide_ptr + features, mask=inside, other=0.0), INF_KEY)
+    guide = tl.load(guide_ptr + features, mask=inside, other=0.0)
+    if SILU:
+        guide = _silu(guide, False)
+    key = _magnitude_key(guide, INF_KEY)
     likely = inside & (key >= tl.load(hint_ptr))
     LINE: tl.constexpr = BLOCK_N // LINES
     lines = tl.program_id(0) * BLOCK_N + tl.arange(0, LINES) * LINE
@@ -101,11 +106,11 @@ def _sparse_gemv_kernel(
     SELECT: tl.constexpr, MASKED: tl.constexpr, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
     USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
     PARTIALS_OUT: tl.constexpr = False, PREFETCH: tl.constexpr = False, PREFETCH_WINDOW: tl.constexpr = 1,
-    PREFETCH_LINES: tl.constexpr = 1,
+    PREFETCH_LINES: tl.constexpr = 1, PREFETCH_SILU: tl.constexpr = False,
 ):
     if PREFETCH:  # (`GEMV_PREFETCH`: listed rows of one token, with PDL; key_ptr is the selection's input)
         _prefetch_likely_rows(key_ptr, hint_ptr, wt_ptr, n_in, n_rows, stride_w, ROWS_PER_SPLIT, BLOCK_N, INF_KEY,
-                              PREFETCH_WINDOW, PREFETCH_LINES)
+                              PREFETCH_WINDOW, PREFETCH_LINES, PREFETCH_SILU)
     _dependent_launch_start(PDL)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -417,11 +422,11 @@ _PREFETCH_INSTRUCTIONS = 1024
 
 
 def _prefetch_constants(dtype: torch.dtype | None, n_in: int, n_rows: int, rows_per_split: int,
-                        block_n: int) -> dict:
+                        block_n: int, silu: bool = False) -> dict:
     """A listed-rows launch's prefetch constants (`_prefetch_likely_rows`): none without ``dtype`` (the selection
     input's) or without programmatic dependent launch (then nothing runs before the selection ends); else the
     window of features scanned -- the rows a program reads first, at most `PREFETCH_ROWS`, over the kept share --
-    and the 128-byte lines of each row's columns.
+    and the 128-byte lines of each row's columns (``silu``: the selection was of the input's SiLU).
 
     Example:
         >>> _prefetch_constants(None, 3584, 1792, 1792, 64)
@@ -432,7 +437,7 @@ def _prefetch_constants(dtype: torch.dtype | None, n_in: int, n_rows: int, rows_
     lines = max(1, block_n * torch.finfo(dtype).bits // 8 // 128)
     rows = max(1, min(rows_per_split, PREFETCH_ROWS, _PREFETCH_INSTRUCTIONS // lines))
     window = 1 << (_cdiv(rows * n_in, n_rows) - 1).bit_length()
-    return dict(PREFETCH=True, PREFETCH_WINDOW=window, PREFETCH_LINES=lines)
+    return dict(PREFETCH=True, PREFETCH_WINDOW=window, PREFETCH_LINES=lines, PREFETCH_SILU=silu)
 
 
 class _Launch:
@@ -442,7 +447,7 @@ class _Launch:
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
                  count_zeros: bool, gather: bool, select: tuple | None = None,
                  masked: torch.dtype | None = None, add_splits: bool = True,
-                 prefetch: torch.dtype | None = None) -> None:
+                 prefetch: torch.dtype | None = None, prefetch_silu: bool = False) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
@@ -466,7 +471,7 @@ class _Launch:
             SELECT_BLOCK=1 << max(n_in - 1, 1).bit_length(), INF_KEY=_INF_KEY.get(dtype, 0), USE_HINT=hinted,
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
             num_warps=num_warps, PARTIALS_OUT=not add_splits, **pdl_constants(),
-            **_prefetch_constants(prefetch, n_in, n_rows, rows_per_split, block_n),
+            **_prefetch_constants(prefetch, n_in, n_rows, rows_per_split, block_n, prefetch_silu),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -500,16 +505,17 @@ _LAUNCHES: dict[tuple, _Launch] = {}
 def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
                  zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
                  select: tuple | None = None, masked: torch.dtype | None = None, add_splits: bool = True,
-                 prefetch: torch.dtype | None = None) -> _Launch:
+                 prefetch: torch.dtype | None = None, prefetch_silu: bool = False) -> _Launch:
     """The launch object for these arguments (``select``: ``(k, dtype, hinted)`` of `select_gemv`'s in-launch
     top-K; ``masked``: the dtype of `masked_gemv`'s keys; ``add_splits``: False for `split_partials_gemv`;
-    ``prefetch``: the dtype of the selection's input that guides a listed-rows launch's L2 prefetch)."""
+    ``prefetch``: the dtype of the selection's input that guides a listed-rows launch's L2 prefetch, and
+    ``prefetch_silu`` whether the selection was of its SiLU)."""
     n_in, n_out = weight_t.shape
     n_rows = n_in if kept is None else kept.shape[-1]
     if tokens is None:
         tokens = _tokens(x)
     key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select,
-           masked, add_splits, prefetch)
+           masked, add_splits, prefetch, prefetch_silu)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
@@ -518,11 +524,14 @@ def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | N
 
 def _launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
             zeros: torch.Tensor | None = None, kept: torch.Tensor | None = None, tokens: int | None = None,
-            select: tuple | None = None, hint: torch.Tensor | None = None, guide: torch.Tensor | None = None):
+            select: tuple | None = None, hint: torch.Tensor | None = None, guide: torch.Tensor | None = None,
+            guide_silu: bool = False):
     """``x``: ``[..., n_in]`` (``tokens`` rows) with unit stride along its rows, contiguous or 2-D (any row
-    stride). ``guide`` (with ``kept`` and ``hint``): the selection's input, for the L2 prefetch."""
+    stride). ``guide`` (with ``kept`` and ``hint``): the selection's input, for the L2 prefetch (``guide_silu``:
+    the selection was of its SiLU)."""
     prefetch = None if guide is None else guide.dtype
-    launch = _find_launch(x, weight_t, bias, config, zeros, kept, tokens, select, prefetch=prefetch)
+    launch = _find_launch(x, weight_t, bias, config, zeros, kept, tokens, select, prefetch=prefetch,
+                          prefetch_silu=guide_silu and guide is not None)
     return launch(x, weight_t.shape[0] if x.is_contiguous() else x.stride(0), weight_t, bias, zeros, kept, hint,
                   guide)
 
@@ -553,7 +562,7 @@ def _check_sparse(x: torch.Tensor, weight_t: torch.Tensor, kept: torch.Tensor | 
 def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None,
                 config: GemvConfig | None = None, zeros: torch.Tensor | None = None,
                 kept: torch.Tensor | None = None, guide: torch.Tensor | None = None,
-                hint: torch.Tensor | None = None) -> torch.Tensor:
+                hint: torch.Tensor | None = None, guide_silu: bool = False) -> torch.Tensor:
     """``x @ weight_t + bias`` for a few tokens, reading only the rows of ``weight_t`` where some token is non-zero.
 
     Args:
@@ -569,8 +578,9 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
             Features not listed must be zero in ``x``.
         guide, hint: with ``kept``, the dense input that ``x`` and ``kept`` were selected from and the selection's
             threshold hint: with programmatic dependent launch each program then asks L2, before it waits for the
-            selection, for the rows it is likely to read first (`_prefetch_likely_rows`; experimental, off unless
-            ``QSPARSE_GEMV_PREFETCH=1`` asks the decode path for it). The result is the same either way.
+            selection, for the rows it is likely to read first (`_prefetch_likely_rows`; the decode path passes
+            them unless ``QSPARSE_GEMV_PREFETCH=0``). The result is the same either way.
+        guide_silu: the selection was of ``guide``'s SiLU (a gated FFN's gate, for down's GEMV).
 
     Example:
         >>> w = torch.randn(4, 256)  # doctest: +SKIP
@@ -586,7 +596,7 @@ def sparse_gemv(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | No
                               or guide.dtype not in _INF_KEY or guide.stride(-1) != 1):
         guide = None  # (a guess that cannot be made is not made: the product is the same)
     return _launch(x, weight_t, bias, config or choose_config(x, weight_t, rows=rows), zeros, kept, tokens,
-                   hint=hint, guide=guide)
+                   hint=hint, guide=guide, guide_silu=guide_silu)
 
 
 def split_partials_gemv(x: torch.Tensor, weight_t: torch.Tensor, config: GemvConfig,

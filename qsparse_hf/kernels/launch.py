@@ -134,6 +134,17 @@ def _dependent_launch_start(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def _dependent_launch_early(PDL: tl.constexpr):
+    """`_dependent_launch_start` with the next kernel's programs let in first: they start while this one still
+    waits for its own predecessor, so what they do before their wait overlaps two kernels (a GEMV's L2 prefetch
+    over both launches of a split selection). Still safe: their wait ends only when this kernel has finished,
+    which is after its predecessor has."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 def _no_launch_hooks() -> bool:
     # Triton >= 3.5 keeps launch hooks in (normally empty) chains; older versions use None
     return all(hook is None or getattr(hook, "calls", None) == []

@@ -8,11 +8,11 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   gated FFN's activation, split over many programs per row where a hint serves it (inference only).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
-- ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width, guide, hint_slot)``: the same
-  product over the side-by-side block that one member's ``weight`` (and ``bias``) Parameter is a view of
-  (`block_of`), so that a compiled step reads only Parameters, whose guards Dynamo skips while their module is
-  unchanged, rather than the block itself, whose guards it evaluates before every call (``guide``, ``hint_slot``:
-  `sparse_linear_block`'s experimental prefetch).
+- ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width, guide, hint_slot,
+  guide_silu)``: the same product over the side-by-side block that one member's ``weight`` (and ``bias``)
+  Parameter is a view of (`block_of`), so that a compiled step reads only Parameters, whose guards Dynamo skips
+  while their module is unchanged, rather than the block itself, whose guards it evaluates before every call
+  (``guide``, ``hint_slot``, ``guide_silu``: `sparse_linear_block`'s L2 prefetch).
 - ``qsparse::gated_select(x, kept, weight, gate_column, up_column, width, inter, k, hint_slot)``: a gated FFN's
   activation and its top-K, resolved in the gate/up GEMV over the block ``weight`` views (`ffn.gated_select`).
 - ``qsparse::masked_linear_block(values, keys, state, weight, bias, column, bias_column, width)``: down's GEMV
@@ -109,12 +109,16 @@ def _(x, k, hint_slot):
 def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_slot: int,
                       zeros: torch.Tensor | None = None):
     """`silu_select` of a step that waits on GPU time (compiled or captured): wide hinted rows split over many
-    programs, SiLU computed by each for its part, rather than the one-program launch."""
+    programs, SiLU computed by each for its part, rather than the one-program launch (letting down's GEMV start
+    during its counting launch where that GEMV prefetches, `kernels.GEMV_PREFETCH_DOWN`)."""
+    from qsparse_hf import kernels
+
     hint = _hint_for(hint_slot, gate)
     # the plain selection's default where it splits the row (`launch_config` keeps SiLU in one program: eager)
     split = launch_config(1 << (gate.shape[-1] - 1).bit_length(), hinted=hint is not None, dtype=gate.dtype)
     config = split if split[0] == "split" else None
-    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config)
+    early = config is not None and kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN
+    return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config, early_dependents=early)
 
 
 @torch.library.custom_op("qsparse::silu_select", mutates_args=())
@@ -160,21 +164,23 @@ def block_of(member: torch.Tensor, column: int, width: int) -> torch.Tensor:
 
 
 def _gemv_through(x, weight, bias, kept, column: int, bias_column: int, width: int,
-                  guide: torch.Tensor | None = None, hint_slot: int = -1) -> torch.Tensor:
+                  guide: torch.Tensor | None = None, hint_slot: int = -1, guide_silu: bool = False) -> torch.Tensor:
     block_bias = None if bias is None else block_of(bias, bias_column, width)
     hint = None if guide is None else _hint_for(hint_slot, guide)
-    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept, guide=guide, hint=hint)
+    return sparse_gemv(x, block_of(weight, column, width), block_bias, kept=kept, guide=guide, hint=hint,
+                       guide_silu=guide_silu)
 
 
 @torch.library.custom_op("qsparse::sparse_linear_block", mutates_args=())
 def _sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          kept: Optional[torch.Tensor], column: int, bias_column: int, width: int,
-                         guide: Optional[torch.Tensor] = None, hint_slot: int = -1) -> torch.Tensor:
-    return _gemv_through(x, weight, bias, kept, column, bias_column, width, guide, hint_slot)
+                         guide: Optional[torch.Tensor] = None, hint_slot: int = -1,
+                         guide_silu: bool = False) -> torch.Tensor:
+    return _gemv_through(x, weight, bias, kept, column, bias_column, width, guide, hint_slot, guide_silu)
 
 
 @_sparse_linear_block.register_fake
-def _(x, weight, bias, kept, column, bias_column, width, guide=None, hint_slot=-1):
+def _(x, weight, bias, kept, column, bias_column, width, guide=None, hint_slot=-1, guide_silu=False):
     return x.new_empty(*x.shape[:-1], width)
 
 
@@ -378,20 +384,20 @@ def sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | 
 
 def sparse_linear_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Tensor | None,
                         column: int, bias_column: int, width: int, guide: torch.Tensor | None = None,
-                        hint_slot: int = -1) -> torch.Tensor:
+                        hint_slot: int = -1, guide_silu: bool = False) -> torch.Tensor:
     """`sparse_linear` over the side-by-side block of width ``width`` whose columns ``column :`` the Parameter
     ``weight`` views (``bias``: a view of the block's bias from ``bias_column``, or None); see `block_of`. The form a
     compiled decode step uses (``qsparse::sparse_linear_block``); eager steps pass the block itself. ``guide`` and
     ``hint_slot``: the dense input that ``kept`` was selected from and its selection's hint, for `sparse_gemv`'s
-    L2 prefetch (``QSPARSE_GEMV_PREFETCH=1``, experimental); the result is the same without them.
+    L2 prefetch (``guide_silu``: the selection was of the guide's SiLU); the result is the same without them.
 
     Example:
         >>> out = sparse_linear_block(x, k_proj.weight, k_proj.bias, None, 512, 512, 1536)  # doctest: +SKIP
     """
     _check_decode_tokens(x)
     if torch.compiler.is_compiling():
-        return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width, guide, hint_slot)
-    return _gemv_through(x, weight, bias, kept, column, bias_column, width, guide, hint_slot)
+        return _sparse_linear_block(x, weight, bias, kept, column, bias_column, width, guide, hint_slot, guide_silu)
+    return _gemv_through(x, weight, bias, kept, column, bias_column, width, guide, hint_slot, guide_silu)
 
 
 def gated_select(x: torch.Tensor, kept: torch.Tensor | None, weight: torch.Tensor, gate_column: int, up_column: int,

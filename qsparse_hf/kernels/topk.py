@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+from .launch import (KernelLaunch, _dependent_launch_early, _dependent_launch_start, _scratch, _semaphores,
+                     pdl_constants)
 
 __all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config", "split_launch",
            "MAX_LISTED_FEATURES", "HINT_RADIUS"]
@@ -458,11 +459,16 @@ def _topk_rows_split_write_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, p
                                   stride_out, INF_KEY: tl.constexpr, PART: tl.constexpr, PARTS: tl.constexpr,
                                   BINS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr,
                                   SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr,
-                                  PDL: tl.constexpr):
+                                  PDL: tl.constexpr, EARLY_DEPENDENTS: tl.constexpr = False):
     """Second launch of a split selection: each program writes its part of the sparse row (and its slots of the
     kept features' list) from what `_topk_rows_split_count_kernel` resolved for it (``SILU``: of the row's SiLU;
-    ``MULTIPLY``: times the row of ``y``, a gated FFN's up projection, as `_topk_rows_kernel` does)."""
-    _dependent_launch_start(PDL)
+    ``MULTIPLY``: times the row of ``y``, a gated FFN's up projection, as `_topk_rows_kernel` does).
+    ``EARLY_DEPENDENTS``: the kernel after it (down's GEMV) may start while the counting launch still runs, so that
+    what it prefetches before its wait overlaps both."""
+    if EARLY_DEPENDENTS:
+        _dependent_launch_early(PDL)
+    else:
+        _dependent_launch_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     resolved = part_ptr + (row * PARTS + part) * BINS
@@ -584,7 +590,8 @@ class _RowLaunch:
     call costs one dictionary lookup on top of Triton's own launch (eager decode runs four of these per layer)."""
 
     def __init__(self, dim: int, k: int, dtype: torch.dtype, indices: bool, count_zeros: bool,
-                 config: tuple | None, hinted: bool, silu: bool = False, multiply: bool = False) -> None:
+                 config: tuple | None, hinted: bool, silu: bool = False, multiply: bool = False,
+                 early_dependents: bool = False) -> None:
         if dtype not in _INF_KEY:
             raise TypeError(f"topk_sparsify_rows takes bf16 or fp16, got {dtype}")
         if not 1 <= k <= dim:
@@ -615,7 +622,8 @@ class _RowLaunch:
             self.launch = KernelLaunch(_topk_rows_split_count_kernel, dict(
                 PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype], **shared))
             self.write = KernelLaunch(_topk_rows_split_write_kernel, dict(
-                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply, **shared))
+                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply,
+                EARLY_DEPENDENTS=early_dependents, **shared))
             return
         if config[0] == "streamed":
             _, chunk, num_warps = config
@@ -669,7 +677,8 @@ _ROW_LAUNCHES: dict[tuple, _RowLaunch] = {}
 
 
 def _row_launch(*key) -> _RowLaunch:
-    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted[, silu, multiply])``."""
+    """The launch object for ``(dim, k, dtype, indices, count_zeros, config, hinted[, silu, multiply,
+    early_dependents])``."""
     launch = _ROW_LAUNCHES.get(key)
     if launch is None:
         launch = _ROW_LAUNCHES[key] = _RowLaunch(*key)
@@ -758,7 +767,8 @@ def _as_rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zeros: torch.Tensor | None = None,
-                   *, indices: bool = False, hint: torch.Tensor | None = None, config: tuple | None = None):
+                   *, indices: bool = False, hint: torch.Tensor | None = None, config: tuple | None = None,
+                   early_dependents: bool = False):
     """A gated FFN's activation in one launch: the top-``k`` of ``silu(gate)`` per row (bf16/fp16), and with ``up``
     that times ``up``: ``topk(F.silu(gate), k) * up`` bit for bit (SiLU computed as PyTorch's CUDA kernel does).
 
@@ -766,7 +776,8 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
     does; ``indices`` and ``hint`` as in `topk_sparsify_rows`. On the GPU an eager one-token decode step runs this
     instead of three kernels (SiLU, top-K, product). ``config``: the register kernel's ``(digit_bits, num_warps)``
     (the default, one program a row) or, with ``hint``, a ``("split", part, num_warps)`` launch (`split_launch`:
-    many programs a row, two launches; what a compiled decode step runs for wide rows).
+    many programs a row, two launches; what a compiled decode step runs for wide rows). ``early_dependents``: a
+    split launch lets the kernel after it start while its counting launch runs (`GEMV_PREFETCH_DOWN`).
 
     Example:
         >>> gate = torch.tensor([[0.5, -2.0, 1.0, 3.0]], dtype=torch.bfloat16)  # doctest: +SKIP
@@ -777,6 +788,6 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
         raise ValueError(f"up must match gate's shape, dtype and device ({tuple(gate.shape)}, {gate.dtype}, "
                          f"{gate.device}), got {tuple(up.shape)}, {up.dtype}, {up.device}")
     launch = _row_launch(gate.shape[-1], k, gate.dtype, indices, zeros is not None, config, hint is not None, True,
-                         up is not None)
+                         up is not None, early_dependents)
     out, kept = _launch_over_rows(launch, gate, zeros, hint, up)
     return (out, kept) if indices else out
