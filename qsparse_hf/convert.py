@@ -14,7 +14,8 @@ from .attention import restore_attention, use_decode_attention
 from .config import QSparseConfig
 from .functional import keep_count
 from .layers import (
-    GatedFFNForward, InputSparsifier, QSparseActivation, QSparseExpertInput, QSparseLinear, RealTokenTracker,
+    DecoderLayerForward, GatedFFNForward, InputSparsifier, QSparseActivation, QSparseExpertInput, QSparseLinear,
+    RealTokenTracker,
 )
 
 __all__ = [
@@ -48,7 +49,10 @@ class ArchLayout:
     project, (``head_norms``: norm each head of query and key,) rotary, cache update, attention function, output
     projection -- so that compiled decode steps run its rotary and cache append inside the attention launch
     (`attention.DecodeAttentionForward`); None where the family's attention differs (softcapping, clipped or
-    whole-projection norms).
+    whole-projection norms). ``decoder_layer`` names (input norm, attention, post-attention norm, FFN) when the
+    decoder layer's forward is Llama's pre-norm residual block with Llama's RMSNorm, so that compiled decode steps
+    can compute each residual add and norm in the selection's launch (`layers.DecoderLayerForward`); None where it
+    differs (scaled residuals, norms after the block, ``1 + weight`` norms).
     """
 
     roles: dict[str, str] = field(default_factory=dict)
@@ -58,6 +62,7 @@ class ArchLayout:
     gated_ffn: tuple[str, str, str] | None = None
     attention: tuple[str, str, str, str] | None = None
     head_norms: tuple[str, str] | None = None
+    decoder_layer: tuple[str, str, str, str] | None = None
 
 
 _LLAMA = ArchLayout(
@@ -68,10 +73,14 @@ _LLAMA = ArchLayout(
     gated_ffn=("gate_proj", "up_proj", "down_proj"),
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
+# Llama's attention and FFN, but decoder layers or norms of their own: Gemma's norm scales by 1 + weight, Granite
+# scales its residuals, Mixtral's FFN is a mixture of experts.
+_LLAMA_BLOCKS = _LLAMA
+_LLAMA = replace(_LLAMA, decoder_layer=("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 _QWEN3 = replace(_LLAMA, head_norms=("q_norm", "k_norm"))
 # Llama's names, with attention code of their own: Gemma2 softcaps its scores, OLMo clips q/k/v, OLMo2 normalises
 # whole projections.
-_LLAMA_NAMES = replace(_LLAMA, attention=None)
+_LLAMA_NAMES = replace(_LLAMA_BLOCKS, attention=None)
 _PHI3 = ArchLayout(
     roles={"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down"},
     activation=("activation_fn",),
@@ -83,14 +92,14 @@ _PHI3 = ArchLayout(
 ARCHITECTURES: dict[str, ArchLayout] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
-    "mixtral": _LLAMA,
+    "mixtral": _LLAMA_BLOCKS,
     "qwen2": _LLAMA,
     "qwen3": _QWEN3,
-    "gemma": _LLAMA,
+    "gemma": _LLAMA_BLOCKS,
     "gemma2": _LLAMA_NAMES,
     "olmo": _LLAMA_NAMES,
     "olmo2": _LLAMA_NAMES,
-    "granite": _LLAMA,
+    "granite": _LLAMA_BLOCKS,
     "phi3": _PHI3,
 }
 
@@ -566,6 +575,12 @@ def _attach_to_transformers(model: nn.Module, config: QSparseConfig) -> None:
     # one-token attention in one launch (decode steps weigh the shared parts more)
     layout = layout_for(model)
     use_decode_attention(model, layout.attention, layout.head_norms)
+    if layout.decoder_layer is not None and layout.attention is not None and layout.gated_ffn is not None:
+        folded = [module for module in model.modules()
+                  if DecoderLayerForward.install(module, layout.decoder_layer, layout.attention[0],
+                                                 layout.gated_ffn[0])]
+        if folded:  # (modules() lists the layers in the order the model runs them)
+            folded[-1].forward.last = True
 
 
 #: What transformers' ``get_compiled_call`` (``generate(cache_implementation="static")``) keeps on a model.
@@ -620,6 +635,8 @@ def revert_qsparse(model: nn.Module) -> nn.Module:
         model_config._is_quantized = False
     RealTokenTracker.detach(model)
     restore_attention(model)
+    for module in model.modules():
+        DecoderLayerForward.uninstall(module)
     _forget_compiled_calls(model)
     for attr in ("hf_quantizer", "quantization_method", "_qsparse_config"):
         if hasattr(model, attr):

@@ -21,8 +21,8 @@ from . import functional as QF
 from . import kernels
 
 __all__ = [
-    "DecodeWeights", "GatedFFNForward", "ModuleForward", "InputSparsifier", "QSparseActivation", "QSparseExpertInput",
-    "QSparseLinear", "RealTokenTracker", "SparsityCounter",
+    "DecodeWeights", "DecoderLayerForward", "GatedFFNForward", "ModuleForward", "InputSparsifier", "QSparseActivation",
+    "QSparseExpertInput", "QSparseLinear", "RealTokenTracker", "SparsityCounter",
 ]
 
 
@@ -30,6 +30,7 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_LISTED_FEATURES = 32768  # kernels.topk.MAX_LISTED_FEATURES, without importing Triton here
 _MAX_SELECT_FEATURES = 8192  # kernels.gemv.MAX_SELECT_FEATURES, likewise
 _SPLIT_FROM_KEYS = 8192  # kernels.topk.SPLIT_FROM_KEYS, likewise
+_MAX_NORM_FEATURES = 8192  # kernels.topk.MAX_NORM_FEATURES, likewise
 
 
 _OPS = None
@@ -43,6 +44,12 @@ _OPS = None
 # call however many entries came and went (and every entry is gone by the end).
 _TRACED_SHARED: dict = {}
 _TRACED_KEPT: dict = {}
+# A one-token selection made ahead for a sparsifier's input by the launch that computed that input (a decoder
+# layer's norm: `DecoderLayerForward`), ``(input, sparse, kept)`` by key, and the residual sum a folded decoder layer
+# left for the next one to compute in its norm's launch, ``(output, residual, delta)``: like the two above, gone by
+# the end of the compiled forward.
+_TRACED_SELECTED: dict = {}
+_TRACED_LAYER_SUM: dict = {}
 _SPARSIFIER_KEYS = itertools.count()
 
 
@@ -556,6 +563,10 @@ class InputSparsifier:
         k = self.keep(x.shape[-1])
         if settings.input_within_topk or (settings.block_size is None and k >= x.shape[-1]):
             return x, False, None
+        if select and torch.compiler.is_compiling():
+            made = _TRACED_SELECTED.pop(settings.key, None)  # by the launch that computed x (`DecoderLayerForward`)
+            if made is not None and made[0] is x:
+                return made[1], False, made[2]
         if self.uses_kernel(x):
             if select:
                 out, kept = _kernel_ops().topk_select(x, k, zeros, settings.hint_slot)
@@ -658,7 +669,7 @@ class InputSparsifier:
             out, counted, kept = self._sparsify(x, zeros, select)
             if publishes_kept:
                 # down's GEMV guesses its rows from this selection's input (`kernels.GEMV_PREFETCH_DOWN`)
-                guides = compiling and kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN and out is not x
+                guides = compiling and kernels.prefetches_down() and out is not x
                 self._publish_kept(kept, x.shape[-1], compiling, x if guides else None)
                 if kept is not None and not compiling:
                     self.plan = EagerDecodePlan.build(self, "select", x, training, counting, zeros)
@@ -716,7 +727,7 @@ class InputSparsifier:
         published for down_proj as `__call__` does; the same result bit for bit."""
         width = gate.shape[-1]
         out, kept = _kernel_ops().silu_select(gate, self.keep(width), up, None, self._now().hint_slot)
-        guide = gate if kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN else None
+        guide = gate if kernels.prefetches_down() else None
         self._publish_kept(kept, width, True, guide, guide_silu=True)
         return out
 
@@ -1283,6 +1294,118 @@ class GatedFFNForward(ModuleForward):
         product = act_plan.execute(act_s, outputs[gate.decode_slot], act.training, act_zeros,
                                    up=outputs[up.decode_slot])
         return down_plan.execute(down_s, product, down.training, down_zeros)[down.decode_slot]
+
+
+class DecoderLayerForward(ModuleForward):
+    """The forward of a converted decoder layer whose own forward is Llama's pre-norm residual block -- ``h + attn(
+    norm1(h))``, then ``h + mlp(norm2(h))``, Llama's RMSNorm (`convert.ArchLayout.decoder_layer`) -- set by
+    `convert_to_qsparse` (`revert_qsparse` removes it).
+
+    With `kernels.FUSED_NORM` on (the default; ``QSPARSE_FUSED_NORM=0`` turns it off), a compiled one-token
+    inference step computes each residual add and RMSNorm in the launch of the selection that reads the norm's
+    output (`kernels.ops.norm_select`: the q/k/v input's, the gate/up input's), where the compiler would run an
+    add-and-norm kernel before the selection's launch: two launches a layer fewer. The layer's last residual add
+    is left to the next layer's first norm (its launch adds it), the model's last layer's to the compiler. The
+    attention and the FFN run as their modules do, given the normed rows; their sparsifiers take the selection made
+    (`InputSparsifier._sparsify`). Everything else -- eager steps, prefill, training, the switch off, norms with
+    hooks or of another kind, sparsifiers the kernels do not select for -- runs the layer's own forward. The sum
+    and the normed rows round as the model's code does; the norm's sum of squares may add in another order than
+    the compiler's, so a value may differ in the last bit.
+
+    Example:
+        >>> layer = model.model.layers[0]  # of a converted Qwen2  # doctest: +SKIP
+        >>> type(layer.forward).__name__  # doctest: +SKIP
+        'DecoderLayerForward'
+    """
+
+    __slots__ = ("names", "query", "gate", "last")
+
+    def __init__(self, module: nn.Module, names: tuple[str, str, str, str], query: str, gate: str) -> None:
+        super().__init__(module)
+        self.names = names
+        self.query, self.gate = query, gate
+        #: The model's last decoder layer leaves its residual add to the compiler (`convert_to_qsparse` sets it).
+        self.last = False
+
+    @classmethod
+    def install(cls, module: nn.Module, names: tuple[str, str, str, str], query: str, gate: str) -> bool:
+        """Set the forward on ``module`` when it has the named norms, attention and FFN, a converted ``query``
+        projection in the attention and ``gate`` projection in the FFN, and no forward of its own set already;
+        returns whether it did."""
+        children = module._modules
+        if "forward" in module.__dict__ or not all(isinstance(children.get(name), nn.Module) for name in names):
+            return False
+        attention, mlp = children[names[1]], children[names[3]]
+        if not (isinstance(getattr(attention, query, None), QSparseLinear)
+                and isinstance(getattr(mlp, gate, None), QSparseLinear)):
+            return False
+        module.forward = cls(module, names, query, gate)
+        return True
+
+    def __call__(self, *args, **kwargs):
+        if kernels.FUSED_NORM and torch.compiler.is_compiling():  # (the switch first: off, nothing is guarded)
+            # what the layer before left (taken here whether or not this layer folds: nothing outlives the forward)
+            before = _TRACED_LAYER_SUM.pop(0, None)
+            out = self._folded_step(args, kwargs, before)
+            if out is not None:
+                return out
+        return self.module_forward(self.module, *args, **kwargs)
+
+    def _folded_step(self, args: tuple, kwargs: dict, before: tuple | None) -> torch.Tensor | None:
+        """The compiled one-token step with the norms in the selections' launches, or None (nothing computed);
+        ``before``: ``(output, residual, delta)`` of the layer before, whose last residual add this one computes
+        when its input is that output."""
+        if len(args) > 1 or (len(args) == 1) == ("hidden_states" in kwargs):
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if torch.is_grad_enabled() or not _one_token_inference(hidden):
+            return None
+        input_norm, attention, post_norm, mlp = (getattr(self.module, name) for name in self.names)
+        first = _norm_selection(input_norm, getattr(attention, self.query), hidden)
+        second = _norm_selection(post_norm, getattr(mlp, self.gate), hidden)
+        if first is None or second is None:
+            return None
+        # the previous layer's last residual add, left to this launch (the output it returned is then unused)
+        residual, delta = (before[1], before[2]) if before is not None and before[0] is hidden else (None, hidden)
+        summed, normed = _select_normed(first, delta, residual)
+        rest = {name: value for name, value in kwargs.items() if name != "hidden_states"}
+        attended = attention(hidden_states=normed, **rest)[0]
+        _TRACED_SELECTED.pop(first[-1], None)  # (taken by the query's sparsifier unless it chose not to)
+        summed, normed = _select_normed(second, attended, summed)
+        delta = mlp(normed)
+        _TRACED_SELECTED.pop(second[-1], None)
+        out = summed + delta
+        if not self.last:  # (the model's last layer leaves its sum to the compiler's final norm)
+            _TRACED_LAYER_SUM[0] = (out, summed, delta)
+        return out
+
+
+def _norm_selection(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> tuple | None:
+    """``(weight, eps, k, hint_slot, key)`` of ``norm`` (Llama's RMSNorm: a ``weight`` of ``x``'s dtype and width, a
+    float ``variance_epsilon``, no hooks) followed by ``linear``'s one-token selection of ``x``'s shape through the
+    kernels (a plain top-K that drops features, a threshold hint, the decode layout), else None."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if (not isinstance(linear, QSparseLinear) or not isinstance(weight, torch.Tensor) or not isinstance(eps, float)
+            or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or not _unhooked(norm)
+            or x.shape[-1] > _MAX_NORM_FEATURES or not _listable(x)):
+        return None
+    sparsifier = linear._sparsifier
+    settings = sparsifier._now()
+    k = sparsifier.keep(x.shape[-1])
+    if (settings.activation_bits is not None or settings.block_size is not None or settings.input_within_topk
+            or settings.hint_slot < 0 or k >= x.shape[-1] or not sparsifier.uses_kernel(x)
+            or not sparsifier.decodes(x, linear)):
+        return None
+    return weight, eps, k, settings.hint_slot, settings.key
+
+
+def _select_normed(selection: tuple, delta: torch.Tensor, residual: torch.Tensor | None):
+    """``(residual + delta, normed)`` from one launch that also makes the selection of the normed rows for the
+    sparsifier `_norm_selection` found (``selection``), which its next input then takes."""
+    weight, eps, k, hint_slot, key = selection
+    summed, normed, sparse, kept = _kernel_ops().norm_select(delta, weight, eps, k, residual, hint_slot)
+    _TRACED_SELECTED[key] = (normed, sparse, kept)
+    return summed, normed
 
 
 def _linear_settings(linear: "QSparseLinear", compiling: bool) -> _LinearSettings:

@@ -292,6 +292,16 @@ print(json.dumps(found))
 """
 
 
+def _sm90_resources_in_a_process(script: str):
+    """What ``script`` (given the benchmarks folder) prints as JSON on its last line, run in a process of its own
+    without Triton's interpreter (it compiles kernels for sm_90 as the JIT would)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    done = subprocess.run([sys.executable, "-c", script, str(benchmarks)], env=env, check=True, capture_output=True,
+                          text=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
 def test_gemv_prefetch_guess_compiles_for_hopper_without_spills():
     # The L2 prefetch (`kernels.GEMV_PREFETCH`) runs only compiled with programmatic dependent launch, never in the
@@ -299,15 +309,44 @@ def test_gemv_prefetch_guess_compiles_for_hopper_without_spills():
     # (one split of every listed row: its first 256 rows guessed from a 512-feature window, a 128-byte line each),
     # o_proj's tall tiles (14 splits of 128 rows: a 256-feature window each) and down (8 splits, guessed from the
     # SiLU of the gate: a 512-feature window each), beside the same launches without it.
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    done = subprocess.run([sys.executable, "-c", _PREFETCH_RESOURCES, str(benchmarks)], env=env, check=True,
-                          capture_output=True, text=True)
-    (gate_up, o_proj, down) = json.loads(done.stdout.splitlines()[-1])
+    (gate_up, o_proj, down) = _sm90_resources_in_a_process(_PREFETCH_RESOURCES)
     for found, window in ((gate_up, 512), (o_proj, 256), (down, 512)):
         (plain_registers, plain_spill), (registers, spill) = found[2], found[3]
         assert found[:2] == [window, 1]
         assert spill == plain_spill == 0 and registers <= plain_registers + 8
+
+
+_NORM_RESOURCES = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import kernel_registers as registers
+from qsparse_hf.kernels import topk
+topk.pdl_constants = lambda: dict(PDL=True, launch_pdl=True)
+pointers = {**registers._POINTER_TYPES, "delta_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16",
+            "sum_ptr": "*bf16", "normed_ptr": "*bf16", "eps": "fp32"}
+found = []
+for dim in (3584, 4096):
+    row = torch.zeros(1, dim, dtype=torch.bfloat16)
+    key = (dim, torch.bfloat16, True, True)
+    try:  # (the launch object is made, then refused: CPU tensors never reach a compiled kernel)
+        topk.norm_topk_rows(row, torch.ones(dim, dtype=torch.bfloat16), 1e-6, dim // 2, residual=row,
+                            hint=topk.new_hint("cpu", 1))
+    except Exception:
+        pass
+    plain = topk._row_launch(dim, dim // 2, torch.bfloat16, True, False, None, True).launch
+    found.append([registers.sm90_resources(topk._NORM_LAUNCHES[key], pointers),
+                  registers.sm90_resources(plain, pointers)])
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
+def test_folded_norm_selection_compiles_for_hopper_without_spills():
+    # The residual add and RMSNorm before a one-token selection (`topk.norm_topk_rows`) at the 7B hidden widths,
+    # hinted, with programmatic dependent launch, compiled for sm_90 as the JIT would: no spills, and at most a few
+    # registers more than the plain hinted selection beside it.
+    for (registers, spill), (plain_registers, plain_spill) in _sm90_resources_in_a_process(_NORM_RESOURCES):
+        assert spill == plain_spill == 0 and registers <= plain_registers + 16
 
 
 def test_kernel_registers_refuses_bad_arguments(capsys):

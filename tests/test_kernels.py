@@ -7,6 +7,7 @@ relative, typically ~2e-3).
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -366,6 +367,172 @@ def test_compiled_steps_guide_down_by_the_gate_where_the_activation_selection_is
     assert early == {False, True}  # (the write kernel's EARLY_DEPENDENTS: asked for with the down prefetch only)
 
 
+def _rms_norm_reference(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers writes it."""
+    value = hidden.float()
+    return weight * (value * torch.rsqrt(value.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("values", ["random", "ties"])
+def test_norm_topk_rows_is_the_models_add_and_norm_then_the_exact_top_k(dtype, residual, values):
+    # One launch computes residual + hidden, Llama's RMSNorm of it and the top-K of the normed row: the sum bit for
+    # bit, the norm as the module computes it (here in the same order of additions, so the same bits), and exactly
+    # the top-K's mask and list of the normed row it returns -- with and without a hint, over several tokens.
+    from qsparse_hf.kernels.topk import norm_topk_rows
+
+    torch.manual_seed(0)
+    dim, k, rows = 300, 110, 3
+    if values == "ties":  # many equal magnitudes: the normed row ties at the threshold
+        hidden = torch.tensor([-1.0, 1.0, 0.5, 0.0, 2.0], dtype=dtype)[torch.randint(0, 5, (rows, dim))].to(DEV)
+    else:
+        hidden = torch.randn(rows, dim, device=DEV).to(dtype)
+    weight = (torch.rand(dim, device=DEV) + 0.5).to(dtype)
+    before = torch.randn_like(hidden) if residual else None
+    expected_sum = hidden if before is None else before + hidden
+    expected = _rms_norm_reference(expected_sum, weight, 1e-6)
+    hint = new_hint(DEV, rows)
+    for _ in range(2):  # the second call starts from the first one's thresholds
+        summed, normed, sparse, kept = norm_topk_rows(hidden, weight, 1e-6, k, residual=before, hint=hint)
+        assert (summed is None) == (before is None)
+        if summed is not None:
+            assert torch.equal(summed, expected_sum)
+        assert torch.allclose(normed.float(), expected.float(), rtol=1e-2, atol=0)
+        assert (normed != expected).float().mean() < 0.01
+        reference_sparse, reference_kept = topk_sparsify_rows(normed, k, indices=True)
+        assert torch.equal(sparse, reference_sparse) and torch.equal(kept, reference_kept)
+        assert torch.equal(sparse != 0, topk_mask(normed, k) & (normed != 0))
+
+
+def test_norm_topk_rows_rejects_what_it_cannot_take():
+    from qsparse_hf.kernels.topk import MAX_NORM_FEATURES, norm_topk_rows
+
+    hidden = torch.randn(1, 64, device=DEV).to(torch.bfloat16)
+    weight = torch.ones(64, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="weight of their dtype"):
+        norm_topk_rows(hidden, weight.float(), 1e-6, 8)
+    with pytest.raises(ValueError, match="k in"):
+        norm_topk_rows(hidden, weight, 1e-6, 65)
+    with pytest.raises(ValueError, match="residual must match"):
+        norm_topk_rows(hidden, weight, 1e-6, 8, residual=hidden[:, :32])
+    wide = torch.zeros(1, MAX_NORM_FEATURES + 1, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="rows up to"):
+        norm_topk_rows(wide, torch.ones_like(wide[0]), 1e-6, 8)
+
+
+def _folded_norm_launches(monkeypatch) -> list:
+    """Record, for each `norm_topk_rows` launch, whether it added a residual."""
+    from qsparse_hf.kernels import ops
+
+    launches = []
+    plain = ops.norm_topk_rows
+
+    def recording(hidden, weight, eps, k, residual=None, hint=None):
+        launches.append(residual is not None)
+        return plain(hidden, weight, eps, k, residual, hint)
+
+    monkeypatch.setattr(ops, "norm_topk_rows", recording)
+    return launches
+
+
+def _steps_with_norms_folded_and_not(model, ids, monkeypatch, backend: str, run) -> tuple:
+    """``(eager logits, {fold: run(compiled step, ids)})`` with `kernels.FUSED_NORM` off and on, each step compiled
+    afresh with ``backend`` (after an eager forward, which lays the weights out for decoding)."""
+    from qsparse_hf import kernels
+
+    found = {}
+    with torch.no_grad():
+        eager = model(ids).logits
+        for fold in (False, True):
+            monkeypatch.setattr(kernels, "FUSED_NORM", fold)
+            torch._dynamo.reset()
+            found[fold] = run(torch.compile(model, backend=backend, fullgraph=True), ids)
+    torch._dynamo.reset()
+    return eager, found
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_compiled_steps_with_the_norms_folded_equal_the_layers_own_forward(arch, monkeypatch):
+    # With QSPARSE_FUSED_NORM a compiled one-token step runs every norm before a selection in that selection's
+    # launch (the first layer's input norm without a residual, the later ones adding the residual the layer before
+    # left): two launches a layer, and the selections of q/k/v's and gate/up's inputs are not made again. Traced
+    # as eager code runs (backend "eager"), the logits are the layers' own forward's, bit for bit.
+    from qsparse_hf.kernels import ops
+    from qsparse_hf.layers import DecoderLayerForward
+
+    model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
+    layers = model.config.num_hidden_layers
+    assert sum(isinstance(m.__dict__.get("forward"), DecoderLayerForward) for m in model.modules()) == layers
+    assert [layer.forward.last for layer in model.model.layers] == [False] * (layers - 1) + [True]
+    norms = _folded_norm_launches(monkeypatch)
+    selections = []
+    plain_select = ops.topk_sparsify_rows
+    monkeypatch.setattr(ops, "topk_sparsify_rows", lambda *a, **kw: selections.append(1) or plain_select(*a, **kw))
+
+    def second_step(step, ids):
+        step(ids)
+        norms.clear(), selections.clear()
+        return step(ids).logits, list(norms), len(selections)
+
+    eager, found = _steps_with_norms_folded_and_not(model, torch.tensor([[5]], device=DEV), monkeypatch, "eager",
+                                                    second_step)
+    assert found[False][1:] == ([], 4 * layers)  # q/k/v, o, gate/up, activation: a selection each
+    assert found[True][1:] == ([False] + [True] * (2 * layers - 1), 2 * layers)  # o and the activation left
+    assert torch.equal(found[True][0], eager) and torch.equal(found[False][0], eager)
+
+
+def test_inductor_steps_with_the_norms_folded_leave_the_compiler_only_the_final_norm(monkeypatch):
+    # Compiled by Inductor, the folded step's code holds one RMSNorm of the compiler's (the model's final norm,
+    # with the last layer's residual add) where the plain step holds one before every selection too: the residual
+    # sums a layer leaves to the next are not computed twice. The logits stay those of the plain compiled step
+    # within bf16 rounding, and the greedy token is the same.
+    from torch._inductor.utils import run_and_get_code
+
+    def step_and_norms(step, ids):
+        logits, code = run_and_get_code(step, ids)
+        # the launches of the compiler's norm kernels (named after the rsqrt they compute)
+        return logits.logits, len(re.findall(r"^\s+\w*rsqrt\w*(?:\.run)?\(", "\n".join(code), re.M))
+
+    model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
+    eager, found = _steps_with_norms_folded_and_not(model, torch.tensor([[5]], device=DEV), monkeypatch, "inductor",
+                                                    step_and_norms)
+    assert found[False][1] == 2 * model.config.num_hidden_layers + 1 and found[True][1] == 1
+    assert torch.allclose(found[True][0].float(), eager.float(), atol=2e-2)
+    assert torch.equal(found[True][0].argmax(-1), eager.argmax(-1))
+
+
+def test_folded_norms_step_aside_where_the_layer_is_not_llamas_or_the_norm_is_hooked(monkeypatch):
+    # Families whose layers differ (Gemma's 1 + weight norm, Granite's scaled residuals) get no folded forward; a
+    # hook on a norm makes the compiled step run the layer's own forward (the hook sees its call); revert removes
+    # the forward.
+    from qsparse_hf import kernels, layers, revert_qsparse
+    from qsparse_hf.layers import DecoderLayerForward
+
+    for arch in ("gemma", "granite", "olmo"):
+        model = convert_to_qsparse(tiny_model(arch).to(DEV, torch.bfloat16), topk=0.5)
+        assert not any(isinstance(m.__dict__.get("forward"), DecoderLayerForward) for m in model.modules()), arch
+    model = convert_to_qsparse(tiny_model("llama").to(DEV, torch.bfloat16), topk=0.5)
+    norms = _folded_norm_launches(monkeypatch)
+    seen = []
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda *_: seen.append(1))
+    monkeypatch.setattr(kernels, "FUSED_NORM", True)
+    ids = torch.tensor([[7]], device=DEV)
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        step = torch.compile(model, backend="eager", fullgraph=True)
+        step(ids)
+        norms.clear(), seen.clear()
+        assert torch.equal(step(ids).logits, eager)
+    torch._dynamo.reset()
+    assert norms == [False, True] and seen == [1]  # the first layer folded; the hooked one ran as written
+    # what the first layer left for the second was taken all the same: nothing outlives the compiled forward
+    assert layers._TRACED_LAYER_SUM == {} and layers._TRACED_SELECTED == {}
+    revert_qsparse(model)
+    assert not any(isinstance(m.__dict__.get("forward"), DecoderLayerForward) for m in model.modules())
+
+
 def test_sparse_gemv_really_skips_zero_rows():
     # Rows of the weight whose input is zero are never read: poison them with NaN and the result stays finite.
     x = torch.zeros(2, 128, device=DEV, dtype=torch.bfloat16)
@@ -673,6 +840,8 @@ def _count_kernel_calls(monkeypatch):
     monkeypatch.setattr(ops, "topk_sparsify_rows", counted("topk", ops.topk_sparsify_rows))
     calls["silu_topk"] = 0
     monkeypatch.setattr(ops, "silu_topk_rows", counted("silu_topk", ops.silu_topk_rows))
+    calls["norm_topk"] = 0
+    monkeypatch.setattr(ops, "norm_topk_rows", counted("norm_topk", ops.norm_topk_rows))
     monkeypatch.setattr(ops, "sparse_gemv", counted("gemv", gemv))
     monkeypatch.setattr(ops, "select_gemv", counted("select_gemv", ops.select_gemv))
     return calls
@@ -1113,8 +1282,9 @@ def test_compiled_decode_shares_one_selection_and_gemv_per_input(monkeypatch):
         calls = _count_kernel_calls(monkeypatch)
         out = compiled(ids).logits
     # (the selection inside the GEMV launch and the activation's SiLU inside its top-K are for eager steps only:
-    # compiled, the selection runs once per input, and the compiler's SiLU and product surround it)
-    assert calls == {"topk": 8, "silu_topk": 0, "gemv": 8, "gathered": 8, "select_gemv": 0}
+    # compiled, the selection runs once per input, and the compiler's SiLU and product surround it; q/k/v's and
+    # gate/up's inputs are selected in their norms' launches, `kernels.FUSED_NORM`)
+    assert calls == {"topk": 4, "norm_topk": 4, "silu_topk": 0, "gemv": 8, "gathered": 8, "select_gemv": 0}
     assert _rel_err(out, eager) < 2e-2
 
 
@@ -1564,6 +1734,9 @@ def test_layers_know_the_widest_row_the_kernel_lists():
     from qsparse_hf.kernels.gemv import MAX_SELECT_FEATURES
 
     assert layers._MAX_SELECT_FEATURES == MAX_SELECT_FEATURES
+    from qsparse_hf.kernels.topk import MAX_NORM_FEATURES
+
+    assert layers._MAX_NORM_FEATURES == MAX_NORM_FEATURES
     x = torch.zeros(1, MAX_LISTED_FEATURES + 1, device=DEV, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="rows up to"):
         topk_sparsify_rows(x, 3, indices=True)

@@ -51,11 +51,31 @@ DECODE_APPEND = os.environ.get("QSPARSE_DECODE_APPEND", "1") != "0"
 #: one-token selection runs (a compiled Qwen2-7B step at keep 0.5: 4.15 -> 4.05 ms on an H100). The result is the
 #: same either way. ``QSPARSE_GEMV_PREFETCH=0`` turns it off (the A/B: ``bench_decode.py --ways compile,compile8``).
 GEMV_PREFETCH = os.environ.get("QSPARSE_GEMV_PREFETCH", "1") != "0"
-#: Experimental, off (not yet timed on a GPU): with `GEMV_PREFETCH`, down's GEMV too guesses its rows, from the
-#: activation's input (through SiLU where the split selection computes it), and a fused activation's split
-#: selection lets that GEMV start while its counting launch runs, so the guess overlaps both of its launches.
-#: ``QSPARSE_GEMV_PREFETCH_DOWN=1`` turns it on (the A/B: ``bench_decode.py --ways compile,compile9``).
-GEMV_PREFETCH_DOWN = os.environ.get("QSPARSE_GEMV_PREFETCH_DOWN", "0") == "1"
+#: With `GEMV_PREFETCH`, down's GEMV too guesses its rows, from the activation's input (through SiLU where the split
+#: selection computes it), and a fused activation's split selection lets that GEMV start while its counting launch
+#: runs, so the guess overlaps both of its launches (a compiled Qwen2-7B step at keep 0.5: 3.91-3.92 -> 3.87-3.89
+#: ms on an H100, both orders). ``QSPARSE_GEMV_PREFETCH_DOWN=0`` turns it off (the A/B: ``bench_decode.py --ways
+#: compile,compile9``); `prefetches_down` reads both switches.
+GEMV_PREFETCH_DOWN = os.environ.get("QSPARSE_GEMV_PREFETCH_DOWN", "1") != "0"
+#: A compiled one-token step of a decoder layer whose code is Llama's runs each residual add and RMSNorm in the
+#: launch of the selection after it (`topk.norm_topk_rows`, `layers.DecoderLayerForward`): two launches a layer
+#: fewer than the compiler's add-and-norm kernels before the selections (a compiled Qwen2-7B step at keep 0.5:
+#: 3.91-3.92 -> 3.88-3.89 ms on an H100, both orders). ``QSPARSE_FUSED_NORM=0`` leaves the norms to the compiler
+#: (the A/B: ``bench_decode.py --ways compile,compile10``).
+FUSED_NORM = os.environ.get("QSPARSE_FUSED_NORM", "1") != "0"
+
+
+def prefetches_down() -> bool:
+    """Whether down's GEMV guesses its rows too (`GEMV_PREFETCH` and `GEMV_PREFETCH_DOWN`), read at call time so
+    that a switch changed in the process counts.
+
+    Example:
+        >>> prefetches_down() == (GEMV_PREFETCH and GEMV_PREFETCH_DOWN)
+        True
+    """
+    return GEMV_PREFETCH and GEMV_PREFETCH_DOWN
+
+
 _FFN_MODES = {"0": None, "1": "masked", "masked": "masked", "listed": "listed"}
 #: How a compiled one-token step of a gated FFN runs, besides as shipped (None: the gate/up GEMV, the split
 #: selection's two launches, down's GEMV over the kept list). ``"masked"``: two launches (`ffn.gated_select`: the

@@ -145,6 +145,24 @@ def _dependent_launch_early(PDL: tl.constexpr):
         gdc_wait()
 
 
+
+@triton.jit
+def _dependent_launch_wait(PDL: tl.constexpr):
+    """The first half of `_dependent_launch_start`: wait for the kernel before this one, without letting the next
+    one start yet (`_dependents_may_launch` does, once this kernel has written what the next one guesses from)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def _dependents_may_launch(PDL: tl.constexpr):
+    """Let the next kernel's programs start (after `_dependent_launch_wait`): every store this kernel's programs
+    made before it is done first. Their reads before their own wait are still a guess (a GEMV's L2 prefetch), never
+    what they compute."""
+    if PDL:
+        tl.debug_barrier()
+        gdc_launch_dependents()
+
 def _no_launch_hooks() -> bool:
     # Triton >= 3.5 keeps launch hooks in (normally empty) chains; older versions use None
     return all(hook is None or getattr(hook, "calls", None) == []

@@ -6,6 +6,8 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   only); ``hint_slot`` >= 0 names a threshold hint registered with `register_hint` (-1: none).
 - ``qsparse::silu_select(gate, up, k, hint_slot)``: `topk_select` of ``F.silu(gate)``, times ``up`` when given: a
   gated FFN's activation, split over many programs per row where a hint serves it (inference only).
+- ``qsparse::norm_select(hidden, residual, weight, eps, k, hint_slot)``: a decoder layer's residual add and RMSNorm
+  and the `topk_select` of the normed row in one launch (`topk.norm_topk_rows`; inference).
 - ``qsparse::sparse_linear(x, weight_t, bias, kept)``: ``x @ weight_t + bias`` reading only the weight rows of
   non-zero inputs (or exactly the ``kept`` rows of one token), for at most `MAX_DECODE_TOKENS` tokens (inference).
 - ``qsparse::sparse_linear_block(x, weight, bias, kept, column, bias_column, width, guide, hint_slot,
@@ -43,11 +45,11 @@ from .attention import decode_attention_append as _decode_attention_append_launc
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
 from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
-from .topk import launch_config, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
+from .topk import launch_config, norm_topk_rows, repeat_row_launch, silu_topk_rows, topk_sparsify_rows
 
-__all__ = ["topk_sparsify", "topk_select", "silu_select", "sparse_linear", "sparse_linear_block", "select_linear",
-           "gated_select", "gated_select_listed", "masked_linear_block", "decode_attention", "register_hint",
-           "block_of", "repeatable_linear", "repeatable_select", "step_input"]
+__all__ = ["topk_sparsify", "topk_select", "silu_select", "norm_select", "sparse_linear", "sparse_linear_block",
+           "select_linear", "gated_select", "gated_select_listed", "masked_linear_block", "decode_attention",
+           "register_hint", "block_of", "repeatable_linear", "repeatable_select", "step_input"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -117,7 +119,7 @@ def _silu_select_rows(gate: torch.Tensor, up: torch.Tensor | None, k: int, hint_
     # the plain selection's default where it splits the row (`launch_config` keeps SiLU in one program: eager)
     split = launch_config(1 << (gate.shape[-1] - 1).bit_length(), hinted=hint is not None, dtype=gate.dtype)
     config = split if split[0] == "split" else None
-    early = config is not None and kernels.GEMV_PREFETCH and kernels.GEMV_PREFETCH_DOWN
+    early = config is not None and kernels.prefetches_down()
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=hint, config=config, early_dependents=early)
 
 
@@ -354,6 +356,38 @@ def silu_select(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, zero
     if gate.is_cuda and torch.cuda.is_current_stream_capturing():
         return _silu_select_rows(gate, up, k, hint_slot, zeros)
     return silu_topk_rows(gate, k, up, zeros, indices=True, hint=_hint_for(hint_slot, gate))
+
+
+@torch.library.custom_op("qsparse::norm_select", mutates_args=())
+def _norm_select(hidden: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float, k: int,
+                 hint_slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    summed, normed, sparse, kept = norm_topk_rows(hidden, weight, eps, k, residual, _hint_for(hint_slot, hidden))
+    return hidden.new_empty(0) if summed is None else summed, normed, sparse, kept
+
+
+@_norm_select.register_fake
+def _(hidden, residual, weight, eps, k, hint_slot):
+    summed = hidden.new_empty(0) if residual is None else torch.empty_like(hidden)
+    return (summed, torch.empty_like(hidden), torch.empty_like(hidden),
+            hidden.new_empty(hidden.numel() // hidden.shape[-1], k, dtype=torch.int32))
+
+
+def norm_select(hidden: torch.Tensor, weight: torch.Tensor, eps: float, k: int, residual: torch.Tensor | None = None,
+                hint_slot: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``residual + hidden`` (``hidden`` itself without ``residual``), its RMSNorm with ``weight`` and ``eps``, and
+    `topk_select` of the normed row: ``(summed, normed, sparse, kept)``, in one launch (`topk.norm_topk_rows`);
+    ``qsparse::norm_select`` under ``torch.compile``. ``hint_slot`` as in `topk_select`.
+
+    Example:
+        >>> hidden = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> summed, normed, sparse, kept = norm_select(hidden, torch.ones(64, device="cuda", dtype=torch.bfloat16),
+        ...                                            1e-6, 16, residual=torch.randn_like(hidden))  # doctest: +SKIP
+    """
+    if torch.compiler.is_compiling():
+        summed, normed, sparse, kept = _norm_select(hidden, residual, weight, eps, k, hint_slot)
+        return hidden if residual is None else summed, normed, sparse, kept
+    summed, normed, sparse, kept = norm_topk_rows(hidden, weight, eps, k, residual, _hint_for(hint_slot, hidden))
+    return hidden if summed is None else summed, normed, sparse, kept
 
 
 def _check_decode_tokens(x: torch.Tensor) -> None:

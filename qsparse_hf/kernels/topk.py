@@ -25,14 +25,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .launch import (KernelLaunch, _dependent_launch_early, _dependent_launch_start, _scratch, _semaphores,
-                     pdl_constants)
+from .launch import (KernelLaunch, _dependent_launch_early, _dependent_launch_start, _dependent_launch_wait,
+                     _dependents_may_launch, _scratch, _semaphores, pdl_constants)
 
-__all__ = ["topk_sparsify_rows", "silu_topk_rows", "repeat_row_launch", "new_hint", "launch_config", "split_launch",
-           "MAX_LISTED_FEATURES", "HINT_RADIUS"]
+__all__ = ["topk_sparsify_rows", "silu_topk_rows", "norm_topk_rows", "repeat_row_launch", "new_hint", "launch_config",
+           "split_launch", "MAX_LISTED_FEATURES", "MAX_NORM_FEATURES", "HINT_RADIUS"]
 
 #: Widest row whose kept features the kernel lists (``indices=True``): its scan packs two 16-bit counts.
 MAX_LISTED_FEATURES = 32768
+#: Widest row `norm_topk_rows` takes: one program holds it (a hidden state; wider rows spill registers).
+MAX_NORM_FEATURES = 8192
 
 
 @triton.jit
@@ -209,6 +211,23 @@ def _times_row(value, row_ptr, offs, valid, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _row_keep(key, valid, offs, k, hint_row_ptr, index_row_ptr, DIGIT_BITS: tl.constexpr, WRITE_INDICES: tl.constexpr,
+              USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr,
+              HINT_HISTOGRAM: tl.constexpr):
+    """Which keys of a row held in registers its top-``k`` keeps (the hint at ``hint_row_ptr`` used and updated
+    where given; the kept positions listed at ``index_row_ptr`` with ``WRITE_INDICES``); ``HINT_HISTOGRAM``: a
+    hinted row counted in one histogram (`HISTOGRAM_KEYS_PER_THREAD`)."""
+    if HINT_HISTOGRAM:
+        threshold, greater = _kth_largest_key_histogram(key, valid, k, tl.load(hint_row_ptr), DIGIT_BITS, HINT_RADIUS)
+        tl.store(hint_row_ptr, threshold)
+        keep = _kept_with_ties(key, threshold, k - greater, offs, index_row_ptr, WRITE_INDICES)
+    else:
+        threshold = _row_threshold(key, k, hint_row_ptr, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
+        keep = _kept_at(key, threshold, k, offs, index_row_ptr, WRITE_INDICES)
+    return keep
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim, k, stride_x, stride_y, stride_out,
                       INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr, COUNT_ZEROS: tl.constexpr,
                       WRITE_INDICES: tl.constexpr, USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr,
@@ -222,14 +241,8 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if SILU:  # a gated FFN's activation, fused: the top-K of silu(x) (silu(0) == 0 keeps the padding at 0)
         x = _silu(x, PRECISE)
     key = _magnitude_key(x, INF_KEY)  # padding reads as 0.0 and sits after every real index: ties never pick it
-    if HINT_HISTOGRAM:  # hinted rows only (see HISTOGRAM_KEYS_PER_THREAD)
-        threshold, greater = _kth_largest_key_histogram(key, valid, k, tl.load(hint_ptr + row), DIGIT_BITS,
-                                                        HINT_RADIUS)
-        tl.store(hint_ptr + row, threshold)
-        keep = _kept_with_ties(key, threshold, k - greater, offs, index_ptr + row * k, WRITE_INDICES)
-    else:
-        threshold = _row_threshold(key, k, hint_ptr + row, True, DIGIT_BITS, USE_HINT, HINT_RADIUS, HINT_STEPS)
-        keep = _kept_at(key, threshold, k, offs, index_ptr + row * k, WRITE_INDICES)
+    keep = _row_keep(key, valid, offs, k, hint_ptr + row, index_ptr + row * k, DIGIT_BITS, WRITE_INDICES, USE_HINT,
+                     HINT_RADIUS, HINT_STEPS, HINT_HISTOGRAM)
     value = tl.where(keep, x, 0.0)
     if MULTIPLY:  # over the whole row: see _times_row
         value = _times_row(value, y_ptr + row * stride_y, offs, valid, PRECISE)
@@ -237,6 +250,46 @@ def _topk_rows_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, dim
     if COUNT_ZEROS:  # the zeros of the top-K itself (before any product)
         nonzero = tl.sum((keep & (x != 0)).to(tl.int32), 0)
         tl.atomic_add(zeros_ptr, (dim - nonzero).to(tl.int64))
+
+
+@triton.jit
+def _rsqrt(value, PRECISE: tl.constexpr):
+    """``torch.rsqrt`` of fp32 ``value`` as CUDA computes it (``rsqrtf``; the interpreter has no libdevice)."""
+    if PRECISE:
+        result = libdevice.rsqrt(value)
+    else:
+        result = 1.0 / tl.sqrt(value)
+    return result
+
+
+@triton.jit
+def _norm_topk_rows_kernel(delta_ptr, residual_ptr, weight_ptr, sum_ptr, normed_ptr, out_ptr, index_ptr, hint_ptr, dim,
+                           k, eps, INF_KEY: tl.constexpr, BLOCK: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                           USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr,
+                           RESIDUAL: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
+                           HINT_HISTOGRAM: tl.constexpr = False):
+    # (`norm_topk_rows`) every rounding where the model's code rounds: the residual sum and the normed row in the
+    # input's dtype, then the product with the norm's weight
+    _dependent_launch_wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    valid = offs < dim
+    hidden = tl.load(delta_ptr + row * dim + offs, mask=valid, other=0.0)
+    if RESIDUAL:
+        residual = tl.load(residual_ptr + row * dim + offs, mask=valid, other=0.0)
+        hidden = _round_like(hidden.to(tl.float32) + residual.to(tl.float32), hidden, PRECISE)
+        tl.store(sum_ptr + row * dim + offs, hidden, mask=valid)
+    value = hidden.to(tl.float32)
+    variance = tl.math.div_rn(tl.sum(value * value, 0), dim.to(tl.float32))
+    normed = _round_like(value * _rsqrt(variance + eps, PRECISE), hidden, PRECISE)
+    weight = tl.load(weight_ptr + offs, mask=valid, other=0.0)
+    x = _round_like(weight.to(tl.float32) * normed.to(tl.float32), hidden, PRECISE)
+    tl.store(normed_ptr + row * dim + offs, x, mask=valid)
+    # the next kernel (a GEMV that guesses its rows from the normed row) may start now
+    _dependents_may_launch(PDL)
+    keep = _row_keep(_magnitude_key(x, INF_KEY), valid, offs, k, hint_ptr + row, index_ptr + row * k, DIGIT_BITS,
+                     True, USE_HINT, HINT_RADIUS, HINT_STEPS, HINT_HISTOGRAM)
+    tl.store(out_ptr + row * dim + offs, tl.where(keep, x, 0.0), mask=valid)
 
 
 @triton.jit
@@ -791,3 +844,58 @@ def silu_topk_rows(gate: torch.Tensor, k: int, up: torch.Tensor | None = None, z
                          up is not None, early_dependents)
     out, kept = _launch_over_rows(launch, gate, zeros, hint, up)
     return (out, kept) if indices else out
+
+
+_NORM_LAUNCHES: dict[tuple, KernelLaunch] = {}
+
+
+def norm_topk_rows(hidden: torch.Tensor, weight: torch.Tensor, eps: float, k: int,
+                   residual: torch.Tensor | None = None, hint: torch.Tensor | None = None):
+    """A decoder layer's residual add and RMSNorm (Llama's: ``weight * (h * rsqrt(mean(h^2) + eps))``, ``h`` the sum
+    in fp32, the normed row rounded to the input's dtype before the product) and the top-``k`` of the normed row, in
+    one launch of one program a row: ``(summed, normed, sparse, kept)``. ``summed`` is ``residual + hidden`` (None
+    without ``residual``: then ``hidden`` is normed as it is), ``normed`` the norm's output, ``sparse`` its top-K
+    (`topk_sparsify_rows`'s, bit for bit) and ``kept`` the ``[rows, k]`` ascending kept positions. Every rounding
+    is the model's (the sum and the normed row in the input's dtype, then the product with ``weight``), and the
+    mean and rsqrt are computed as CUDA does (rsqrtf), so a row differs from the module's output only where the
+    sum of squares is added in another order. Rows up to `MAX_NORM_FEATURES` wide, bf16/fp16, ``weight`` of the
+    same dtype; ``hint`` as in `topk_sparsify_rows`. A compiled decode step runs it where it would run the
+    compiler's add-and-norm kernel and then the selection (`layers.DecoderLayerForward`).
+
+    Example:
+        >>> hidden = torch.tensor([[3.0, -4.0, 0.0, 1.0]], dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> norm_topk_rows(hidden, torch.ones(4, dtype=torch.bfloat16), 1e-6, 2)[2]  # doctest: +SKIP
+        tensor([[ 1.1875, -1.5781,  0.0000,  0.0000]], dtype=torch.bfloat16)
+    """
+    dim = hidden.shape[-1]
+    if hidden.dtype not in _INF_KEY or weight.dtype != hidden.dtype or weight.shape != (dim,):
+        raise ValueError(f"norm_topk_rows takes bf16/fp16 rows and a weight of their dtype and width, got "
+                         f"{hidden.dtype} rows {dim} wide and a {weight.dtype} weight of shape {tuple(weight.shape)}")
+    if not 1 <= k <= dim <= MAX_NORM_FEATURES:
+        raise ValueError(f"norm_topk_rows takes rows up to {MAX_NORM_FEATURES} wide and k in [1, width], got width "
+                         f"{dim}, k {k}")
+    if residual is not None and (residual.shape != hidden.shape or residual.dtype != hidden.dtype):
+        raise ValueError(f"residual must match hidden ({tuple(hidden.shape)}, {hidden.dtype}), got "
+                         f"{tuple(residual.shape)}, {residual.dtype}")
+    rows = hidden.numel() // dim
+    _check_hint(hint, rows, hidden.device)
+    key = (dim, hidden.dtype, hint is not None, residual is not None)
+    launch = _NORM_LAUNCHES.get(key)
+    if launch is None:
+        block = 1 << (dim - 1).bit_length()
+        digit_bits, num_warps = _register_launch(block, hint is not None)
+        launch = _NORM_LAUNCHES[key] = KernelLaunch(_norm_topk_rows_kernel, dict(
+            INF_KEY=_INF_KEY[hidden.dtype], BLOCK=block, DIGIT_BITS=digit_bits, USE_HINT=hint is not None,
+            HINT_RADIUS=HINT_RADIUS[hidden.dtype], HINT_STEPS=HINT_RADIUS[hidden.dtype].bit_length(),
+            RESIDUAL=residual is not None, PRECISE=_PRECISE, num_warps=num_warps,
+            HINT_HISTOGRAM=(hint is not None and hidden.dtype == torch.bfloat16
+                            and block <= HISTOGRAM_KEYS_PER_THREAD * 32 * num_warps), **pdl_constants()))
+    hidden = hidden.contiguous()
+    summed = None if residual is None else torch.empty_like(hidden)
+    normed, sparse = torch.empty_like(hidden), torch.empty_like(hidden)
+    kept = torch.empty(rows, k, dtype=torch.int32, device=hidden.device)
+    if rows:
+        launch((rows,), (hidden, hidden if residual is None else residual.contiguous(), weight,
+                         normed if summed is None else summed, normed, sparse, kept, kept if hint is None else hint),
+               (dim, k, float(eps)))
+    return summed, normed, sparse, kept
