@@ -65,7 +65,9 @@ class ArchLayout:
     decoder_layer: tuple[str, str, str, str] | None = None
 
 
-_LLAMA = ArchLayout(
+# Llama's attention and FFN. Alone (without Llama's decoder layer) for families with decoder layers or norms of
+# their own: Gemma's norm scales by 1 + weight, Granite scales its residuals, Mixtral's FFN is a mixture of experts.
+_LLAMA_BLOCKS = ArchLayout(
     roles={
         "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
         "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
@@ -73,10 +75,7 @@ _LLAMA = ArchLayout(
     gated_ffn=("gate_proj", "up_proj", "down_proj"),
     attention=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
-# Llama's attention and FFN, but decoder layers or norms of their own: Gemma's norm scales by 1 + weight, Granite
-# scales its residuals, Mixtral's FFN is a mixture of experts.
-_LLAMA_BLOCKS = _LLAMA
-_LLAMA = replace(_LLAMA, decoder_layer=("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+_LLAMA = replace(_LLAMA_BLOCKS, decoder_layer=("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 _QWEN3 = replace(_LLAMA, head_norms=("q_norm", "k_norm"))
 # Llama's names, with attention code of their own: Gemma2 softcaps its scores, OLMo clips q/k/v, OLMo2 normalises
 # whole projections.
