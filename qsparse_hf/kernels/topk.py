@@ -865,7 +865,7 @@ def norm_topk_rows(hidden: torch.Tensor, weight: torch.Tensor, eps: float, k: in
     Example:
         >>> hidden = torch.tensor([[3.0, -4.0, 0.0, 1.0]], dtype=torch.bfloat16)  # doctest: +SKIP
         >>> norm_topk_rows(hidden, torch.ones(4, dtype=torch.bfloat16), 1e-6, 2)[2]  # doctest: +SKIP
-        tensor([[ 1.1875, -1.5781,  0.0000,  0.0000]], dtype=torch.bfloat16)
+        tensor([[ 1.1797, -1.5703,  0.0000,  0.0000]], dtype=torch.bfloat16)
     """
     dim = hidden.shape[-1]
     if hidden.dtype not in _INF_KEY or weight.dtype != hidden.dtype or weight.shape != (dim,):
