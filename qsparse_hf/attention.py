@@ -33,7 +33,7 @@ from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
-from .layers import _KERNEL_DTYPES, ModuleForward
+from .layers import _KERNEL_DTYPES, _TRACED_SELECTED, ModuleForward, launch_selection
 
 __all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "qsparse_sdpa_mask",
            "register_attention", "use_decode_attention", "restore_attention"]
@@ -93,6 +93,13 @@ except ImportError:  # a transformers without per-layer caches: the model's own 
     StaticLayer = None
 
 
+#: The static-cache counts a compiled step's appends left to advance (``"pending"``: from the call of a model's first
+#: `DecodeAttentionForward` to the end of its last one's, which advances them all in one ``_foreach_add_``): one
+#: kernel a step where each layer's own ``add_`` was one kernel a layer. Gone by the end of the compiled forward,
+#: like `layers`' traced dicts.
+_TRACED_COUNTS: dict = {}
+
+
 class DecodeAttentionForward(ModuleForward):
     """The forward of a converted model's attention module whose own forward is Llama's (projections, optional
     per-head norms of query and key, rotary embedding, cache update, attention function, output projection;
@@ -106,7 +113,9 @@ class DecodeAttentionForward(ModuleForward):
     attention, in one launch. Everything else -- eager steps, prefill, training, other caches (dynamic, sliding
     window, offloaded), ``output_attentions``, ``QSPARSE_DECODE_APPEND=0`` -- runs the module's own forward. The
     rotary rounds as the model's code does in eager mode (each product and the sum), so the appended keys are the
-    eager path's bit for bit.
+    eager path's bit for bit. The count's advance waits for the step's last attention module (``closes``), which
+    makes every deferred one in one launch: nothing in the step reads a layer's count after its own launch
+    (transformers derives the step's positions from the first layer's count before any layer runs).
 
     Example:
         >>> attention = model.model.layers[0].self_attn  # of a converted Qwen2  # doctest: +SKIP
@@ -114,12 +123,15 @@ class DecodeAttentionForward(ModuleForward):
         'DecodeAttentionForward'
     """
 
-    __slots__ = ("names", "head_norms")
+    __slots__ = ("names", "head_norms", "opens", "closes")
 
     def __init__(self, module: nn.Module, names: tuple[str, str, str, str], head_norms: tuple[str, str] | None):
         super().__init__(module)
         self.names = names
         self.head_norms = head_norms
+        #: The model's first and last attention modules with this forward (`use_decode_attention` sets them): the
+        #: first lets a compiled step's appends defer their counts' advance, the last makes it.
+        self.opens = self.closes = False
 
     @classmethod
     def install(cls, module: nn.Module, names: tuple[str, str, str, str],
@@ -137,11 +149,18 @@ class DecodeAttentionForward(ModuleForward):
         return True
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() and kernels.DECODE_APPEND:
-            out = self._append_step(args, kwargs)
-            if out is not None:
-                return out
-        return self.module_forward(self.module, *args, **kwargs)
+        if not (torch.compiler.is_compiling() and kernels.DECODE_APPEND):
+            return self.module_forward(self.module, *args, **kwargs)
+        if self.opens:
+            _TRACED_COUNTS["pending"] = []
+        out = self._append_step(args, kwargs)
+        if out is None:
+            out = self.module_forward(self.module, *args, **kwargs)
+        if self.closes:
+            pending = _TRACED_COUNTS.pop("pending", None)
+            if pending:
+                torch._foreach_add_(pending, 1)
+        return out
 
     def _append_step(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None] | None:
         """The step through the one-launch append, or None (nothing computed) where it does not apply."""
@@ -161,7 +180,7 @@ class DecodeAttentionForward(ModuleForward):
         if type(layer) is not StaticLayer or not layer.is_initialized:  # (its subclasses slide or are offloaded)
             return None
         from .kernels.attention import check_decode_append
-        from .kernels.ops import decode_attention_append
+        from .kernels.ops import decode_attention_append, decode_attention_append_select
 
         q_proj, k_proj, v_proj, o_proj = (getattr(module, name) for name in self.names)
         shape = (*hidden.shape[:-1], -1, module.head_dim)
@@ -180,8 +199,25 @@ class DecodeAttentionForward(ModuleForward):
             keys, values = layer.update(key, value)
             out, _ = qsparse_sdpa_attention(module, query, keys, values, mask, scaling=module.scaling)
         else:
-            out = decode_attention_append(query, key, value, cos, sin, layer.keys, layer.values,
-                                          layer.cumulative_length, mask, module.scaling)
+            pending = _TRACED_COUNTS.get("pending")  # (the step's last attention module advances the count)
+            arguments = (query, key, value, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
+                         module.scaling)
+            selection = (launch_selection(o_proj, hidden, query.shape[1] * module.head_dim)
+                         if kernels.FUSED_ATTENTION_SELECT else None)
+            if selection is None:
+                out = decode_attention_append(*arguments, advance=pending is None)
+            else:
+                out, sparse, kept = decode_attention_append_select(*arguments, *selection[:2],
+                                                                   advance=pending is None)
+            if pending is not None:
+                pending.append(layer.cumulative_length)
+            if selection is not None:
+                # o_proj's selection, made by the launch's last program: its sparsifier takes it with its input
+                out = out.reshape(*hidden.shape[:-1], -1)
+                _TRACED_SELECTED[selection[2]] = (out, sparse, kept)
+                projected = o_proj(out)
+                _TRACED_SELECTED.pop(selection[2], None)  # (taken unless the sparsifier chose not to)
+                return projected, None
         return o_proj(out.reshape(*hidden.shape[:-1], -1)), None
 
 
@@ -246,8 +282,10 @@ def use_decode_attention(model: nn.Module, names: tuple[str, str, str, str] | No
     if _attention_of(model) != ATTENTION_NAME:
         return False
     if names is not None:
-        for module in model.modules():
-            DecodeAttentionForward.install(module, names, head_norms)
+        installed = [module.forward for module in model.modules()
+                     if DecodeAttentionForward.install(module, names, head_norms)]
+        if installed:  # (modules() lists the layers in the order the model runs them)
+            installed[0].opens = installed[-1].closes = True
     return True
 
 
