@@ -24,10 +24,7 @@ cache append around it (``QSPARSE_DECODE_APPEND=0``), ``compile8`` the compiled 
 their likely rows into L2 while the selection before them runs (``QSPARSE_GEMV_PREFETCH=0``; on by default),
 ``compile9`` the compiled step whose down GEMV does not prefetch (``QSPARSE_GEMV_PREFETCH_DOWN=0``; on by default),
 ``compile10`` the compiled step with each residual add and RMSNorm left to the compiler, before the selection after
-it (``QSPARSE_FUSED_NORM=0``, `layers.DecoderLayerForward`; folded into the selection's launch by default),
-``compile11`` the compiled step with o_proj's selection in a launch of its own after the attention
-(``QSPARSE_FUSED_ATTENTION_SELECT=0``, the default for now; run with ``QSPARSE_FUSED_ATTENTION_SELECT=1`` for the
-A/B of the attention's launch making it).
+it (``QSPARSE_FUSED_NORM=0``, `layers.DecoderLayerForward`; folded into the selection's launch by default).
 For dense each is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
@@ -73,13 +70,12 @@ from qsparse_hf.kernels.launch import pdl_enabled  # noqa: E402
 HOST_BOUND = ("eager", "eager2")
 #: Ways that time the decode step itself (the dense baseline is the fastest of them).
 STEP_WAYS = ("graph", "compile", "compile2", "compile3", "compile4", "compile6", "compile7", "compile8", "compile9",
-             "compile10", "compile11")
+             "compile10")
 #: The compiled ways that are A/Bs: the `qsparse_hf.kernels` switches each sets for its run.
 COMPILED_VARIANTS = {"compile2": {"FUSED_ACTIVATION": False}, "compile3": {"FUSED_FFN": "masked"},
                      "compile4": {"FUSED_FFN": "listed"}, "compile6": {"DECODE_ATTENTION": False},
                      "compile7": {"DECODE_APPEND": False}, "compile8": {"GEMV_PREFETCH": False},
-                     "compile9": {"GEMV_PREFETCH_DOWN": False}, "compile10": {"FUSED_NORM": False},
-                     "compile11": {"FUSED_ATTENTION_SELECT": False}}
+                     "compile9": {"GEMV_PREFETCH_DOWN": False}, "compile10": {"FUSED_NORM": False}}
 
 CONFIGS = {
     # sliding_window=None: with Mistral's default window Dynamo recompiles at every step (for dense and sparse).
@@ -127,7 +123,7 @@ def greedy_step(model, prompt: torch.Tensor, max_cache_len: int, compiled: bool)
 
 def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
     """Prefill eagerly, then time ``new_tokens`` greedy steps: replayed from one captured CUDA graph (``graph``) or
-    through ``torch.compile`` reduce-overhead (``compile``; ``compile2`` to ``compile11``: with the switches of
+    through ``torch.compile`` reduce-overhead (``compile``; ``compile2`` to ``compile10``: with the switches of
     `COMPILED_VARIANTS`, see the module's docstring)."""
     torch._dynamo.reset()
     if mode in COMPILED_VARIANTS:
@@ -490,7 +486,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--keeps", default="1.0,0.9,0.7,0.5")
     parser.add_argument("--ways", default="graph,compile",
-                        help="comma-separated subset of graph, compile, compile2 to compile11 (decode step), eager, "
+                        help="comma-separated subset of graph, compile, compile2 to compile10 (decode step), eager, "
                              "eager2, static (model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--rounds", type=int, default=3,
@@ -599,7 +595,7 @@ def main(argv=None) -> int:
              "compile4": "step compiled, FFN in three launches", "compile6": "step compiled, SDPA attention",
              "compile7": "step compiled, rotary and append apart", "compile8": "step compiled, no GEMV prefetch",
              "compile9": "step compiled, no down prefetch", "compile10": "step compiled, norms apart",
-             "compile11": "step compiled, o selection apart", "eager": "generate()",
+             "eager": "generate()",
              "eager2": "generate(), selection launched apart", "static": "generate(static)"}
     headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]
     headers += [f"{names[w]} vs dense" for w in ways] + (["kernels/layer"] if args.count_kernels else [])

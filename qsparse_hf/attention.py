@@ -33,7 +33,7 @@ from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import kernels
-from .layers import _KERNEL_DTYPES, _TRACED_SELECTED, ModuleForward, launch_selection
+from .layers import _KERNEL_DTYPES, ModuleForward
 
 __all__ = ["ATTENTION_NAME", "DecodeAttentionForward", "qsparse_sdpa_attention", "qsparse_sdpa_mask",
            "register_attention", "use_decode_attention", "restore_attention"]
@@ -180,7 +180,7 @@ class DecodeAttentionForward(ModuleForward):
         if type(layer) is not StaticLayer or not layer.is_initialized:  # (its subclasses slide or are offloaded)
             return None
         from .kernels.attention import check_decode_append
-        from .kernels.ops import decode_attention_append, decode_attention_append_select
+        from .kernels.ops import decode_attention_append
 
         q_proj, k_proj, v_proj, o_proj = (getattr(module, name) for name in self.names)
         shape = (*hidden.shape[:-1], -1, module.head_dim)
@@ -200,24 +200,10 @@ class DecodeAttentionForward(ModuleForward):
             out, _ = qsparse_sdpa_attention(module, query, keys, values, mask, scaling=module.scaling)
         else:
             pending = _TRACED_COUNTS.get("pending")  # (the step's last attention module advances the count)
-            arguments = (query, key, value, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
-                         module.scaling)
-            selection = (launch_selection(o_proj, hidden, query.shape[1] * module.head_dim)
-                         if kernels.FUSED_ATTENTION_SELECT else None)
-            if selection is None:
-                out = decode_attention_append(*arguments, advance=pending is None)
-            else:
-                out, sparse, kept = decode_attention_append_select(*arguments, *selection[:2],
-                                                                   advance=pending is None)
+            out = decode_attention_append(query, key, value, cos, sin, layer.keys, layer.values,
+                                          layer.cumulative_length, mask, module.scaling, advance=pending is None)
             if pending is not None:
                 pending.append(layer.cumulative_length)
-            if selection is not None:
-                # o_proj's selection, made by the launch's last program: its sparsifier takes it with its input
-                out = out.reshape(*hidden.shape[:-1], -1)
-                _TRACED_SELECTED[selection[2]] = (out, sparse, kept)
-                projected = o_proj(out)
-                _TRACED_SELECTED.pop(selection[2], None)  # (taken unless the sparsifier chose not to)
-                return projected, None
         return o_proj(out.reshape(*hidden.shape[:-1], -1)), None
 
 

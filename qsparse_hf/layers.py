@@ -1383,37 +1383,20 @@ class DecoderLayerForward(ModuleForward):
 def _norm_selection(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> tuple | None:
     """``(weight, eps, k, hint_slot, key)`` of ``norm`` (Llama's RMSNorm: a ``weight`` of ``x``'s dtype and width, a
     float ``variance_epsilon``, no hooks) followed by ``linear``'s one-token selection of ``x``'s shape through the
-    kernels (`launch_selection`), else None."""
+    kernels (a plain top-K that drops features, a threshold hint, the decode layout), else None."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if (not isinstance(weight, torch.Tensor) or not isinstance(eps, float) or weight.dtype != x.dtype
-            or weight.shape != x.shape[-1:] or not _unhooked(norm)):
-        return None
-    selection = launch_selection(linear, x, x.shape[-1])
-    return None if selection is None else (weight, eps, *selection)
-
-
-def launch_selection(linear: nn.Module, x: torch.Tensor, width: int) -> tuple[int, int, int] | None:
-    """``(k, hint_slot, key)`` when the launch that computes ``linear``'s input may also make its one-token
-    selection (a kernel of `DecoderLayerForward`, `attention.DecodeAttentionForward`), else None: ``linear`` a
-    `QSparseLinear` on the decode path whose sparsifier takes a plain top-K of rows ``width`` wide (up to
-    `topk.MAX_NORM_FEATURES`) that drops features, with a threshold hint; ``x``: a tensor with the input's dtype,
-    device and tokens (the input itself, or one computed beside it). The launch then leaves ``(input, sparse,
-    kept)`` under ``key`` in ``_TRACED_SELECTED``, where the sparsifier takes it (`InputSparsifier._sparsify`).
-
-    Example:
-        >>> launch_selection(model.model.layers[0].self_attn.o_proj, hidden, 4096)  # doctest: +SKIP
-        (2048, 3, 17)
-    """
-    if not isinstance(linear, QSparseLinear) or width > _MAX_NORM_FEATURES or x.numel() != x.shape[-1]:
+    if (not isinstance(linear, QSparseLinear) or not isinstance(weight, torch.Tensor) or not isinstance(eps, float)
+            or weight.dtype != x.dtype or weight.shape != x.shape[-1:] or not _unhooked(norm)
+            or x.shape[-1] > _MAX_NORM_FEATURES or not _listable(x)):
         return None
     sparsifier = linear._sparsifier
     settings = sparsifier._now()
-    k = sparsifier.keep(width)
+    k = sparsifier.keep(x.shape[-1])
     if (settings.activation_bits is not None or settings.block_size is not None or settings.input_within_topk
-            or settings.hint_slot < 0 or k >= width or not sparsifier.uses_kernel(x)
+            or settings.hint_slot < 0 or k >= x.shape[-1] or not sparsifier.uses_kernel(x)
             or not sparsifier.decodes(x, linear)):
         return None
-    return k, settings.hint_slot, settings.key
+    return weight, eps, k, settings.hint_slot, settings.key
 
 
 def _select_normed(selection: tuple, delta: torch.Tensor, residual: torch.Tensor | None):

@@ -91,56 +91,6 @@ def test_decode_attention_keeps_nan():
     assert out[0, 0, 2:, 0].isnan().all() and not out[0, 0, :2].isnan().any()
 
 
-@pytest.mark.parametrize("batch,heads,kv_heads,length,head_dim,ties", [
-    (1, 4, 2, 70, 32, False),  # two splits of a key/value head
-    (1, 28, 4, 304, 128, False),  # Qwen2-7B's grouping: five splits, a 3584-wide row
-    (2, 8, 8, 9, 16, False),  # one split a head, two sequences selecting apart
-    (1, 8, 2, 130, 64, True),  # every value equal: one tie across the whole row, kept lowest index first
-])
-def test_decode_attention_append_select_is_the_append_then_the_top_k(batch, heads, kv_heads, length, head_dim, ties):
-    from qsparse_hf.kernels.attention import decode_attention_append_select
-    from qsparse_hf.kernels.topk import new_hint, topk_sparsify_rows
-
-    torch.manual_seed(0)
-    query, key_cache, value_cache = _qkv(batch, heads, kv_heads, length, head_dim)
-    if ties:
-        value_cache.fill_(0.5)
-    new_key, new_value = (torch.randn(batch, kv_heads, 1, head_dim, device=DEV).to(torch.bfloat16) for _ in "kv")
-    if ties:
-        new_value.fill_(0.5)
-    cos, sin = _rotary(1, head_dim)
-    count = torch.tensor(length // 2, device=DEV)
-    caches = key_cache.clone(), value_cache.clone()
-    out = decode_attention_append(query, new_key, new_value, cos, sin, *caches, count, None, 0.1)
-    k = heads * head_dim // 3
-    expected, expected_kept = topk_sparsify_rows(out.reshape(batch, -1), k, indices=True)
-    hint = new_hint(DEV, batch)
-    for _ in range(2):  # the second call starts from the hint the first left (and re-armed tickets)
-        selected = decode_attention_append_select(query, new_key, new_value, cos, sin, key_cache, value_cache, count,
-                                                  None, 0.1, k, hint)
-        assert torch.equal(selected[0], out)
-        assert selected[1].shape == (batch, 1, heads * head_dim) and torch.equal(selected[1].reshape(batch, -1),
-                                                                                 expected)
-        assert torch.equal(selected[2], expected_kept)
-        assert torch.equal(key_cache, caches[0]) and torch.equal(value_cache, caches[1])
-    assert (hint >= 0).all()
-    if ties:
-        assert torch.equal(expected_kept[0], torch.arange(k, device=DEV, dtype=torch.int32))
-
-
-def test_decode_attention_append_select_rejects_rows_it_cannot_select():
-    from qsparse_hf.kernels.attention import decode_attention_append_select
-    from qsparse_hf.kernels.topk import new_hint
-
-    query, key_cache, value_cache = _qkv(1, 4, 2, 9, 32)
-    new = torch.zeros(1, 2, 1, 32, dtype=torch.bfloat16, device=DEV)
-    cos, sin = _rotary(1, 32)
-    for k in (0, 4 * 32 + 1):
-        with pytest.raises(ValueError, match="k must be in"):
-            decode_attention_append_select(query, new, new, cos, sin, key_cache, value_cache,
-                                           torch.tensor(3, device=DEV), None, None, k, new_hint(DEV, 1))
-
-
 @pytest.mark.parametrize("change,message", [
     (lambda q, k, v, m: (q.expand(1, 4, 2, 32), k, v, m), "one query token"),
     (lambda q, k, v, m: (q.float(), k, v, m), "bf16 or fp16"),
@@ -275,18 +225,11 @@ def test_compiled_decode_steps_run_the_kernel_and_match_sdpa(arch, monkeypatch):
     assert ((logits.double() - expected.double()).norm() / expected.double().norm()).item() < 1e-2
 
 
-def _count_appends(monkeypatch, selecting: list | None = None) -> list:
-    """The rotary-and-append attention launches from now on, those that also select o_proj's input included (and
-    listed in ``selecting`` too)."""
+def _count_appends(monkeypatch) -> list:
+    """The rotary-and-append attention launches from now on."""
     calls = []
-    for name in ("_decode_attention_append_launch", "_decode_attention_append_select_launch"):
-        def counted(*args, real=getattr(kernel_ops, name), selects=name.endswith("select_launch")):
-            calls.append(1)
-            if selects and selecting is not None:
-                selecting.append(1)
-            return real(*args)
-
-        monkeypatch.setattr(kernel_ops, name, counted)
+    real = kernel_ops._decode_attention_append_launch
+    monkeypatch.setattr(kernel_ops, "_decode_attention_append_launch", lambda *args: (calls.append(1), real(*args))[1])
     return calls
 
 
@@ -315,34 +258,7 @@ def test_compiled_static_steps_append_in_the_attention_launch(arch, monkeypatch)
     assert torch.equal(logits, expected)
 
 
-def test_compiled_steps_select_o_projs_input_in_the_attention_launch(monkeypatch):
-    # At keep 0.5 every layer's attention launch also makes o_proj's selection, and o_proj's sparsifier launches
-    # none of its own; the logits are the same bits as with the selection in a launch of its own.
-    monkeypatch.setattr(kernels, "FUSED_ATTENTION_SELECT", True)
-    model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
-    layers = model.config.num_hidden_layers
-    tokens = torch.randint(3, 128, (1, 9), device=DEV)
-    selecting, selections = [], []
-    appends = _count_appends(monkeypatch, selecting)
-    real_select = kernel_ops.topk_sparsify_rows
-
-    def counted_select(x, *args, **kwargs):  # (in the custom op's body: each step's call counts)
-        if x.numel() == x.shape[-1]:  # one token (the prefill's selections are eager, of several)
-            selections.append(1)
-        return real_select(x, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_ops, "topk_sparsify_rows", counted_select)
-    logits = _compiled_decode(model, tokens, 6)
-    assert len(selecting) == len(appends) == 3 * layers
-    fused = len(selections)  # (the FFN activation's)
-    monkeypatch.setattr(kernels, "FUSED_ATTENTION_SELECT", False)
-    expected = _compiled_decode(model, tokens, 6)
-    assert len(selecting) == 3 * layers and len(selections) == 2 * fused + 3 * layers  # o_proj's own selection
-    assert torch.equal(logits, expected)
-
-
-@pytest.mark.parametrize("select_in_attention", [False, True])
-def test_inductor_steps_with_the_append_equal_the_models_own_update(select_in_attention, monkeypatch):
+def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch):
     # Inductor, not just Dynamo's graph: the launch writes the caches, and the count (from which transformers'
     # static cache derives the step's positions, rotary and mask) is advanced by an add_ the compiler orders against
     # every read of it. (Advanced inside the custom op, Inductor recomputed the second layer's rotary and mask
@@ -351,7 +267,6 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(select_in_at
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "emulate_precision_casts", True)
-    monkeypatch.setattr(kernels, "FUSED_ATTENTION_SELECT", select_in_attention)  # (o_proj's selection in it too)
     model = convert_to_qsparse(tiny_model("qwen2").to(DEV, torch.bfloat16), topk=0.5)
     tokens = torch.randint(3, 128, (1, 9), device=DEV)
     appends = _count_appends(monkeypatch)
@@ -408,9 +323,8 @@ def test_inductor_steps_compute_the_attention_mask_once_for_every_layer():
         step = torch.compile(model.forward, fullgraph=True)
         _, codes = run_and_get_code(step, tokens[:, 8:], past_key_values=cache, cache_position=positions[8:9])
     code = codes[-1]
-    # (the mask is the launch's argument before the scale, which a selecting launch's k and hint slot follow)
-    masks = re.findall(r"qsparse\.decode_attention_append(?:_select)?\.default\(.*, (\w+), [0-9.e-]+(?:, \d+, \d+)?\)$",
-                       code, re.M)
+    # (the mask is the launch's argument before the scale)
+    masks = re.findall(r"qsparse\.decode_attention_append\.default\(.*, (\w+), [0-9.e-]+\)$", code, re.M)
     assert len(masks) == model.config.num_hidden_layers >= 2
     assert len(set(masks)) == 1 and code.count("torch.ops.qsparse.step_input.default(") == 1
 

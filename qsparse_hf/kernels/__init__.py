@@ -64,14 +64,6 @@ GEMV_PREFETCH_DOWN = os.environ.get("QSPARSE_GEMV_PREFETCH_DOWN", "1") != "0"
 #: (the A/B: ``bench_decode.py --ways compile,compile10``).
 FUSED_NORM = os.environ.get("QSPARSE_FUSED_NORM", "1") != "0"
 
-#: With `DECODE_APPEND`, the attention launch of a compiled one-token step can also make the output projection's
-#: selection (`attention.decode_attention_append_select`: its last program to finish selects over the whole output
-#: row), where a one-program launch of its own runs after it: one launch a layer fewer, the same exact top-K. Off
-#: until a GPU has timed it (exact in the interpreter; the selection then searches with the attention's 4 warps
-#: instead of its own launch's 16): ``QSPARSE_FUSED_ATTENTION_SELECT=1`` turns it on, ``bench_decode.py --ways
-#: compile,compile11`` is the A/B (``compile11``: this switch off).
-FUSED_ATTENTION_SELECT = os.environ.get("QSPARSE_FUSED_ATTENTION_SELECT", "0") != "0"
-
 
 def prefetches_down() -> bool:
     """Whether down's GEMV guesses its rows too (`GEMV_PREFETCH` and `GEMV_PREFETCH_DOWN`), read at call time so

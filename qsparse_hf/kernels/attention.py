@@ -18,11 +18,6 @@ the compiler must see the advance as the model's own ``add_`` (`ops.decode_atten
 launch, or `qsparse_hf.attention` once for every layer after the step's last one). Advanced inside the launch,
 Inductor recomputed the later layers' rotary and mask from the count already moved on (positions off by one from
 the second layer on).
-
-`decode_attention_append_select` also makes the output projection's one-token top-K in the same launch: a second
-ticket per sequence finds the last key/value head to finish, whose program reads the whole output row back and
-selects it as `topk.norm_topk_rows` selects a normed row (the threshold hint, ties to the lowest index, the kept
-positions listed), where a one-program launch of its own ran after the attention.
 """
 
 from __future__ import annotations
@@ -32,13 +27,11 @@ import triton
 import triton.language as tl
 
 from .gemv import _cdiv
-from .launch import (KernelLaunch, _dependent_launch_start, _dependent_launch_wait, _dependents_may_launch, _scratch,
-                     _semaphores, pdl_constants)
-from .topk import (_INF_KEY, _PRECISE, HINT_RADIUS, HISTOGRAM_KEYS_PER_THREAD, MAX_NORM_FEATURES, _check_hint,
-                   _magnitude_key, _round_like, _row_keep)
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+from .topk import _PRECISE, _round_like
 
-__all__ = ["decode_attention", "decode_attention_append", "decode_attention_append_select", "check_decode_attention",
-           "check_decode_append", "MAX_HEAD_DIM"]
+__all__ = ["decode_attention", "decode_attention_append", "check_decode_attention", "check_decode_append",
+           "MAX_HEAD_DIM"]
 
 #: Widest head the kernel serves (a program holds a ``[group, head_dim]`` accumulator per query group).
 MAX_HEAD_DIM = 256
@@ -87,42 +80,15 @@ def _finish(acc, total, at, length, APPEND: tl.constexpr):
 
 
 @triton.jit
-def _select_attended(out_ptr, sparse_ptr, index_ptr, hint_ptr, row_sem_ptr, batch, stride_ob, width, k,
-                     INF_KEY: tl.constexpr, SELECT_BLOCK: tl.constexpr, HINT_RADIUS: tl.constexpr,
-                     HINT_STEPS: tl.constexpr, HINT_HISTOGRAM: tl.constexpr, PDL: tl.constexpr):
-    """After a program has stored its key/value head's output: the last of a sequence's heads to get there (an
-    atomic ticket) selects the top-``k`` of the sequence's whole output row -- the output projection's input -- as
-    `topk._norm_topk_rows_kernel` selects its normed row (the hint searched from and updated, the kept positions
-    listed), and lets the next kernel start once the row is read (its L2 prefetch guesses from that row)."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(row_sem_ptr + batch, 1, sem="acq_rel")
-    if ticket == tl.num_programs(0) - 1:
-        offs = tl.arange(0, SELECT_BLOCK)
-        valid = offs < width
-        x = tl.load(out_ptr + batch * stride_ob + offs, mask=valid, other=0.0, cache_modifier=".cg")
-        _dependents_may_launch(PDL)
-        keep = _row_keep(_magnitude_key(x, INF_KEY), valid, offs, k, hint_ptr + batch, index_ptr + batch * k, 1,
-                         True, True, HINT_RADIUS, HINT_STEPS, HINT_HISTOGRAM)
-        tl.store(sparse_ptr + batch * width + offs, tl.where(keep, x, 0.0), mask=valid)
-        tl.atomic_xchg(row_sem_ptr + batch, 0)
-
-
-@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, count_ptr,
-    sparse_ptr, index_ptr, hint_ptr, length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs, stride_mb, stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb,
-    stride_nvh, stride_cb, k_select,
+    length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
+    stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
-    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr, SELECT: tl.constexpr = False,
-    SELECT_BLOCK: tl.constexpr = 1, INF_KEY: tl.constexpr = 0, HINT_RADIUS: tl.constexpr = 1,
-    HINT_STEPS: tl.constexpr = 1, HINT_HISTOGRAM: tl.constexpr = False,
+    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
 ):
-    if SELECT:  # (the next kernel starts once the selecting program has the whole output row: `_select_attended`)
-        _dependent_launch_wait(PDL)
-    else:
-        _dependent_launch_start(PDL)
+    _dependent_launch_start(PDL)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     batch = tl.program_id(2)
@@ -197,11 +163,6 @@ def _decode_attention_kernel(
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if splits == 1:
         tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
-        if SELECT:
-            _select_attended(out_ptr, sparse_ptr, index_ptr, hint_ptr,
-                             sem_ptr + tl.num_programs(2) * tl.num_programs(0), batch, stride_ob,
-                             tl.num_programs(0) * GROUP * HEAD_DIM, k_select, INF_KEY, SELECT_BLOCK, HINT_RADIUS,
-                             HINT_STEPS, HINT_HISTOGRAM, PDL)
     else:
         # Every split writes its partial softmax (accumulator, maximum, sum); the last split of this key/value head
         # to arrive (an atomic ticket) merges them in split order -- the same order whichever program is last --
@@ -235,11 +196,6 @@ def _decode_attention_kernel(
                 best = new_best
             tl.store(out_ptrs, _finish(acc, total, at, length, APPEND).to(out_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(sem_ptr + slot, 0)
-            if SELECT:
-                _select_attended(out_ptr, sparse_ptr, index_ptr, hint_ptr,
-                                 sem_ptr + tl.num_programs(2) * tl.num_programs(0), batch, stride_ob,
-                                 tl.num_programs(0) * GROUP * HEAD_DIM, k_select, INF_KEY, SELECT_BLOCK, HINT_RADIUS,
-                                 HINT_STEPS, HINT_HISTOGRAM, PDL)
 
 
 def check_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -366,52 +322,9 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
     return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count))
 
 
-def decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                   cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                   value_cache: torch.Tensor, count: torch.Tensor, mask: torch.Tensor | None,
-                                   scale: float | None, k: int, hint: torch.Tensor
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`decode_attention_append` with the output projection's one-token selection in the same launch: ``(out,
-    sparse, kept)``, ``out`` as `decode_attention_append` returns it, ``sparse`` the top-``k`` of each sequence's
-    output row (``[batch, 1, heads * head_dim]``; `topk.topk_sparsify_rows`'s mask bit for bit: ties to the lowest
-    index) and ``kept`` its ``[batch, k]`` ascending kept positions (int32). The last of a sequence's key/value heads
-    to finish selects, searching from the threshold ``hint`` (int32, an entry per sequence, updated). Rows up to
-    `topk.MAX_NORM_FEATURES` wide. A compiled decode step runs it where it would run the attention and then the
-    selection's own launch (`qsparse_hf.attention.DecodeAttentionForward`).
-
-    Example:
-        >>> out, sparse, kept = decode_attention_append_select(q, k, v, cos, sin, layer.keys, layer.values,
-        ...                                                    layer.cumulative_length, mask, scale, 2048,
-        ...                                                    hint)  # doctest: +SKIP
-    """
-    problem = check_decode_append(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask)
-    batch, heads, _, head_dim = query.shape
-    if problem is None and not 1 <= k <= heads * head_dim <= MAX_NORM_FEATURES:
-        problem = f"k must be in [1, heads * head_dim] and rows at most {MAX_NORM_FEATURES} wide"
-    if problem is not None:
-        raise ValueError(f"decode_attention_append_select: {problem}; got query {tuple(query.shape)}, new key "
-                         f"{tuple(new_key.shape)}, cos {tuple(cos.shape)} {cos.dtype}, cache {tuple(key_cache.shape)}, "
-                         f"count {tuple(count.shape)} {count.dtype}, k {k}")
-    _check_hint(hint, batch, query.device)
-    return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count), (k, hint))
-
-
-def _select_constants(width: int, dtype: torch.dtype) -> dict:
-    """The constants of a launch that selects over output rows ``width`` wide. It keeps the attention's warps (the
-    selection's own launch takes up to 16 for a decode token's row, which would leave the attention's products
-    mostly idle warps), so a 7B model's row of 3584-4096 keys is searched the binary way, 32 keys a thread, as
-    `topk.launch_config` describes: about 0.4 µs slower than its own launch's histogram (H100), for one launch
-    fewer."""
-    block = 1 << (width - 1).bit_length()
-    return dict(SELECT=True, SELECT_BLOCK=block, INF_KEY=_INF_KEY[dtype], HINT_RADIUS=HINT_RADIUS[dtype],
-                HINT_STEPS=HINT_RADIUS[dtype].bit_length(),
-                HINT_HISTOGRAM=dtype == torch.bfloat16 and block <= HISTOGRAM_KEYS_PER_THREAD * 32 * _NUM_WARPS)
-
-
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-            scale: float | None, append: tuple | None, select: tuple | None = None):
-    """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count;
-    ``select``: `decode_attention_append_select`'s k and hint, then ``(out, sparse, kept)`` is returned)."""
+            scale: float | None, append: tuple | None) -> torch.Tensor:
+    """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count)."""
     batch, heads, _, head_dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -426,31 +339,26 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     stat_offset = batch * kv_heads * splits * group_pad * block_d
     # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
     partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
-    # one per key/value head, then (selecting) one per sequence
-    tickets = _semaphores(query.device, batch * kv_heads + (batch if select else 0))
+    tickets = _semaphores(query.device, batch * kv_heads)  # one per key/value head
     constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
-                 _BLOCK_S, _NUM_WARPS, select is not None and (heads * head_dim, query.dtype))
+                 _BLOCK_S, _NUM_WARPS)
     launch = _LAUNCHES.get(constants)
     if launch is None:
-        options = _select_constants(heads * head_dim, query.dtype) if select else {}
         # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
         launch = _LAUNCHES[constants] = KernelLaunch(_decode_attention_kernel, dict(
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
             BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
-            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, **options, **pdl_constants()),
+            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, **pdl_constants()),
             scalars_by_class=True)
     mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     new_key, new_value, cos, sin, count = append or (query,) * 5
-    k, hint = select or (0, None)
-    sparse = torch.empty(batch, 1, heads * head_dim, dtype=query.dtype, device=query.device) if select else out
-    kept = torch.empty(batch, k, dtype=torch.int32, device=query.device) if select else out
     launch(
         (kv_heads, splits, batch),
         (query, key, value, query if mask is None else mask, out, partials, tickets, new_key, new_value, cos, sin,
-         count, sparse, kept, hint if select else out),
+         count),
         (length, float(head_dim ** -0.5 if scale is None else scale), query.stride(0),
          query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
          value.stride(2), mask_batch_stride, out.stride(0), out.stride(2), stat_offset, new_key.stride(0),
-         new_key.stride(1), new_value.stride(0), new_value.stride(1), 0 if cos.shape[0] == 1 else cos.stride(0), k),
+         new_key.stride(1), new_value.stride(0), new_value.stride(1), 0 if cos.shape[0] == 1 else cos.stride(0)),
     )
-    return (out, sparse, kept) if select else out
+    return out

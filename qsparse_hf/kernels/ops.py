@@ -29,9 +29,6 @@ shape-known node each instead of tracing into Triton launches, and autograd sees
   scale)``: the same with the step's rotary embedding and static-cache append in the launch
   (`attention.decode_attention_append`; mutates the caches and reads the count, which the wrapper then advances
   with ``add_``; inference).
-- ``qsparse::decode_attention_append_select(query, ..., mask, scale, k, hint_slot)``: the same launch with the
-  output projection's one-token selection of the attention's output rows made by its last program
-  (`attention.decode_attention_append_select`): ``(out, sparse, kept)``; inference.
 
 In eager mode the public wrappers below launch the kernels directly instead: the dispatcher's per-call cost would
 otherwise be a large share of an eager decode step.
@@ -45,7 +42,6 @@ import torch
 
 from .attention import decode_attention as _decode_attention_launch
 from .attention import decode_attention_append as _decode_attention_append_launch
-from .attention import decode_attention_append_select as _decode_attention_append_select_launch
 from .ffn import gated_select as _gated_select_launch
 from .ffn import gated_select_listed as _gated_select_listed_launch
 from .gemv import MAX_DECODE_TOKENS, masked_gemv, repeat_launch, select_gemv, sparse_gemv
@@ -53,8 +49,7 @@ from .topk import launch_config, norm_topk_rows, repeat_row_launch, silu_topk_ro
 
 __all__ = ["topk_sparsify", "topk_select", "silu_select", "norm_select", "sparse_linear", "sparse_linear_block",
            "select_linear", "gated_select", "gated_select_listed", "masked_linear_block", "decode_attention",
-           "decode_attention_append", "decode_attention_append_select", "register_hint", "block_of",
-           "repeatable_linear", "repeatable_select", "step_input"]
+           "register_hint", "block_of", "repeatable_linear", "repeatable_select", "step_input"]
 
 # Threshold hints (`topk.new_hint`) by slot. The op takes the slot number, not the tensor: the kernel updates the
 # hint in place, which a compiled graph must not see as a mutated input (CUDA graphs would copy it in afresh each
@@ -289,37 +284,6 @@ def _decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_val
 def _(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale):
     batch, heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, heads, head_dim)
-
-
-@torch.library.custom_op("qsparse::decode_attention_append_select", mutates_args=("key_cache", "value_cache"))
-def _decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                    cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                    value_cache: torch.Tensor, count: torch.Tensor, mask: Optional[torch.Tensor],
-                                    scale: Optional[float], k: int, hint_slot: int
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_select_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale,
-                                    k, hint_slot)
-
-
-@_decode_attention_append_select.register_fake
-def _(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale, k, hint_slot):
-    batch, heads, _, head_dim = query.shape
-    return (query.new_empty(batch, 1, heads, head_dim), query.new_empty(batch, 1, heads * head_dim),
-            query.new_empty(batch, k, dtype=torch.int32))
-
-
-def _attention_select_launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale, k,
-                             hint_slot):
-    """The launch with the hint in ``hint_slot``, or a fresh one where it serves no sequence of ``query`` (the hint
-    only speeds the search up: the threshold is the same)."""
-    rows = query.shape[0]
-    hint = _hint_for(hint_slot, query.new_empty(rows, 1))
-    if hint is None:
-        from .topk import new_hint
-
-        hint = new_hint(query.device, rows)
-    return _decode_attention_append_select_launch(query, new_key, new_value, cos, sin, key_cache, value_cache,
-                                                  count, mask, scale, k, hint)
 
 
 class _TopKStraightThrough(torch.autograd.Function):
@@ -591,27 +555,5 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
     # positions (rotary, mask) from its first layer's count, and a write hidden in the custom op let Inductor
     # recompute them after it.
     if advance:
-        count.add_(1)
-    return out
-
-
-def decode_attention_append_select(query: torch.Tensor, new_key: torch.Tensor, new_value: torch.Tensor,
-                                   cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
-                                   value_cache: torch.Tensor, count: torch.Tensor, mask: torch.Tensor | None,
-                                   scale: float | None, k: int, hint_slot: int = -1, *, advance: bool = True
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`decode_attention_append` with the top-``k`` of each sequence's output row selected in the same launch
-    (`attention.decode_attention_append_select`): ``(out, sparse, kept)``; ``hint_slot`` as in `topk_select`,
-    ``advance`` as in `decode_attention_append`; ``qsparse::decode_attention_append_select`` under
-    ``torch.compile``. Inference only.
-
-    Example:
-        >>> out, sparse, kept = decode_attention_append_select(q, k, v, cos, sin, layer.keys, layer.values,
-        ...                                                    layer.cumulative_length, mask, module.scaling,
-        ...                                                    2048, slot)  # doctest: +SKIP
-    """
-    launch = _decode_attention_append_select if torch.compiler.is_compiling() else _attention_select_launch
-    out = launch(query, new_key, new_value, cos, sin, key_cache, value_cache, count, mask, scale, k, hint_slot)
-    if advance:  # (as in decode_attention_append: an aten op the compiler orders against every read)
         count.add_(1)
     return out
