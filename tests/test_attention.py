@@ -280,7 +280,8 @@ def test_inductor_steps_with_the_append_equal_the_models_own_update(monkeypatch)
 
 def test_compiled_steps_advance_every_layers_count_in_one_op_after_the_last_layer(monkeypatch):
     # One `_foreach_add_` at the end of the step advances the counts the appends read (one kernel a step on the
-    # GPU, where an add_ after each launch was one kernel a layer); every layer's count ends one further per step.
+    # GPU, where an add_ after each launch was one kernel a layer), after every layer's launch; the logits equal
+    # those of the model's own cache update step after step, so every layer's positions stay right.
     graphs = []
 
     def recording(graph, inputs):
