@@ -149,7 +149,7 @@ def ffn_resources(keep: float, defaults_only: bool) -> int:
     from qsparse_hf.functional import keep_count
     from qsparse_hf.kernels.ffn import _config_candidates, _default_config, _GatedLaunch
     from qsparse_hf.kernels.gemv import _default_config as _gemv_default
-    from qsparse_hf.kernels.gemv import _Launch, _masked_lists
+    from qsparse_hf.kernels.gemv import _Launch
 
     rows, results = [], []
     for arch, config in (("mistral", MistralConfig()), ("qwen2", Qwen2Config(hidden_size=3584,
@@ -172,8 +172,7 @@ def ffn_resources(keep: float, defaults_only: bool) -> int:
                     rows.append([arch, form, name, "/".join(map(str, gemv_config[:4])), registers, spilled,
                                  "←" if gemv_config == default else ""])
         down = _gemv_default(hidden, inter)
-        masked = _Launch(1, inter, hidden, inter, down, False, False, False, masked=torch.bfloat16,
-                         lists=_masked_lists())
+        masked = _Launch(1, inter, hidden, inter, down, False, False, False, masked=torch.bfloat16)
         registers, spilled = sm90_resources(masked.launch, _FFN_POINTER_TYPES)
         results.append(dict(arch=arch, form="masked", kernel="down GEMV, masked", config=list(down),
                             registers=registers, spilled_bytes=spilled, default=True))

@@ -118,35 +118,6 @@ def test_masked_gemv_is_the_gemv_of_the_masked_values():
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("lists, chunk", [(True, 2048), (True, 64), (False, None)])
-def test_masked_gemv_reads_the_kept_rows_wherever_they_fall(lists, chunk, monkeypatch):
-    # Each program lists its split's kept rows before it reads them (`kernels.MASKED_LISTS`; in one pass, or 64 keys
-    # at a time; else predicated reads of every row): kept rows crowded into one split, none in the others, ties
-    # cut mid-split, NaN ranked as inf.
-    from qsparse_hf import kernels
-    from qsparse_hf.kernels import gemv
-
-    monkeypatch.setattr(kernels, "MASKED_LISTS", lists)
-    monkeypatch.setattr(gemv, "_LIST_CHUNK", chunk)
-    monkeypatch.setattr(gemv, "_LAUNCHES", {})  # (launches built with another chunk)
-    inter, n_out, k = 700, 40, 150
-    values = _exact_values(1, inter, scale=0.5)
-    keys = torch.full((1, inter), 0.25, device=DEV).to(BF16)  # ties everywhere below the crowd
-    keys[0, 100:230] = 4.0  # 130 keys at the top, all in the first split or two
-    keys[0, 5] = float("nan")
-    weight_t = _exact_values(inter, n_out, scale=0.125)
-    reference_mask = topk_mask(keys, k)
-    key_values = _keys(keys)
-    threshold = int(key_values[reference_mask].min())
-    cut = int(((key_values == threshold) & reference_mask).nonzero()[:, 1].max())
-    state = torch.tensor([threshold, cut], dtype=torch.int32, device=DEV)
-    assert reference_mask[0, 5] and reference_mask.sum() == k  # (the NaN and 19 ties from index 0 kept)
-    expected = (torch.where(reference_mask, values, torch.zeros((), dtype=BF16, device=DEV)).double()
-                @ weight_t.double()).to(BF16)  # exact sums: any order gives these bits
-    for config in (GemvConfig(32, 16, 1), GemvConfig(16, 32, 4), GemvConfig(64, 64, 8, 4, 1)):
-        assert torch.equal(masked_gemv(values, keys, state, weight_t, config=config), expected)
-
-
 def test_gated_select_and_masked_gemv_refuse_what_they_do_not_serve():
     x, kept, block, _, _ = _gated_case()
     with pytest.raises(ValueError, match="one bf16 token"):

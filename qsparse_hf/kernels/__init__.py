@@ -90,11 +90,6 @@ if FUSED_FFN == "invalid":
     raise ValueError(f"QSPARSE_FUSED_FFN must be one of {', '.join(_FFN_MODES)}, got "
                      f"{os.environ['QSPARSE_FUSED_FFN']!r}")
 
-#: With ``FUSED_FFN == "masked"``, down's GEMV lists its kept rows before it reads them: each program ranks its split's
-#: keys against the resolved threshold, writes the kept rows' indices to scratch and reads only those rows, as the
-#: GEMV over a selection's list does (`gemv._list_kept_rows`). ``QSPARSE_MASKED_LISTS=0``: each program reads
-#: every row of its split, predicated on the mask (the sixteenth stop's form, ~10 µs slower for Qwen2-7B's down).
-MASKED_LISTS = os.environ.get("QSPARSE_MASKED_LISTS", "1") != "0"
 
 _TRITON_IMPORTABLE: bool | None = None
 

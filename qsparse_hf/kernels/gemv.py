@@ -12,7 +12,6 @@ are served by one launch over the whole block, or by one launch per member over 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -67,28 +66,6 @@ def _select_row(x_ptr, hint_ptr, n_in, k, write_hint, SELECT_BLOCK: tl.constexpr
 
 
 @triton.jit
-def _list_kept_rows(key_ptr, state_ptr, list_ptr, start, n_in, ROWS_PER_SPLIT: tl.constexpr,
-                    LIST_CHUNK: tl.constexpr, INF_KEY: tl.constexpr):
-    """List, ascending at ``list_ptr``, the features of rows ``start .. start + ROWS_PER_SPLIT`` that a resolved
-    top-K keeps (``state_ptr``: the threshold key and cut-off index: a key above the threshold, or equal to it at an
-    index up to the cut, `topk.py`'s mask), ranked by the magnitude keys at ``key_ptr``; returns how many. Every
-    program of a split lists the same rows in the same slots, so they share one list."""
-    threshold = tl.load(state_ptr)
-    cut = tl.load(state_ptr + 1)
-    end = tl.minimum(n_in, start + ROWS_PER_SPLIT)
-    listed = 0
-    for c in tl.static_range(0, ROWS_PER_SPLIT, LIST_CHUNK):
-        rows = start + c + tl.arange(0, LIST_CHUNK)
-        inside = rows < end
-        key = _magnitude_key(tl.load(key_ptr + rows, mask=inside, other=0.0), INF_KEY)
-        keep = inside & ((key > threshold) | ((key == threshold) & (rows <= cut)))
-        tl.store(list_ptr + listed + tl.cumsum(keep.to(tl.int32), 0) - 1, rows, mask=keep)
-        listed += tl.sum(keep.to(tl.int32), 0)
-    tl.debug_barrier()  # the whole program's slots written before any thread reads them back
-    return listed
-
-
-@triton.jit
 def _prefetch_l2(pointers, wanted):
     """Ask L2 for the 128-byte lines at ``pointers`` where ``wanted`` (one ``prefetch.global.L2`` each; nothing is
     read into registers, nothing waits for it)."""
@@ -129,8 +106,7 @@ def _sparse_gemv_kernel(
     SELECT: tl.constexpr, MASKED: tl.constexpr, SELECT_BLOCK: tl.constexpr, INF_KEY: tl.constexpr,
     USE_HINT: tl.constexpr, HINT_RADIUS: tl.constexpr, HINT_STEPS: tl.constexpr, PDL: tl.constexpr,
     PARTIALS_OUT: tl.constexpr = False, PREFETCH: tl.constexpr = False, PREFETCH_WINDOW: tl.constexpr = 1,
-    PREFETCH_LINES: tl.constexpr = 1, PREFETCH_SILU: tl.constexpr = False, LIST_CHUNK: tl.constexpr = 0,
-    LIST_BOUND: tl.constexpr = True,
+    PREFETCH_LINES: tl.constexpr = 1, PREFETCH_SILU: tl.constexpr = False,
 ):
     if PREFETCH:  # (`GEMV_PREFETCH`: listed rows of one token, with PDL; key_ptr is the selection's input)
         _prefetch_likely_rows(key_ptr, hint_ptr, wt_ptr, n_in, n_rows, stride_w, ROWS_PER_SPLIT, BLOCK_N, INF_KEY,
@@ -151,23 +127,6 @@ def _sparse_gemv_kernel(
             slots = start + k0 + tl.arange(0, BLOCK_K)
             slot_ok = slots < n_rows
             rows = tl.load(index_ptr + slots, mask=slot_ok, other=0)
-            x = tl.load(x_ptr + rows, mask=slot_ok, other=0.0)
-            w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
-                        mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
-            tile += x.to(tl.float32)[:, None] * w.to(tl.float32)
-        acc = tl.sum(tile, axis=0).reshape(1, BLOCK_N)
-    elif MASKED and LIST_CHUNK > 0:
-        # One token whose top-K the kernel that wrote x resolved (`ffn.gated_select`): the program lists its split's
-        # kept rows itself (index_ptr: this launch's lists, one per split), then reads only those, as GATHER does.
-        split_list = index_ptr + pid_s * ROWS_PER_SPLIT
-        listed = _list_kept_rows(key_ptr, state_ptr, split_list, start, n_in, ROWS_PER_SPLIT, LIST_CHUNK, INF_KEY)
-        tile = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        # (Triton's interpreter cannot bound a loop by a computed scalar: there it runs over the whole split, the
-        # rows past the listed ones masked off)
-        for k0 in tl.range(0, listed if LIST_BOUND else ROWS_PER_SPLIT, BLOCK_K, num_stages=NUM_STAGES):
-            slots = k0 + tl.arange(0, BLOCK_K)
-            slot_ok = slots < listed
-            rows = tl.load(split_list + slots, mask=slot_ok, other=0)
             x = tl.load(x_ptr + rows, mask=slot_ok, other=0.0)
             w = tl.load(wt_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
@@ -460,14 +419,6 @@ def _cdiv(a: int, b: int) -> int:
 #: a launch's few hundred programs.
 PREFETCH_ROWS = 256
 _PREFETCH_INSTRUCTIONS = 1024
-#: Keys a masked launch's program ranks at a time while it lists its split's kept rows (`_list_kept_rows`).
-_LIST_CHUNK = 2048
-
-
-def _masked_lists() -> bool:
-    from qsparse_hf import kernels
-
-    return kernels.MASKED_LISTS
 
 
 def _prefetch_constants(dtype: torch.dtype | None, n_in: int, n_rows: int, rows_per_split: int,
@@ -496,7 +447,7 @@ class _Launch:
     def __init__(self, tokens: int, n_in: int, n_out: int, n_rows: int, config: GemvConfig, has_bias: bool,
                  count_zeros: bool, gather: bool, select: tuple | None = None,
                  masked: torch.dtype | None = None, add_splits: bool = True,
-                 prefetch: torch.dtype | None = None, prefetch_silu: bool = False, lists: bool = False) -> None:
+                 prefetch: torch.dtype | None = None, prefetch_silu: bool = False) -> None:
         block_n, block_k, split, num_warps, num_stages = config
         if tokens > 1 and block_k < _MIN_DOT_BLOCK_K:
             raise ValueError(f"a sparse GEMV of {tokens} tokens needs block_k >= {_MIN_DOT_BLOCK_K}, got config "
@@ -513,10 +464,6 @@ class _Launch:
         k_select, dtype, hinted = select or (0, masked or prefetch, False)
         self.k_select = k_select
         rows_per_split = _cdiv(_cdiv(n_rows, split), block_k) * block_k
-        # lists: a masked launch's programs list their split's kept rows (`_list_kept_rows`) in int32 scratch after
-        # the partials, `LIST_CHUNK` keys at a time (`kernels.MASKED_LISTS`; else each reads every row, predicated)
-        listing = lists and masked is not None and tokens == 1
-        self.list_entries = split * rows_per_split if listing else 0
         self.launch = KernelLaunch(_sparse_gemv_kernel, dict(
             ROWS_PER_SPLIT=rows_per_split, TOKENS_PAD=1 if tokens == 1 else 16,
             BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=self.split, NUM_STAGES=num_stages, HAS_BIAS=has_bias,
@@ -525,8 +472,6 @@ class _Launch:
             HINT_RADIUS=HINT_RADIUS.get(dtype, 1), HINT_STEPS=HINT_RADIUS.get(dtype, 1).bit_length(),
             num_warps=num_warps, PARTIALS_OUT=not add_splits, **pdl_constants(),
             **_prefetch_constants(prefetch, n_in, n_rows, rows_per_split, block_n, prefetch_silu),
-            **(dict(LIST_CHUNK=min(_LIST_CHUNK, 1 << (rows_per_split - 1).bit_length()),
-                    LIST_BOUND=os.environ.get("TRITON_INTERPRET") != "1") if listing else {}),
         ))
 
     def __call__(self, x: torch.Tensor, stride_x: int, weight_t: torch.Tensor, bias: torch.Tensor | None,
@@ -538,13 +483,8 @@ class _Launch:
             out = torch.empty((self.partial_splits, *x.shape[:-1], self.n_out), dtype=torch.float32, device=x.device)
         else:
             out = torch.empty((*x.shape[:-1], self.n_out), dtype=x.dtype, device=x.device)
-        summed = self.split * self.tokens * self.n_out if self.split > 1 else 0
-        if summed or self.list_entries:
-            scratch = _scratch(x.device, summed + self.list_entries)
-            if self.list_entries:  # (kept is None for a masked launch: its index argument is the lists)
-                kept = scratch[summed:summed + self.list_entries].view(torch.int32)
         if self.split > 1:
-            partials = scratch
+            partials = _scratch(x.device, self.split * self.tokens * self.n_out)
             tickets = _semaphores(x.device, self.col_blocks)
         else:
             partials = tickets = out
@@ -575,7 +515,7 @@ def _find_launch(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | N
     if tokens is None:
         tokens = _tokens(x)
     key = (tokens, n_in, n_out, n_rows, config, bias is not None, zeros is not None, kept is not None, select,
-           masked, add_splits, prefetch, prefetch_silu, masked is not None and _masked_lists())
+           masked, add_splits, prefetch, prefetch_silu)
     launch = _LAUNCHES.get(key)
     if launch is None:
         launch = _LAUNCHES[key] = _Launch(*key)
