@@ -33,7 +33,10 @@ token of ``generate(static)`` beside them (with its wall time per token, prefill
 operators of its prefill call. With programmatic dependent launch a kernel starts before the one it follows has
 finished and waits inside it, and the profiler counts that wait as the kernel's duration (a 5 µs selection read
 53 µs after the gate/up GEMV): for the time each kernel itself takes, profile with ``QSPARSE_PDL=0`` (and
-``--inductor-pdl off``); the step's time is what PDL changes.
+``--inductor-pdl off``); the step's time is what PDL changes. ``--timeline`` shows where that time goes: one
+layer's kernels of the compiled step in launch order, each with the time by which it ends later than every kernel
+before it (`exposed_times`: waits excluded, idle gaps included; they add up to the step), and those times per
+layer by kernel.
 Programmatic dependent launch (Hopper and later GPUs) is on by default for our kernels (``QSPARSE_PDL=0`` turns it
 off) and for Inductor's (``torch._inductor.config.triton.enable_pdl``; ``--inductor-pdl off`` leaves it off), for
 dense and sparse alike: on an H100 it makes the compiled dense step faster (6.84 -> 6.54 ms a token for Qwen2-7B),
@@ -376,6 +379,88 @@ def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> li
     return lines
 
 
+def exposed_times(kernels: list[tuple[str, float, float]]) -> list[dict]:
+    """Each kernel of ``(name, start, end)`` (µs, in launch order) with its ``offset`` from the first one's start, its
+    ``duration`` and its ``exposed`` time: how much later it ends than every kernel before it, idle time before it
+    included -- what it adds to the step's wall time. They add up to the step's span. With programmatic dependent
+    launch a kernel starts while the one before it runs and waits inside it, so its duration holds that wait; its
+    exposed time does not.
+
+    Example:
+        >>> [k["exposed"] for k in exposed_times([("gemv", 0.0, 10.0), ("select", 2.0, 13.0), ("gemv", 14.0, 20.0)])]
+        [10.0, 3.0, 7.0]
+    """
+    if not kernels:
+        return []
+    first, ended, timed = kernels[0][1], kernels[0][1], []
+    for name, start, end in kernels:
+        timed.append({"name": name, "offset": start - first, "duration": end - start,
+                      "exposed": max(0.0, end - ended)})
+        ended = max(ended, end)
+    return timed
+
+
+def repeating_run(names: list[str], shortest: int = 4) -> tuple[int, int] | None:
+    """``(start, length)`` of the shortest run of at least ``shortest`` kernel names, ending mid-step, that the next
+    ``length`` names repeat: one decoder layer's kernels in a step of many identical layers. None where no run
+    repeats (a step of few layers, whose first and last differ from the rest).
+
+    Example:
+        >>> repeating_run(["embed"] + ["norm", "gemv", "attn", "gemv"] * 3 + ["head"])
+        (3, 4)
+    """
+    middle = len(names) // 2
+    for length in range(shortest, middle + 1):
+        start = middle - length
+        if names[start:start + length] == names[middle:middle + length]:
+            return start, length
+    return None
+
+
+def kernel_timeline(model, prompt: torch.Tensor, label: str, top: int = 12) -> list[str]:
+    """Where the wall time of one compiled decode step goes (`exposed_times` of its kernels, torch.profiler): one
+    decoder layer's kernels in launch order (a run that repeats mid-step, `repeating_run`; every kernel of the step
+    where none does), then the kernels' exposed time per layer by name. Returns the report lines, also written with
+    the whole step to ``timeline_<label>.json``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        step, _ = greedy_step(model, prompt, prompt.shape[1] + 32, compiled=True)
+        for _ in range(8):  # compile, warm-up and recording
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+    events = sorted((event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda event: event.time_range.start)
+    per_step = len(events) // 3
+    timed = exposed_times([(event.name, event.time_range.start, event.time_range.end)
+                           for event in events[per_step:2 * per_step]])  # the middle step of three
+    span = sum(kernel["exposed"] for kernel in timed)
+    run = repeating_run([kernel["name"] for kernel in timed])
+    start, length = run or (0, len(timed))
+    shown = timed[start:start + length]
+    lines = [f"{label}: one compiled step, {span:.1f} µs over {len(timed)} kernels; "
+             + (f"one decoder layer (a run of {length} kernels that repeats mid-step): "
+                f"{sum(kernel['exposed'] for kernel in shown):.1f} µs" if run else "every kernel (no run repeats)"),
+             "  offset µs  duration µs  exposed µs  kernel"]
+    offset = shown[0]["offset"] if shown else 0.0
+    lines += [f"  {kernel['offset'] - offset:9.1f}  {kernel['duration']:11.2f}  {kernel['exposed']:10.2f}  "
+              f"{kernel['name'][:90]}" for kernel in shown]
+    by_name: dict[str, float] = {}
+    for kernel in timed:
+        by_name[kernel["name"][:90]] = by_name.get(kernel["name"][:90], 0.0) + kernel["exposed"]
+    lines.append(f"  exposed µs per layer by kernel ({layers} layers):")
+    lines += [f"  {total / layers:9.2f}  {name}" for name, total in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]
+    write_json(f"timeline_{label.replace(' ', '_')}.json", {"model": label, "layers": layers, "lines": lines,
+                                                            "kernels": timed})
+    return lines
+
+
 class StopAfter(StoppingCriteria):
     """Stops ``generate`` once sequences are ``length`` tokens long, whatever ``max_new_tokens`` says: calls that
     stop at different lengths keep the static cache's shape (and so its compiled graphs)."""
@@ -500,6 +585,9 @@ def main(argv=None) -> int:
                         help="print the kernels of the compiled decode step by time, per layer (torch.profiler), "
                              "and of a decode token and the prefill call of generate(static) when --ways has "
                              "static")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print where the wall time of the compiled decode step goes: one layer's kernels in "
+                             "launch order with the time each adds to the step (PDL waits excluded)")
     parser.add_argument("--inductor-pdl", choices=("on", "off"), default="on",
                         help="programmatic dependent launch for Inductor's kernels (compiled ways; Hopper and later)")
     args = parser.parse_args(argv)
@@ -551,6 +639,8 @@ def main(argv=None) -> int:
         if args.profile_host:
             for static in (False, True) if "static" in ways else (False,):
                 print(profile_host(model, prompt, 32, label, static=static), flush=True)
+        if args.timeline:
+            print("\n".join(kernel_timeline(model, prompt, label)), flush=True)
         if args.profile_kernels:
             print("\n".join(kernel_profile(model, prompt, label)), flush=True)
             if "static" in ways:
@@ -585,7 +675,7 @@ def main(argv=None) -> int:
     # Profilers only after every timing: a probe timed eager generate() at 20.6 ms/token before a torch.profiler
     # session and 27.7 after it, in one process (single calls vary by ~20 %, so not settled): no model is timed
     # after a profiler ran, which with the count inside each model's turn put every model but the first after one.
-    if args.count_kernels or args.profile_host or args.profile_kernels:
+    if args.count_kernels or args.profile_host or args.profile_kernels or args.timeline:
         for_each_model(lambda index, label: diagnose(label, results[index]))
 
     baseline_way = min(modes, key=lambda m: dense[m])

@@ -151,6 +151,25 @@ def test_topk_bench_refuses_bad_widths_before_touching_a_gpu(dims, capsys):
     assert "--dims takes comma-separated widths" in capsys.readouterr().err
 
 
+def test_decode_bench_timeline_adds_up_to_the_step_and_finds_one_layer():
+    # --timeline: a kernel that starts early and waits (PDL) exposes only what it runs past the others; idle gaps
+    # count for the kernel after them; one layer is the run that repeats mid-step, whatever the first and last do.
+    bench = importlib.import_module("bench_decode")
+    kernels = [("embed", 0.0, 2.0), ("gemv", 3.0, 20.0), ("select", 5.0, 24.0), ("gemv", 21.0, 30.0),
+               ("tail", 26.0, 29.0)]
+    timed = bench.exposed_times(kernels)
+    assert [k["exposed"] for k in timed] == [2.0, 18.0, 4.0, 6.0, 0.0]
+    assert sum(k["exposed"] for k in timed) == 30.0 and timed[2]["duration"] == 19.0 and timed[4]["offset"] == 26.0
+    assert bench.exposed_times([]) == []
+    layer = ["norm", "gemv", "attn", "select", "gemv", "norm", "gemv", "count", "write", "gemv"]
+    step = ["embed", "rotary"] + layer + ["mask"] + layer * 26 + layer[:4] + ["final"] + layer[4:] + ["head"]
+    start, length = bench.repeating_run(step)
+    assert length == len(layer) and step[start:start + length] == step[start + length:start + 2 * length]
+    assert sorted(step[start:start + length]) == sorted(layer)
+    few = ["embed", "rotary"] + layer + ["mask"] + layer + layer[:3] + ["final"] + layer[3:] + ["head"]
+    assert bench.repeating_run(few) is None
+
+
 def test_decode_bench_counts_graph_recordings_inside_its_block_only(monkeypatch):
     # --profile-host warms generate(static) up until a call records no CUDA graph; the count must see every
     # recording in the block and leave CUDAGraph as it was.

@@ -118,6 +118,26 @@ def test_masked_gemv_is_the_gemv_of_the_masked_values():
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-2
 
 
+def test_masked_gemv_keeps_exactly_the_top_k_wherever_it_falls():
+    # Kept rows crowded into the first split or two and none in the others, ties cut mid-split, NaN ranked as inf.
+    inter, n_out, k = 700, 40, 150
+    values = _exact_values(1, inter, scale=0.5)
+    keys = torch.full((1, inter), 0.25, device=DEV).to(BF16)  # ties everywhere below the crowd
+    keys[0, 100:230] = 4.0  # 130 keys at the top
+    keys[0, 5] = float("nan")
+    weight_t = _exact_values(inter, n_out, scale=0.125)
+    reference_mask = topk_mask(keys, k)
+    key_values = _keys(keys)
+    threshold = int(key_values[reference_mask].min())
+    cut = int(((key_values == threshold) & reference_mask).nonzero()[:, 1].max())
+    state = torch.tensor([threshold, cut], dtype=torch.int32, device=DEV)
+    assert reference_mask[0, 5] and reference_mask.sum() == k  # (the NaN and 19 ties from index 0 kept)
+    expected = (torch.where(reference_mask, values, torch.zeros((), dtype=BF16, device=DEV)).double()
+                @ weight_t.double()).to(BF16)  # exact sums: any order gives these bits
+    for config in (GemvConfig(32, 16, 1), GemvConfig(16, 32, 4), GemvConfig(64, 64, 8, 4, 1)):
+        assert torch.equal(masked_gemv(values, keys, state, weight_t, config=config), expected)
+
+
 def test_gated_select_and_masked_gemv_refuse_what_they_do_not_serve():
     x, kept, block, _, _ = _gated_case()
     with pytest.raises(ValueError, match="one bf16 token"):
