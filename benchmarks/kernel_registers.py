@@ -51,6 +51,27 @@ def sm90_resources(launch, pointer_types: dict = _POINTER_TYPES) -> tuple[int, i
         (168, 8)
     """
     import triton
+
+    compiled = sm90_compile(launch, pointer_types)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], check=True,
+                               capture_output=True, text=True).stdout
+    fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
+    return int(fields["REG"]), int(fields["STACK"])
+
+
+def sm90_compile(launch, pointer_types: dict = _POINTER_TYPES):
+    """A `qsparse_hf.kernels.launch.KernelLaunch` compiled for sm_90 as Triton's JIT would compile it (its
+    ``asm`` holds the PTX and the cubin); `sm90_resources` reads its registers and spills.
+
+    Example:
+        >>> "prefetch.global.L2" in sm90_compile(launch, pointer_types).asm["ptx"]  # doctest: +SKIP
+        True
+    """
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -66,16 +87,8 @@ def sm90_resources(launch, pointer_types: dict = _POINTER_TYPES) -> tuple[int, i
     # register layout: compiled without it, the 4096-key kernel took 229 registers instead of 168.
     aligned = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(kernel.arg_names)
                if signature[name] != "constexpr"}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
-                              options=options)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as folder:
-        cubin = Path(folder) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", str(cubin)], check=True,
-                               capture_output=True, text=True).stdout
-    fields = dict(item.split(":") for line in usage.splitlines() if "REG:" in line for item in line.split())
-    return int(fields["REG"]), int(fields["STACK"])
+    return triton.compile(ASTSource(kernel, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
+                          options=options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,8 +124,17 @@ def _rotated(x, cos, sin):
     # per sequence
     (2, 4, 2, 9, 16, 5, 1, torch.bfloat16),  # one rotary shared by both sequences
 ])
+@pytest.mark.parametrize("prefetch", [False, True])
 def test_decode_attention_append_is_rotary_then_update_then_attention(batch, heads, kv_heads, length, head_dim,
-                                                                       position, rotary_batch, dtype):
+                                                                       position, rotary_batch, dtype, prefetch,
+                                                                       monkeypatch):
+    # prefetch: the launch asks L2 for its cached keys and values before its wait (`kernels.ATTENTION_PREFETCH`),
+    # which only a GPU with programmatic dependent launch runs; the results must not change.
+    from qsparse_hf.kernels import attention as attention_kernels
+    from qsparse_hf.kernels.launch import pdl_enabled
+
+    monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
+    assert attention_kernels._prefetches() == (prefetch and pdl_enabled())
     torch.manual_seed(0)
     query, key_cache, value_cache = _qkv(batch, heads, kv_heads, length, head_dim, dtype)
     new_key, new_value = (torch.randn(batch, kv_heads, 1, head_dim, device=DEV).to(dtype) for _ in "kv")

@@ -368,6 +368,37 @@ def test_folded_norm_selection_compiles_for_hopper_without_spills():
         assert spill == plain_spill == 0 and registers <= plain_registers + 16
 
 
+_ATTENTION_RESOURCES = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import kernel_registers as registers
+from qsparse_hf.kernels import attention
+from qsparse_hf.kernels.launch import KernelLaunch
+pointers = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "new_k_ptr", "new_v_ptr", "cos_ptr",
+                                       "sin_ptr")}
+pointers.update(mask_ptr="*i1", part_ptr="*fp32", sem_ptr="*i32", count_ptr="*i64", scale="fp32")
+found = []
+for prefetch in (False, True):
+    launch = KernelLaunch(attention._decode_attention_kernel, dict(
+        GROUP=7, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64, BLOCKS_PER_SPLIT=2, MAX_SPLITS=16,
+        HAS_MASK=True, APPEND=True, PRECISE=True, num_warps=4, PDL=True, launch_pdl=True, PREFETCH=prefetch))
+    compiled = registers.sm90_compile(launch, pointers)
+    found.append([*registers.sm90_resources(launch, pointers), compiled.asm["ptx"].count("prefetch.global.L2")])
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(not _triton_tools_present(), reason="needs Triton's bundled ptxas and cuobjdump")
+def test_attention_prefetch_compiles_for_hopper_without_spills():
+    # The decode attention's L2 prefetch (`kernels.ATTENTION_PREFETCH`) runs only compiled with programmatic
+    # dependent launch, never in the interpreter: compiled for sm_90 as the JIT would, Qwen2-7B's heads (a group of
+    # 7, 128 wide, two blocks of 64 positions a split), it issues prefetches only when asked, and spills nothing.
+    (plain_registers, plain_spill, plain_prefetches), (registers, spill, prefetches) = (
+        _sm90_resources_in_a_process(_ATTENTION_RESOURCES))
+    assert plain_prefetches == 0 < prefetches
+    assert spill == plain_spill == 0 and registers <= plain_registers + 16
+
+
 def test_kernel_registers_refuses_bad_arguments(capsys):
     bench = importlib.import_module("kernel_registers")
     assert bench.main(["--dims", "0"]) == 2

@@ -90,6 +90,12 @@ if FUSED_FFN == "invalid":
     raise ValueError(f"QSPARSE_FUSED_FFN must be one of {', '.join(_FFN_MODES)}, got "
                      f"{os.environ['QSPARSE_FUSED_FFN']!r}")
 
+#: The one-launch decode attention asks L2, before its programmatic-dependent wait, for the cached keys and values
+#: its programs read (`attention._prefetch_split`): a layer's attention measured 9.9 µs of a compiled Qwen2-7B step's
+#: wall time on an H100 against 6.2 µs of kernel time alone (benchmarks/README.md, thirty-ninth stop), and those
+#: loads are its first wait on memory. Off until timed on a GPU: ``QSPARSE_ATTENTION_PREFETCH=1`` turns it on
+#: (``bench_decode.py --ways compile,compile12`` is the A/B).
+ATTENTION_PREFETCH = os.environ.get("QSPARSE_ATTENTION_PREFETCH", "0") == "1"
 
 _TRITON_IMPORTABLE: bool | None = None
 

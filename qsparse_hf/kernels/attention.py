@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import _cdiv
-from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants
+from .gemv import _cdiv, _prefetch_l2
+from .launch import KernelLaunch, _dependent_launch_start, _scratch, _semaphores, pdl_constants, pdl_enabled
 from .topk import _PRECISE, _round_like
 
 __all__ = ["decode_attention", "decode_attention_append", "check_decode_attention", "check_decode_append",
@@ -80,18 +80,39 @@ def _finish(acc, total, at, length, APPEND: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_split(k_base, v_base, split, length, stride_ks, stride_vs, HEAD_DIM: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr):
+    """Ask L2 for this split's cached keys and values (every 128-byte line of each position's head) before the
+    launch's wait: no kernel of the step writes them before this launch (the step's own position is stored by this
+    launch, after its wait), and memory is where a one-token attention waits. A guess about what L2 should hold;
+    it never changes what the launch computes."""
+    LINE: tl.constexpr = 64  # bf16/fp16 values in 128 bytes
+    LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
+    lines = tl.arange(0, LINES) * LINE
+    for block in tl.static_range(BLOCKS_PER_SPLIT):
+        pos = (split * BLOCKS_PER_SPLIT + block) * BLOCK_S + tl.arange(0, BLOCK_S)
+        wanted = (pos < length)[:, None] & (lines < HEAD_DIM)[None, :]
+        _prefetch_l2(k_base + pos[:, None] * stride_ks + lines[None, :], wanted)
+        _prefetch_l2(v_base + pos[:, None] * stride_vs + lines[None, :], wanted)
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, count_ptr,
     length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
     stride_ob, stride_oh, stat_offset, stride_nkb, stride_nkh, stride_nvb, stride_nvh, stride_cb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
-    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
+    APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = False,
 ):
-    _dependent_launch_start(PDL)
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
     batch = tl.program_id(2)
+    if PREFETCH:  # (`kernels.ATTENTION_PREFETCH`, with PDL: while the kernel before this one still runs)
+        _prefetch_split(k_ptr + batch * stride_kb + kv_head * stride_kh,
+                        v_ptr + batch * stride_vb + kv_head * stride_vh, split, length, stride_ks, stride_vs,
+                        HEAD_DIM, BLOCK_S, BLOCKS_PER_SPLIT)
+    _dependent_launch_start(PDL)
     splits = tl.num_programs(1)
     rows = tl.arange(0, GROUP_PAD)
     row_ok = rows < GROUP
@@ -322,6 +343,14 @@ def decode_attention_append(query: torch.Tensor, new_key: torch.Tensor, new_valu
     return _launch(query, key_cache, value_cache, mask, scale, (new_key, new_value, cos, sin, count))
 
 
+def _prefetches() -> bool:
+    """Whether launches ask L2 for their cached keys and values before their wait (`kernels.ATTENTION_PREFETCH`,
+    with programmatic dependent launch: without it nothing runs before the kernel ahead has finished)."""
+    from qsparse_hf import kernels
+
+    return kernels.ATTENTION_PREFETCH and pdl_enabled()
+
+
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
             scale: float | None, append: tuple | None) -> torch.Tensor:
     """One launch of the kernel (``append``: `decode_attention_append`'s new key, value, cos, sin and count)."""
@@ -340,15 +369,17 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     # (a one-split launch touches neither, but the kernel is compiled for any split count: same pointer types)
     partials = _scratch(query.device, stat_offset + batch * kv_heads * splits * group_pad * 2)
     tickets = _semaphores(query.device, batch * kv_heads)  # one per key/value head
+    prefetch = _prefetches()
     constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
-                 _BLOCK_S, _NUM_WARPS)
+                 _BLOCK_S, _NUM_WARPS, prefetch)
     launch = _LAUNCHES.get(constants)
     if launch is None:
         # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
         launch = _LAUNCHES[constants] = KernelLaunch(_decode_attention_kernel, dict(
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
             BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
-            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, **pdl_constants()),
+            APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, PREFETCH=prefetch,
+            **pdl_constants()),
             scalars_by_class=True)
     mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
     new_key, new_value, cos, sin, count = append or (query,) * 5
