@@ -360,14 +360,12 @@ def _kernel_report(kernels: dict[str, list], steps: float, layers: int, heading:
     return lines
 
 
-def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> list[str]:
-    """Per-kernel time of the compiled decode step (reduce-overhead, replays profiled), per decoder layer: where a
-    step's time goes. Returns the report lines (kernels by time), also written to ``kernels_<label>.json``."""
+def profiled_compiled_steps(model, prompt: torch.Tensor, steps: int):
+    """A torch.profiler session (CUDA kernels) of ``steps`` replays of the compiled decode step (reduce-overhead),
+    after its compilation, warm-up and recording."""
     from torch.profiler import ProfilerActivity, profile
 
     torch._dynamo.reset()
-    layers = model.config.num_hidden_layers
-    steps = 4
     with torch.no_grad():
         step, _ = greedy_step(model, prompt, prompt.shape[1] + 32, compiled=True)
         for _ in range(8):  # compile, warm-up and recording
@@ -377,6 +375,15 @@ def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> li
             for _ in range(steps):
                 step()
             torch.cuda.synchronize()
+    return prof
+
+
+def kernel_profile(model, prompt: torch.Tensor, label: str, top: int = 30) -> list[str]:
+    """Per-kernel time of the compiled decode step (reduce-overhead, replays profiled), per decoder layer: where a
+    step's time goes. Returns the report lines (kernels by time), also written to ``kernels_<label>.json``."""
+    layers = model.config.num_hidden_layers
+    steps = 4
+    prof = profiled_compiled_steps(model, prompt, steps)
     lines = _kernel_report(_kernel_times(prof), steps, layers, f"{label}: compiled step", top)
     write_json(f"kernels_{label.replace(' ', '_')}.json", {"model": label, "layers": layers, "lines": lines})
     return lines
@@ -425,19 +432,8 @@ def kernel_timeline(model, prompt: torch.Tensor, label: str, top: int = 12) -> l
     decoder layer's kernels in launch order (a run that repeats mid-step, `repeating_run`; every kernel of the step
     where none does), then the kernels' exposed time per layer by name. Returns the report lines, also written with
     the whole step to ``timeline_<label>.json``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch._dynamo.reset()
     layers = model.config.num_hidden_layers
-    with torch.no_grad():
-        step, _ = greedy_step(model, prompt, prompt.shape[1] + 32, compiled=True)
-        for _ in range(8):  # compile, warm-up and recording
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize()
+    prof = profiled_compiled_steps(model, prompt, 3)
     events = sorted((event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda event: event.time_range.start)
     per_step = len(events) // 3
