@@ -26,7 +26,8 @@ their likely rows into L2 while the selection before them runs (``QSPARSE_GEMV_P
 ``compile10`` the compiled step with each residual add and RMSNorm left to the compiler, before the selection after
 it (``QSPARSE_FUSED_NORM=0``, `layers.DecoderLayerForward`; folded into the selection's launch by default),
 ``compile12`` the compiled step whose decode attention asks L2 for its cached keys and values before its wait
-(``QSPARSE_ATTENTION_PREFETCH=1``; off by default until timed).
+(``QSPARSE_ATTENTION_PREFETCH=1``; off by default until timed), ``compile13`` the compiled step whose FFN activation's
+split selection counts and writes in one launch (``QSPARSE_SPLIT_SELECT_ONE_LAUNCH=1``; off by default until timed).
 For dense each is a second sample of the same call.
 ``--count-kernels`` counts the kernels one eager decode step launches, per decoder layer; ``--profile-host`` profiles
 the host side of eager ``generate()`` (and of ``generate(static)`` with ``static`` in ``--ways``); ``--profile-kernels``
@@ -75,13 +76,14 @@ from qsparse_hf.kernels.launch import pdl_enabled  # noqa: E402
 HOST_BOUND = ("eager", "eager2")
 #: Ways that time the decode step itself (the dense baseline is the fastest of them).
 STEP_WAYS = ("graph", "compile", "compile2", "compile3", "compile4", "compile6", "compile7", "compile8", "compile9",
-             "compile10", "compile12")
+             "compile10", "compile12", "compile13")
 #: The compiled ways that are A/Bs: the `qsparse_hf.kernels` switches each sets for its run.
 COMPILED_VARIANTS = {"compile2": {"FUSED_ACTIVATION": False}, "compile3": {"FUSED_FFN": "masked"},
                      "compile4": {"FUSED_FFN": "listed"}, "compile6": {"DECODE_ATTENTION": False},
                      "compile7": {"DECODE_APPEND": False}, "compile8": {"GEMV_PREFETCH": False},
                      "compile9": {"GEMV_PREFETCH_DOWN": False}, "compile10": {"FUSED_NORM": False},
-                     "compile12": {"ATTENTION_PREFETCH": True}}
+                     "compile12": {"ATTENTION_PREFETCH": True},
+                     "compile13": {"SPLIT_SELECT_ONE_LAUNCH": True}}
 
 CONFIGS = {
     # sliding_window=None: with Mistral's default window Dynamo recompiles at every step (for dense and sparse).
@@ -129,7 +131,7 @@ def greedy_step(model, prompt: torch.Tensor, max_cache_len: int, compiled: bool)
 
 def decode_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
     """Prefill eagerly, then time ``new_tokens`` greedy steps: replayed from one captured CUDA graph (``graph``) or
-    through ``torch.compile`` reduce-overhead (``compile``; ``compile2`` to ``compile12``: with the switches of
+    through ``torch.compile`` reduce-overhead (``compile``; ``compile2`` to ``compile13``: with the switches of
     `COMPILED_VARIANTS`, see the module's docstring)."""
     torch._dynamo.reset()
     if mode in COMPILED_VARIANTS:
@@ -571,7 +573,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--keeps", default="1.0,0.9,0.7,0.5")
     parser.add_argument("--ways", default="graph,compile",
-                        help="comma-separated subset of graph, compile, compile2 to compile12 (decode step), eager, "
+                        help="comma-separated subset of graph, compile, compile2 to compile13 (decode step), eager, "
                              "eager2, static (model.generate)")
     parser.add_argument("--generate", action="store_true", help="same as adding eager,static to --ways")
     parser.add_argument("--rounds", type=int, default=3,
@@ -686,6 +688,7 @@ def main(argv=None) -> int:
              "compile7": "step compiled, rotary and append apart", "compile8": "step compiled, no GEMV prefetch",
              "compile9": "step compiled, no down prefetch", "compile10": "step compiled, norms apart",
              "compile12": "step compiled, attention prefetch",
+             "compile13": "step compiled, activation selected in one launch",
              "eager": "generate()",
              "eager2": "generate(), selection launched apart", "static": "generate(static)"}
     headers = ["model"] + [f"{names[w]} ms/token" for w in ways] + [f"speedup vs best dense ({baseline_way})"]

@@ -1397,15 +1397,18 @@ def test_compiled_decode_splits_the_wide_activation_selection_and_matches_eager(
 
 
 @requires_cuda
-def test_inductor_compiled_fused_activation_step_equals_eager_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_inductor_compiled_fused_activation_step_equals_eager_bit_for_bit(one_launch, monkeypatch):
     # The same with Inductor, as users compile: the fused op takes gate and up straight from the gate/up GEMV's
-    # output (views of one buffer), and the compiler's own kernels around it round as eager does.
+    # output (views of one buffer), and the compiler's own kernels around it round as eager does. one_launch: the
+    # split selection counts and writes in one launch (`kernels.SPLIT_SELECT_ONE_LAUNCH`), in CUDA graphs too.
     import torch._inductor.config as inductor_config
     from transformers import AutoModelForCausalLM, MistralConfig
 
     from qsparse_hf import kernels
 
     monkeypatch.setattr(kernels, "FUSED_ACTIVATION", True)
+    monkeypatch.setattr(kernels, "SPLIT_SELECT_ONE_LAUNCH", one_launch)
     # the like-for-like eager step (see test_compiled_decode_steps_equal_eager_bit_for_bit_with_emulated_casts)
     monkeypatch.setattr(kernels, "SELECT_IN_GEMV", False)
     torch.manual_seed(0)
@@ -1415,10 +1418,12 @@ def test_inductor_compiled_fused_activation_step_equals_eager_bit_for_bit(monkey
     torch._dynamo.reset()
     with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True):
         step = torch.compile(model, fullgraph=True)
-        for token in (3, 17, 40):
+        replayed = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for token in (3, 17, 40, 17, 3):
             ids = torch.tensor([[token]], device=DEV)
             eager = model(ids).logits
             assert torch.equal(step(ids).logits, eager), token
+            assert torch.equal(replayed(ids).logits, eager), token
     torch._dynamo.reset()
 
 
@@ -1779,13 +1784,26 @@ def test_streamed_selection_equals_the_reference_chunk_by_chunk(dtype):
         topk_sparsify_rows(x, k, config=("streamed", 1000, 8))
 
 
+def _split_in_one_launch(one_launch: bool, programs: int, monkeypatch) -> None:
+    """Set `kernels.SPLIT_SELECT_ONE_LAUNCH`; on a GPU the one launch then runs (the interpreter keeps two)."""
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import topk
+
+    monkeypatch.setattr(kernels, "SPLIT_SELECT_ONE_LAUNCH", one_launch)
+    assert topk._one_launch(torch.device(DEV), programs) == (one_launch and DEV == "cuda")
+
+
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_selection_equals_the_reference_from_any_hint(dtype):
+def test_split_selection_equals_the_reference_from_any_hint(dtype, one_launch, monkeypatch):
     # Programs count their slices into histograms of the hint's window; the last one resolves the threshold (or
     # searches the row itself when it lies outside the window) and writes the row: ties across slices, zeros, NaN,
     # a short last slice, hints that place the threshold at either edge of the window or just outside it.
+    # one_launch: the programs wait for the last one and write their slices in the same launch (GPU only).
     from qsparse_hf.kernels import launch
     from qsparse_hf.kernels.topk import HINT_RADIUS, new_hint
+
+    _split_in_one_launch(one_launch, 4 * 9, monkeypatch)
 
     dim, k = 1100, 440  # the last part short
     x = torch.randn(4, dim, device=DEV).to(dtype)
@@ -1811,7 +1829,7 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
             assert torch.equal(kept.long(), expected_kept), config
             assert zeros.item() == int((expected == 0).sum()), config
             assert torch.equal(hint, thresholds), config  # the next search starts from this one's threshold
-            assert int(launch._semaphores(x.device, 4)[:4].abs().sum()) == 0  # the tickets are re-armed
+            assert int(launch._semaphores(x.device, 8)[:8].abs().sum()) == 0  # the tickets are re-armed
         torch.testing.assert_close(topk_sparsify_rows(x, k, config=config, hint=new_hint(DEV, 4)), expected, rtol=0,
                                    atol=0, equal_nan=True)  # without the listing
     with pytest.raises(ValueError, match="takes a threshold hint"):
@@ -1823,12 +1841,15 @@ def test_split_selection_equals_the_reference_from_any_hint(dtype):
             topk_sparsify_rows(x, k, config=("split", 128, 4), hint=new_hint(DEV, 4))
 
 
+@pytest.mark.parametrize("one_launch", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype):
+def test_split_selection_of_silu_times_up_equals_the_one_program_launch(dtype, one_launch, monkeypatch):
     # The split launches with SiLU computed on the way and the product with up in the writer (what a compiled
     # decode step runs for a gated FFN's activation): the same bits, kept list and zero count as the register
     # kernel's fused launch, from any hint (none, the threshold, either edge of the window, just outside it).
     from qsparse_hf.kernels.topk import HINT_RADIUS, silu_topk_rows
+
+    _split_in_one_launch(one_launch, 3 * 3, monkeypatch)
 
     dim, k = 700, 280  # the last part short
     gate = (torch.randn(3, dim, device=DEV) * 2).to(dtype)

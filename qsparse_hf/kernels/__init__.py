@@ -97,6 +97,13 @@ if FUSED_FFN == "invalid":
 #: (``bench_decode.py --ways compile,compile12`` is the A/B).
 ATTENTION_PREFETCH = os.environ.get("QSPARSE_ATTENTION_PREFETCH", "0") == "1"
 
+#: A decode token's split selection (the gated FFN's activation: counting by many programs, the last resolving the
+#: threshold) writes its parts in the same launch: every program waits for its row's last one at a GPU-wide
+#: barrier, then writes from the values it still holds, instead of a second launch reading them again (one launch a
+#: layer fewer). Only where each program can have an SM of its own (`topk._one_launch`). Off until timed on a
+#: GPU: ``QSPARSE_SPLIT_SELECT_ONE_LAUNCH=1`` turns it on (``bench_decode.py --ways compile,compile13``).
+SPLIT_SELECT_ONE_LAUNCH = os.environ.get("QSPARSE_SPLIT_SELECT_ONE_LAUNCH", "0") == "1"
+
 _TRITON_IMPORTABLE: bool | None = None
 
 

@@ -10,7 +10,8 @@ Rows too wide for one program's registers (past 16384 keys they spill) are strea
 at every counting step instead (``("streamed", chunk, num_warps)`` launches, the default there; same result).
 A decode token's wide row with a threshold hint is split over many programs instead (``("split", part,
 num_warps)``): each counts its part into a histogram of the keys around the hint in one pass, the last to finish
-resolves the threshold, and a second launch writes the parts (same result). A narrower hinted bf16 row held 8 keys
+resolves the threshold, and a second launch writes the parts (same result; with `kernels.SPLIT_SELECT_ONE_LAUNCH`
+the programs wait for the last one and write their parts in the same launch). A narrower hinted bf16 row held 8 keys
 a thread counts the keys around the hint in one histogram instead of binary-searching them (same result).
 
 bf16 and fp16 only: their magnitudes are 15-bit patterns whose integer order is the float order.
@@ -464,32 +465,23 @@ def _threshold_of_parts(hist_ptr, row_ptr, dim, k, low, INF_KEY: tl.constexpr, P
 
 
 @triton.jit
-def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
-                                  PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
-                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, SILU: tl.constexpr,
-                                  PRECISE: tl.constexpr, PDL: tl.constexpr):
-    """First launch of a hinted selection split over ``PARTS`` programs per row: each counts its ``PART``-key slice
-    in one pass, as a histogram of the keys in the hint's window (``2 * HINT_RADIUS`` bins) with one bin for the
-    keys above it. The last program of the row to finish (an atomic ticket) adds the histograms and reads off them
-    the threshold and, for every part, the strictly greater keys and ties in the parts before it; where the
-    threshold lies outside the window (a hint that missed, or none yet) it searches the row bit by bit and counts
-    the parts itself. It stores ``[threshold, ties kept, greater before, ties before]`` of each part over the
-    part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint. ``SILU``: the
-    selection is of the row's SiLU (a gated FFN's activation), computed on the way."""
-    _dependent_launch_start(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
+def _count_part(x_ptr, hint_ptr, part_ptr, row_ticket_ptr, row, part, dim, k, stride_x, INF_KEY: tl.constexpr,
+                PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr, HINT_RADIUS: tl.constexpr,
+                BINS: tl.constexpr, SILU: tl.constexpr, PRECISE: tl.constexpr):
+    """One program's share of a split selection's counting (see `_topk_rows_split_count_kernel`): its part's
+    histogram stored, its ticket taken (of the row's at ``row_ticket_ptr``), and the row resolved by the program
+    whose ticket is the last. Returns the part's ``(values, keys, valid, positions)`` and the ticket."""
     row_ptr = x_ptr + row * stride_x
     guess = tl.load(hint_ptr + row)
     low = tl.maximum(guess - HINT_RADIUS, 0)
     high = guess + HINT_RADIUS - 1
     WINDOW: tl.constexpr = 2 * HINT_RADIUS
-    _, key, valid, _ = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
+    x, key, valid, offs = _chunk_of_row(row_ptr, dim, part, INF_KEY, PART, SILU, PRECISE)
     bins = tl.arange(0, BINS)
     row_parts = part_ptr + row * PARTS * BINS
     tl.store(row_parts + part * BINS + bins, tl.histogram(_key_window_bins(key, low, high, WINDOW), BINS, mask=valid))
     tl.debug_barrier()
-    ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel")
+    ticket = tl.atomic_add(row_ticket_ptr, 1, sem="acq_rel")
     if ticket == PARTS - 1:
         parts = tl.arange(0, PARTS_PAD)
         threshold, part_greater, part_ties = _threshold_of_parts(row_parts, row_ptr, dim, k, low, INF_KEY, PART,
@@ -504,7 +496,95 @@ def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
         tl.store(resolved + 1, tl.zeros([PARTS_PAD], dtype=tl.int32) + ties_kept, mask=valid_part)
         tl.store(resolved + 2, greater_before, mask=valid_part)
         tl.store(resolved + 3, ties_before, mask=valid_part)
+    return x, key, valid, offs, ticket
+
+
+@triton.jit
+def _split_program_start(EARLY_DEPENDENTS: tl.constexpr, PDL: tl.constexpr):
+    """A writing split program's start (``EARLY_DEPENDENTS``: the next kernel let in before this one's wait, see
+    `_dependent_launch_early`); returns its ``(row, part)``."""
+    if EARLY_DEPENDENTS:
+        _dependent_launch_early(PDL)
+    else:
+        _dependent_launch_start(PDL)
+    return tl.program_id(0).to(tl.int64), tl.program_id(1)
+
+
+@triton.jit
+def _write_part(x, key, valid, offs, resolved, out_row_ptr, kept_row_ptr, up_row_ptr, zeros_ptr,
+                COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr):
+    """Write one part of a split selection's row from what its counting resolved for it at ``resolved``
+    (`_count_part`; read past L1, which another program's stores in the same launch do not reach) and add the
+    zeros it wrote to ``zeros_ptr`` (``COUNT_ZEROS``)."""
+    _, _, nonzero = _write_chunk(x, key, valid, offs, out_row_ptr, kept_row_ptr,
+                                 tl.load(resolved, cache_modifier=".cg"), tl.load(resolved + 1, cache_modifier=".cg"),
+                                 tl.load(resolved + 2, cache_modifier=".cg"),
+                                 tl.load(resolved + 3, cache_modifier=".cg"), WRITE_INDICES, up_row_ptr, MULTIPLY,
+                                 PRECISE)
+    if COUNT_ZEROS:
+        tl.atomic_add(zeros_ptr, (tl.sum(valid.to(tl.int32), 0) - nonzero).to(tl.int64))
+
+
+@triton.jit
+def _topk_rows_split_count_kernel(x_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k, stride_x, INF_KEY: tl.constexpr,
+                                  PART: tl.constexpr, PARTS: tl.constexpr, PARTS_PAD: tl.constexpr,
+                                  HINT_RADIUS: tl.constexpr, BINS: tl.constexpr, SILU: tl.constexpr,
+                                  PRECISE: tl.constexpr, PDL: tl.constexpr):
+    """First launch of a hinted selection split over ``PARTS`` programs per row: each counts its ``PART``-key slice
+    in one pass, as a histogram of the keys in the hint's window (``2 * HINT_RADIUS`` bins) with one bin for the
+    keys above it. The last program of the row to finish (an atomic ticket) adds the histograms and reads off them
+    the threshold and, for every part, the strictly greater keys and ties in the parts before it; where the
+    threshold lies outside the window (a hint that missed, or none yet) it searches the row bit by bit and counts
+    the parts itself. It stores ``[threshold, ties kept, greater before, ties before]`` of each part over the
+    part's histogram, for `_topk_rows_split_write_kernel`, and the threshold as the row's next hint. ``SILU``: the
+    selection is of the row's SiLU (a gated FFN's activation), computed on the way."""
+    _dependent_launch_start(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    _, _, _, _, ticket = _count_part(x_ptr, hint_ptr, part_ptr, ticket_ptr + row, row, tl.program_id(1), dim, k,
+                                     stride_x, INF_KEY, PART, PARTS, PARTS_PAD, HINT_RADIUS, BINS, SILU, PRECISE)
+    if ticket == PARTS - 1:
         tl.atomic_xchg(ticket_ptr + row, 0)
+
+
+@triton.jit
+def _acquire_load(pointer):
+    """``pointer``'s int32 as GPU-scope acquire reads it (every thread for itself: no barrier to spin on)."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [pointer], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _topk_rows_split_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, hint_ptr, part_ptr, ticket_ptr, dim, k,
+                            stride_x, stride_y, stride_out, INF_KEY: tl.constexpr, PART: tl.constexpr,
+                            PARTS: tl.constexpr, PARTS_PAD: tl.constexpr, HINT_RADIUS: tl.constexpr,
+                            BINS: tl.constexpr, COUNT_ZEROS: tl.constexpr, WRITE_INDICES: tl.constexpr,
+                            SILU: tl.constexpr, MULTIPLY: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
+                            EARLY_DEPENDENTS: tl.constexpr = False):
+    """A split selection in one launch: `_topk_rows_split_count_kernel`'s counting, then every program waits for
+    its row's last one to resolve the threshold (a GPU-wide barrier per row) and writes its part from the values
+    it still holds, as `_topk_rows_split_write_kernel` would. Only where every program of the launch is resident at
+    once (`_RowLaunch`: at most one program per SM), and never in Triton's interpreter (it runs programs one
+    after another). Two tickets per row at ``ticket_ptr``: arrivals (``PARTS`` once all counted, ``2 * PARTS``
+    once resolved) and departures; the last waiter to leave re-arms both."""
+    row, part = _split_program_start(EARLY_DEPENDENTS, PDL)
+    arrivals = ticket_ptr + 2 * row
+    x, key, valid, offs, ticket = _count_part(x_ptr, hint_ptr, part_ptr, arrivals, row, part, dim, k, stride_x,
+                                              INF_KEY, PART, PARTS, PARTS_PAD, HINT_RADIUS, BINS, SILU, PRECISE)
+    if ticket == PARTS - 1:
+        tl.debug_barrier()  # the resolved parts stored by every thread before they are read or released
+        if PARTS == 1:
+            tl.atomic_xchg(arrivals, 0)
+        else:
+            tl.atomic_add(arrivals, PARTS, sem="release")
+    else:
+        released = _acquire_load(arrivals)
+        while released < 2 * PARTS:
+            released = _acquire_load(arrivals)
+        if tl.atomic_add(arrivals + 1, 1, sem="relaxed") == PARTS - 2:  # the last waiter out re-arms the tickets
+            tl.atomic_xchg(arrivals, 0)
+            tl.atomic_xchg(arrivals + 1, 0)
+    _write_part(x, key, valid, offs, part_ptr + (row * PARTS + part) * BINS, out_ptr + row * stride_out,
+                index_ptr + row * k, y_ptr + row * stride_y, zeros_ptr, COUNT_ZEROS, WRITE_INDICES, MULTIPLY, PRECISE)
 
 
 @triton.jit
@@ -518,19 +598,10 @@ def _topk_rows_split_write_kernel(x_ptr, y_ptr, out_ptr, zeros_ptr, index_ptr, p
     ``MULTIPLY``: times the row of ``y``, a gated FFN's up projection, as `_topk_rows_kernel` does).
     ``EARLY_DEPENDENTS``: the kernel after it (down's GEMV) may start while the counting launch still runs, so that
     what it prefetches before its wait overlaps both."""
-    if EARLY_DEPENDENTS:
-        _dependent_launch_early(PDL)
-    else:
-        _dependent_launch_start(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    resolved = part_ptr + (row * PARTS + part) * BINS
+    row, part = _split_program_start(EARLY_DEPENDENTS, PDL)
     x, key, valid, offs = _chunk_of_row(x_ptr + row * stride_x, dim, part, INF_KEY, PART, SILU, PRECISE)
-    _, _, nonzero = _write_chunk(x, key, valid, offs, out_ptr + row * stride_out, index_ptr + row * k,
-                                 tl.load(resolved), tl.load(resolved + 1), tl.load(resolved + 2),
-                                 tl.load(resolved + 3), WRITE_INDICES, y_ptr + row * stride_y, MULTIPLY, PRECISE)
-    if COUNT_ZEROS:
-        tl.atomic_add(zeros_ptr, (tl.sum(valid.to(tl.int32), 0) - nonzero).to(tl.int64))
+    _write_part(x, key, valid, offs, part_ptr + (row * PARTS + part) * BINS, out_ptr + row * stride_out,
+                index_ptr + row * k, y_ptr + row * stride_y, zeros_ptr, COUNT_ZEROS, WRITE_INDICES, MULTIPLY, PRECISE)
 
 
 def launch_config(block: int, silu: bool = False, hinted: bool = False,
@@ -677,6 +748,10 @@ class _RowLaunch:
             self.write = KernelLaunch(_topk_rows_split_write_kernel, dict(
                 COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply,
                 EARLY_DEPENDENTS=early_dependents, **shared))
+            self.single = KernelLaunch(_topk_rows_split_kernel, dict(
+                PARTS_PAD=1 << (self.parts - 1).bit_length(), HINT_RADIUS=HINT_RADIUS[dtype],
+                COUNT_ZEROS=count_zeros, WRITE_INDICES=indices, MULTIPLY=multiply,
+                EARLY_DEPENDENTS=early_dependents, **shared))
             return
         if config[0] == "streamed":
             _, chunk, num_warps = config
@@ -709,16 +784,37 @@ class _RowLaunch:
         kept = torch.empty(rows, self.k, dtype=torch.int32, device=x.device) if self.indices else None
         if rows and self.parts:
             histograms = _scratch(x.device, rows * self.parts * self.bins).view(torch.int32)
+            outputs = (x if y is None else y, out, x if zeros is None else zeros, out if kept is None else kept)
+            if _one_launch(x.device, rows * self.parts):
+                self.single((rows, self.parts), (x, *outputs, hint, histograms, _semaphores(x.device, 2 * rows)),
+                            (self.dim, self.k, stride, stride_y, self.dim))
+                return out, kept
             self.launch((rows, self.parts), (x, hint, histograms, _semaphores(x.device, rows)),
                         (self.dim, self.k, stride))
-            self.write((rows, self.parts), (x, x if y is None else y, out, x if zeros is None else zeros,
-                                            out if kept is None else kept, histograms),
-                       (self.dim, self.k, stride, stride_y, self.dim))
+            self.write((rows, self.parts), (x, *outputs, histograms), (self.dim, self.k, stride, stride_y, self.dim))
         elif rows:
             self.launch((rows,), (x, x if y is None else y, out, x if zeros is None else zeros,
                                   out if kept is None else kept, out if hint is None else hint),
                         (self.dim, self.k, stride, stride_y, self.dim))
         return out, kept
+
+
+_SMS: dict[int, int] = {}
+
+
+def _one_launch(device: torch.device, programs: int) -> bool:
+    """Whether a split selection of ``programs`` runs in one launch (`kernels.SPLIT_SELECT_ONE_LAUNCH`, a CUDA
+    device, at most one program per SM: its programs wait for each other, so all of them must be resident at once;
+    never in the interpreter, which runs them one after another)."""
+    from qsparse_hf import kernels
+
+    if not kernels.SPLIT_SELECT_ONE_LAUNCH or device.type != "cuda" or not _PRECISE:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return programs <= sms
 
 
 def _silu_options(silu: bool) -> dict:
