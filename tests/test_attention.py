@@ -124,17 +124,23 @@ def _rotated(x, cos, sin):
     # per sequence
     (2, 4, 2, 9, 16, 5, 1, torch.bfloat16),  # one rotary shared by both sequences
 ])
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("variant", ["shipped", "prefetch", "stored last", "hidden skipped, fewer splits"])
 def test_decode_attention_append_is_rotary_then_update_then_attention(batch, heads, kv_heads, length, head_dim,
-                                                                       position, rotary_batch, dtype, prefetch,
+                                                                       position, rotary_batch, dtype, variant,
                                                                        monkeypatch):
-    # prefetch: the launch asks L2 for its cached keys and values before its wait (`kernels.ATTENTION_PREFETCH`),
-    # which only a GPU with programmatic dependent launch runs; the results must not change.
+    # The launch's variants compute the same: prefetch, it asks L2 for its cached keys and values before its wait
+    # (`kernels.ATTENTION_PREFETCH`; only a GPU with programmatic dependent launch runs it); stored last, the new
+    # key and value are stored after the loop over the cache; hidden skipped, blocks no row sees read nothing,
+    # with splits of at least four blocks.
     from qsparse_hf.kernels import attention as attention_kernels
     from qsparse_hf.kernels.launch import pdl_enabled
 
+    prefetch = variant == "prefetch"
     monkeypatch.setattr(kernels, "ATTENTION_PREFETCH", prefetch)
     assert attention_kernels._prefetches() == (prefetch and pdl_enabled())
+    monkeypatch.setattr(attention_kernels, "_STORE_LAST", variant == "stored last")
+    monkeypatch.setattr(attention_kernels, "_SKIP_HIDDEN", variant.startswith("hidden"))
+    monkeypatch.setattr(attention_kernels, "_MIN_BLOCKS_PER_SPLIT", 4 if variant.startswith("hidden") else 1)
     torch.manual_seed(0)
     query, key_cache, value_cache = _qkv(batch, heads, kv_heads, length, head_dim, dtype)
     new_key, new_value = (torch.randn(batch, kv_heads, 1, head_dim, device=DEV).to(dtype) for _ in "kv")

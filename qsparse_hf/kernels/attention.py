@@ -43,6 +43,13 @@ _MAX_SPLITS = 16
 _NUM_WARPS = 4
 #: Programs a launch aims for in all (about one wave on a 132-SM GPU), before `_MAX_SPLITS` caps the split.
 _TARGET_PROGRAMS = 128
+#: Blocks of cached positions a split takes at least (splitting further makes more partials to merge).
+_MIN_BLOCKS_PER_SPLIT = 1
+#: Blocks of positions that no query row sees (past the cache's end, or hidden by the mask) read no keys or values
+#: (then a NaN cached at a hidden position no longer reaches the output through its zero weight, as it does in SDPA).
+_SKIP_HIDDEN = False
+#: The append's stores after the loop over the cache rather than before it.
+_STORE_LAST = False
 
 
 @triton.jit
@@ -97,6 +104,15 @@ def _prefetch_split(k_base, v_base, split, length, stride_ks, stride_vs, HEAD_DI
 
 
 @triton.jit
+def _store_appended(k_base, v_base, new_k, new_v, at, split, length, stride_ks, stride_vs, dims, dim_ok,
+                    BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr):
+    """The step's rotated key and its value stored at the cache's count, by the split that covers it."""
+    if (at < length) & (at // (BLOCKS_PER_SPLIT * BLOCK_S) == split):
+        tl.store(k_base + at * stride_ks + dims, new_k, mask=dim_ok)
+        tl.store(v_base + at * stride_vs + dims, new_v.to(v_base.dtype.element_ty), mask=dim_ok)
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, sem_ptr, new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, count_ptr,
     length, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_mb,
@@ -104,6 +120,7 @@ def _decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
     APPEND: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = False,
+    SKIP_HIDDEN: tl.constexpr = False, STORE_LAST: tl.constexpr = False,
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -147,19 +164,31 @@ def _decode_attention_kernel(
         new_k = _rotary(new_k, new_k_partner, cos, sign * sin, like, PRECISE)
         new_v = tl.load(new_v_ptr + batch * stride_nvb + kv_head * stride_nvh + dims, mask=dim_ok, other=0.0)
         at = tl.load(count_ptr)
-        if (at < length) & (at // (BLOCKS_PER_SPLIT * BLOCK_S) == split):
-            tl.store(k_base + at * stride_ks + dims, new_k, mask=dim_ok)
-            tl.store(v_base + at * stride_vs + dims, new_v.to(v_ptr.dtype.element_ty), mask=dim_ok)
+        if not STORE_LAST:
+            _store_appended(k_base, v_base, new_k, new_v, at, split, length, stride_ks, stride_vs, dims, dim_ok,
+                            BLOCK_S, BLOCKS_PER_SPLIT)
     best = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)  # running maximum of each row's scores
     total = tl.zeros([GROUP_PAD], dtype=tl.float32)  # running sum of exp(score - best)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     first = split * BLOCKS_PER_SPLIT * BLOCK_S
+    if SKIP_HIDDEN:
+        # the split's whole mask at once (it depends on nothing), so that blocks past the cache's end or hidden from
+        # every query row read neither keys nor values: such a block adds exactly nothing to the softmax
+        split_pos = first + tl.arange(0, BLOCKS_PER_SPLIT * BLOCK_S)
+        split_visible = split_pos < length
+        if HAS_MASK:
+            split_visible &= tl.load(mask_ptr + batch * stride_mb + split_pos, mask=split_visible, other=0) != 0
+        if APPEND:
+            split_visible |= (split_pos == at) & (at < length)
+        blocks_visible = tl.max(tl.reshape(split_visible.to(tl.int32), [BLOCKS_PER_SPLIT, BLOCK_S]), axis=1)
     for block in tl.range(0, BLOCKS_PER_SPLIT):
         pos = first + block * BLOCK_S + tl.arange(0, BLOCK_S)
         cached = pos < length
         visible = cached
         if HAS_MASK:
             visible = visible & (tl.load(mask_ptr + batch * stride_mb + pos, mask=cached, other=0) != 0)
+        if SKIP_HIDDEN:
+            cached = cached & (tl.sum(tl.where(tl.arange(0, BLOCKS_PER_SPLIT) == block, blocks_visible, 0)) > 0)
         load_ok = cached[:, None] & dim_ok[None, :]
         k = tl.load(k_base + pos[:, None] * stride_ks + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
         v = tl.load(v_base + pos[:, None] * stride_vs + dims[None, :], mask=load_ok, other=0.0).to(tl.float32)
@@ -180,6 +209,9 @@ def _decode_attention_kernel(
         acc = acc * rescale[:, None] + tl.dot(rounded, v, input_precision="tf32")
         total = total * rescale + tl.sum(weights, axis=1)
         best = new_best
+    if APPEND and STORE_LAST:
+        _store_appended(k_base, v_base, new_k, new_v, at, split, length, stride_ks, stride_vs, dims, dim_ok,
+                        BLOCK_S, BLOCKS_PER_SPLIT)
     out_ptrs = out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :]
     out_mask = row_ok[:, None] & dim_ok[None, :]
     if splits == 1:
@@ -358,7 +390,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     kv_heads, length = key.shape[1], key.shape[2]
     group = heads // kv_heads
     blocks = _cdiv(length, _BLOCK_S)
-    splits = min(blocks, _MAX_SPLITS, max(1, _TARGET_PROGRAMS // (batch * kv_heads)))
+    splits = min(_cdiv(blocks, _MIN_BLOCKS_PER_SPLIT), _MAX_SPLITS, max(1, _TARGET_PROGRAMS // (batch * kv_heads)))
     # a power of two, so that a growing cache compiles a new kernel only when its length doubles
     blocks_per_split = 1 << (_cdiv(blocks, splits) - 1).bit_length()
     splits = _cdiv(blocks, blocks_per_split)  # no split left without a block
@@ -371,7 +403,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
     tickets = _semaphores(query.device, batch * kv_heads)  # one per key/value head
     prefetch = _prefetches()
     constants = (group, group_pad, head_dim, block_d, blocks_per_split, mask is not None, append is not None,
-                 _BLOCK_S, _NUM_WARPS, prefetch)
+                 _BLOCK_S, _NUM_WARPS, prefetch, _SKIP_HIDDEN, _STORE_LAST)
     launch = _LAUNCHES.get(constants)
     if launch is None:
         # (integer scalars keyed by class: a growing cache changes its length and strides at every step)
@@ -379,6 +411,7 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
             GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_BLOCK_S,
             BLOCKS_PER_SPLIT=blocks_per_split, MAX_SPLITS=_MAX_SPLITS, HAS_MASK=mask is not None,
             APPEND=append is not None, PRECISE=_PRECISE, num_warps=_NUM_WARPS, PREFETCH=prefetch,
+            SKIP_HIDDEN=_SKIP_HIDDEN, STORE_LAST=_STORE_LAST,
             **pdl_constants()),
             scalars_by_class=True)
     mask_batch_stride = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
