@@ -15,10 +15,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 @pytest.mark.parametrize("script", ["bench_topk", "bench_gemv", "bench_decode", "bench_train_step",
-                                    "bench_eager_host", "bench_compiled_host"])
+                                    "bench_eager_host", "bench_compiled_host", "bench_attention"])
 def test_benchmark_without_gpu_exits_2(script, capsys):
     assert importlib.import_module(script).main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings,message", [
+    ("shipped,store_lost", "'store_lost'"), ("min_blocks", "'min_blocks'"), ("min_blocks=0", "'min_blocks=0'"),
+    ("store_last=1", "'store_last=1'"), ("warps=2.5", "'warps=2.5'"), (",", "names no setting")])
+def test_attention_bench_refuses_unknown_settings_before_loading(settings, message, capsys):
+    bench = importlib.import_module("bench_attention")
+    assert bench.main(["--settings", settings]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_attention_bench_settings_set_their_switches_and_restore_the_shipped_ones():
+    from qsparse_hf import kernels
+    from qsparse_hf.kernels import attention
+
+    bench = importlib.import_module("bench_attention")
+    settings = bench.parse_settings("shipped,min_blocks=8+store_last+prefetch,select_one_launch")
+    assert settings == [{}, {"min_blocks": 8, "store_last": True, "prefetch": True}, {"select_one_launch": True}]
+    shipped = {name: getattr(module, attribute) for name, (module, attribute, _) in bench.SWITCHES.items()}
+    try:
+        bench.apply(settings[1], shipped)
+        assert (attention._MIN_BLOCKS_PER_SPLIT, attention._STORE_LAST, kernels.ATTENTION_PREFETCH) == (8, True, True)
+        assert attention._SKIP_HIDDEN == shipped["skip_hidden"]
+        bench.apply(settings[2], shipped)  # what the last setting left on goes back to shipped
+        assert kernels.SPLIT_SELECT_ONE_LAUNCH and attention._MIN_BLOCKS_PER_SPLIT == shipped["min_blocks"]
+    finally:
+        bench.apply({}, shipped)
+    assert {name: getattr(module, attribute) for name, (module, attribute, _) in bench.SWITCHES.items()} == shipped
 
 
 @pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--keep", "0"], ["--layers", "0"], ["--repeats", "0"]])
