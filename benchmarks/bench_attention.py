@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import print_table, write_json  # noqa: E402
-from bench_decode import CONFIGS, exposed_times, greedy_step, set_inductor_pdl  # noqa: E402
+from bench_decode import CONFIGS, greedy_step, random_model, set_inductor_pdl, timed_steps  # noqa: E402
 
 from qsparse_hf import convert_to_qsparse, kernels  # noqa: E402
 from qsparse_hf.kernels import attention, prepare_for_decode  # noqa: E402
@@ -66,6 +66,11 @@ def parse_settings(text: str) -> list[dict] | None:
     return settings
 
 
+def current_switches() -> dict:
+    """Every switch's value now, by its `SWITCHES` name (before any setting: the shipped ones)."""
+    return {name: getattr(module, attribute) for name, (module, attribute, _) in SWITCHES.items()}
+
+
 def apply(setting: dict, shipped: dict) -> None:
     """Set every switch to ``setting``'s value, or to its ``shipped`` one where the setting leaves it."""
     for name, (module, attribute, _) in SWITCHES.items():
@@ -94,11 +99,7 @@ def profile_positions(model, prompt: torch.Tensor, cache: int) -> dict:
                     position.fill_(at)
                     step()
                 torch.cuda.synchronize()
-            events = sorted((event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA),
-                            key=lambda event: event.time_range.start)
-            per_step = len(events) // STEPS
-            steps = [exposed_times([(event.name, event.time_range.start, event.time_range.end)
-                                    for event in events[i * per_step:(i + 1) * per_step]]) for i in range(1, STEPS)]
+            steps = timed_steps(prof, STEPS)[1:]
 
             def per_layer(field: str, part: str) -> float:
                 return sum(k[field] for timed in steps for k in timed if part in k["name"]) / len(steps) / layers
@@ -130,16 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_attention needs a CUDA GPU; none found.", file=sys.stderr)
         return 2
     set_inductor_pdl()
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(CONFIGS[args.arch](args.layers), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").eval()
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
+    model, prompt = random_model(args.arch, args.layers)
     convert_to_qsparse(model, topk=args.keep)
     prepare_for_decode(model)
-    shipped = {name: getattr(module, attribute) for name, (module, attribute, _) in SWITCHES.items()}
+    shipped = current_switches()
     results, rows = [], []
     try:
         for setting in settings:

@@ -429,18 +429,33 @@ def repeating_run(names: list[str], shortest: int = 4) -> tuple[int, int] | None
     return None
 
 
+def timed_steps(prof, steps: int) -> list[list[dict]]:
+    """The `exposed_times` of each of ``steps`` profiled decode steps' kernels (a torch.profiler session's CUDA
+    kernels in launch order, split into ``steps`` equal runs)."""
+    events = sorted((event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda event: event.time_range.start)
+    per_step = len(events) // steps
+    return [exposed_times([(event.name, event.time_range.start, event.time_range.end)
+                           for event in events[i * per_step:(i + 1) * per_step]]) for i in range(steps)]
+
+
+def random_model(arch: str, layers: int):
+    """``(model, prompt)``: the 7B-shaped model of ``arch`` with ``layers`` decoder layers and random bf16 weights on
+    the GPU (seed 0, SDPA attention, eval mode), and a random 32-token prompt."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(CONFIGS[arch](layers), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    return model, torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
+
+
 def kernel_timeline(model, prompt: torch.Tensor, label: str, top: int = 12) -> list[str]:
     """Where the wall time of one compiled decode step goes (`exposed_times` of its kernels, torch.profiler): one
     decoder layer's kernels in launch order (a run that repeats mid-step, `repeating_run`; every kernel of the step
     where none does), then the kernels' exposed time per layer by name. Returns the report lines, also written with
     the whole step to ``timeline_<label>.json``."""
     layers = model.config.num_hidden_layers
-    prof = profiled_compiled_steps(model, prompt, 3)
-    events = sorted((event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA),
-                    key=lambda event: event.time_range.start)
-    per_step = len(events) // 3
-    timed = exposed_times([(event.name, event.time_range.start, event.time_range.end)
-                           for event in events[per_step:2 * per_step]])  # the middle step of three
+    timed = timed_steps(profiled_compiled_steps(model, prompt, 3), 3)[1]  # the middle step of three
     span = sum(kernel["exposed"] for kernel in timed)
     run = repeating_run([kernel["name"] for kernel in timed])
     start, length = run or (0, len(timed))
@@ -609,13 +624,9 @@ def main(argv=None) -> int:
         return 2
     layers = args.layers or LAYERS[args.arch]
     inductor_pdl = args.inductor_pdl == "on" and set_inductor_pdl()
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(CONFIGS[args.arch](layers), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").eval()
+    model, prompt = random_model(args.arch, layers)
     model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device="cuda")
 
     results = [{"model": "dense"}] + [{"model": f"qsparse keep {keep}"} for keep in keeps]
 

@@ -37,7 +37,7 @@ def test_attention_bench_settings_set_their_switches_and_restore_the_shipped_one
     bench = importlib.import_module("bench_attention")
     settings = bench.parse_settings("shipped,min_blocks=8+store_last+prefetch,select_one_launch")
     assert settings == [{}, {"min_blocks": 8, "store_last": True, "prefetch": True}, {"select_one_launch": True}]
-    shipped = {name: getattr(module, attribute) for name, (module, attribute, _) in bench.SWITCHES.items()}
+    shipped = bench.current_switches()
     try:
         bench.apply(settings[1], shipped)
         assert (attention._MIN_BLOCKS_PER_SPLIT, attention._STORE_LAST, kernels.ATTENTION_PREFETCH) == (8, True, True)
@@ -46,7 +46,7 @@ def test_attention_bench_settings_set_their_switches_and_restore_the_shipped_one
         assert kernels.SPLIT_SELECT_ONE_LAUNCH and attention._MIN_BLOCKS_PER_SPLIT == shipped["min_blocks"]
     finally:
         bench.apply({}, shipped)
-    assert {name: getattr(module, attribute) for name, (module, attribute, _) in bench.SWITCHES.items()} == shipped
+    assert bench.current_switches() == shipped
 
 
 @pytest.mark.parametrize("argv", [["--keep", "1.5"], ["--keep", "0"], ["--layers", "0"], ["--repeats", "0"]])
